@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+# The inference core needs only these five. Pins:
+# - paddlepaddle is installed by build_paddle_env.sh (CPU from PyPI, GPU from Paddle's index), so it is
+#   only required here as ">=3.2": safetensors' paddle backend needs paddle>=3.2 for lazy safe_open.
+# - pillow 13: Pillow 9.5-12.3 bicubic-downscale differently, which breaks pixel parity with the
+#   official processor (the goldens were made with Pillow 13.0.0).
+# - safetensors >=0.6: framework="paddle" in safe_open with bf16 support.
+INSTALL_REQUIRES = [
+    "paddlepaddle>=3.2",
+    "safetensors>=0.6,<1",
+    "tokenizers>=0.19,<1",
+    "pillow>=13,<14",
+    "numpy>=1.24",
+]
+
+setup(
+    name="paddlemix_vl2",
+    version="0.1.0",
+    description="DeepSeek-VL2 in PaddlePaddle: loads the official checkpoints as they are",
+    packages=find_packages(include=["paddlemix_vl2", "paddlemix_vl2.*"]),
+    package_data={"paddlemix_vl2": ["demo/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.9",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": []},
+)

@@ -1,0 +1,162 @@
+"""Self-attention of the DeepSeek-V2 language model.
+
+* ``DeepseekV2MHAAttention``: plain multi-head attention with NeoX RoPE over the whole head
+  (``use_mla=false``, DeepSeek-VL2-tiny; the official code runs Llama's attention there).
+* ``DeepseekV2Attention``: multi-head latent attention in the absorbed form of the official eager path.
+  Keys and values are never expanded per head: the cache holds one shared latent per token,
+  ``compressed_kv`` [C] plus the rotated ``k_pe`` [R], and ``kv_b_proj`` is folded into the query
+  (W_UK) and the output (W_UV).
+
+Shapes: B batch, T new tokens, S cached + new tokens, nh heads, C kv_lora_rank, R qk_rope_head_dim,
+Dn qk_nope_head_dim, Dv v_head_dim. ``mask`` is additive [B, 1, T, S] in the activation dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+
+from .configuration_deepseek import DeepseekV2Config
+from .kv_cache import KVCache
+from .layers import DeepseekV2RMSNorm
+from .rotary import DeepseekV2RotaryEmbedding, apply_rotary_pos_emb, yarn_get_mscale
+
+__all__ = ["DeepseekV2Attention", "DeepseekV2MHAAttention", "build_attention"]
+
+
+class DeepseekV2MHAAttention(nn.Layer):
+    def __init__(self, config: DeepseekV2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias_attr=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias_attr=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias_attr=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias_attr=bias)
+        self.rotary_emb = DeepseekV2RotaryEmbedding(self.head_dim, config)
+
+    def forward(
+        self,
+        hidden_states: paddle.Tensor,
+        position_ids: paddle.Tensor,
+        mask: paddle.Tensor,
+        cache: Optional[KVCache] = None,
+        cache_start: int = 0,
+    ) -> paddle.Tensor:
+        """hidden_states [B, T, H], position_ids [B, T] -> [B, T, H]."""
+        bsz, q_len, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).reshape([bsz, q_len, self.num_heads, self.head_dim])
+        k = self.k_proj(hidden_states).reshape([bsz, q_len, self.num_kv_heads, self.head_dim])
+        v = self.v_proj(hidden_states).reshape([bsz, q_len, self.num_kv_heads, self.head_dim])
+        cos, sin = self.rotary_emb(position_ids, q.dtype, seq_len=cache_start + q_len)
+        q = apply_rotary_pos_emb(q, cos, sin, interleaved=False)
+        k = apply_rotary_pos_emb(k, cos, sin, interleaved=False)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, cache_start, k, v)  # [B, S, kv_heads, D]
+        if self.num_kv_heads != self.num_heads:
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, axis=2)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, axis=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, T, nh, D]
+        return self.o_proj(out.reshape([bsz, q_len, self.num_heads * self.head_dim]))
+
+
+class DeepseekV2Attention(nn.Layer):
+    def __init__(self, config: DeepseekV2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.q_head_dim = config.q_head_dim
+        hidden, bias = config.hidden_size, config.attention_bias
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, self.num_heads * self.q_head_dim, bias_attr=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias_attr=bias)
+            self.q_a_layernorm = DeepseekV2RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.q_head_dim, bias_attr=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias_attr=bias)
+        self.kv_a_layernorm = DeepseekV2RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias_attr=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias_attr=bias)
+        self.rotary_emb = DeepseekV2RotaryEmbedding(self.qk_rope_head_dim, config)
+
+        self.softmax_scale = self.q_head_dim ** -0.5
+        scaling = config.rope_scaling or {}
+        if scaling.get("mscale_all_dim"):
+            mscale = yarn_get_mscale(scaling["factor"], scaling["mscale_all_dim"])
+            self.softmax_scale *= mscale * mscale
+
+    def _absorbed_weights(self):
+        """W_UK^T [nh, C, Dn] and W_UV^T [nh, C, Dv] from ``kv_b_proj`` (stored [C, nh * (Dn + Dv)])."""
+        w = self.kv_b_proj.weight.reshape(
+            [self.kv_lora_rank, self.num_heads, self.qk_nope_head_dim + self.v_head_dim]
+        ).transpose([1, 0, 2])  # [nh, C, Dn + Dv]
+        return w[:, :, : self.qk_nope_head_dim], w[:, :, self.qk_nope_head_dim:]
+
+    def forward(
+        self,
+        hidden_states: paddle.Tensor,
+        position_ids: paddle.Tensor,
+        mask: paddle.Tensor,
+        cache: Optional[KVCache] = None,
+        cache_start: int = 0,
+    ) -> paddle.Tensor:
+        """hidden_states [B, T, H], position_ids [B, T] -> [B, T, H]."""
+        bsz, q_len, _ = hidden_states.shape
+        nh, c = self.num_heads, self.kv_lora_rank
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q = q.reshape([bsz, q_len, nh, self.q_head_dim])
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], axis=-1)
+
+        compressed_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split(
+            [c, self.qk_rope_head_dim], axis=-1
+        )  # [B, T, C], [B, T, R]
+        compressed_kv = self.kv_a_layernorm(compressed_kv)
+        cos, sin = self.rotary_emb(position_ids, q.dtype, seq_len=cache_start + q_len)
+        q_pe = apply_rotary_pos_emb(q_pe, cos, sin, interleaved=True)  # [B, T, nh, R]
+        k_pe = apply_rotary_pos_emb(k_pe, cos, sin, interleaved=True)  # [B, T, R]
+        if cache is not None:
+            k_pe, compressed_kv = cache.update(self.layer_idx, cache_start, k_pe, compressed_kv)  # [B, S, R], [B, S, C]
+        kv_len = k_pe.shape[1]
+
+        w_uk_t, w_uv_t = self._absorbed_weights()
+        # Fold the key up-projection into the query: q_nope [nh, B*T, Dn] @ W_UK [nh, Dn, C] -> [nh, B*T, C].
+        q_nope = q_nope.transpose([2, 0, 1, 3]).reshape([nh, bsz * q_len, self.qk_nope_head_dim])
+        q_latent = paddle.matmul(q_nope, w_uk_t, transpose_y=True)
+        q_latent = q_latent.reshape([nh, bsz, q_len, c]).transpose([1, 0, 2, 3])  # [B, nh, T, C]
+        q_pe = q_pe.transpose([0, 2, 1, 3])  # [B, nh, T, R]
+
+        # The latent is shared by all heads: fold heads into rows so each matmul reads the cache once.
+        scores = paddle.matmul(q_pe.reshape([bsz, nh * q_len, -1]), k_pe, transpose_y=True) + paddle.matmul(
+            q_latent.reshape([bsz, nh * q_len, c]), compressed_kv, transpose_y=True
+        )  # [B, nh*T, S]
+        scores = scores.reshape([bsz, nh, q_len, kv_len]) * self.softmax_scale + mask
+        probs = F.softmax(scores.astype(paddle.float32), axis=-1).astype(q.dtype)
+        out_latent = paddle.matmul(probs.reshape([bsz, nh * q_len, kv_len]), compressed_kv)  # [B, nh*T, C]
+
+        # Unfold the value up-projection: [nh, B*T, C] @ W_UV^T [nh, C, Dv] -> [nh, B*T, Dv].
+        out_latent = out_latent.reshape([bsz, nh, q_len, c]).transpose([1, 0, 2, 3]).reshape([nh, bsz * q_len, c])
+        out = paddle.matmul(out_latent, w_uv_t)
+        out = out.reshape([nh, bsz, q_len, self.v_head_dim]).transpose([1, 2, 0, 3])  # [B, T, nh, Dv]
+        return self.o_proj(out.reshape([bsz, q_len, nh * self.v_head_dim]))
+
+
+def build_attention(config: DeepseekV2Config, layer_idx: int) -> nn.Layer:
+    if config.use_mla:
+        return DeepseekV2Attention(config, layer_idx)
+    return DeepseekV2MHAAttention(config, layer_idx)

@@ -1,0 +1,184 @@
+"""Mixture of experts: the router ``MoEGate`` and ``DeepseekV2MoE`` (routed + shared experts).
+
+Shapes: N tokens (batch * sequence), H hidden size, E routed experts, K experts per token,
+G expert groups. The router always runs in float32 and routed outputs are combined in float32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+from paddle.autograd import PyLayer
+
+from .configuration_deepseek import DeepseekV2Config
+from .layers import DeepseekV2MLP
+
+__all__ = ["MoEGate", "DeepseekV2MoE", "AddAuxiliaryLoss", "route", "moe_aux_loss"]
+
+
+def _keep_top_groups(choice: paddle.Tensor, n_group: int, topk_group: int, group_score: str) -> paddle.Tensor:
+    """Zero every expert outside the ``topk_group`` best groups. choice: [N, E] -> [N, E].
+
+    NOTE(port): masked experts get 0.0 as in the official code (vLLM uses -inf); that only matters when
+    biased sigmoid scores go negative.
+    """
+    n = choice.shape[0]
+    grouped = choice.reshape([n, n_group, -1])  # [N, G, E/G]
+    if group_score == "max":
+        scores = grouped.max(axis=-1)
+    else:
+        scores = paddle.topk(grouped, k=2, axis=-1)[0].sum(axis=-1)  # [N, G]: sum of the best two
+    group_idx = paddle.topk(scores, k=topk_group, axis=-1)[1]  # [N, topk_group]
+    group_mask = paddle.zeros_like(scores).put_along_axis(group_idx, paddle.ones_like(group_idx, dtype=scores.dtype), axis=1)
+    expert_mask = group_mask.unsqueeze(-1).expand(grouped.shape).reshape([n, -1])  # [N, E]
+    return paddle.where(expert_mask > 0, choice, paddle.zeros_like(choice))
+
+
+def route(
+    logits: paddle.Tensor,
+    config: DeepseekV2Config,
+    e_score_correction_bias: Optional[paddle.Tensor] = None,
+) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    """Select K experts per token from float32 router logits [N, E].
+
+    Returns:
+        topk_idx [N, K] int64, topk_weight [N, K] float32, scores [N, E] (the routing probabilities).
+    """
+    k = config.num_experts_per_tok
+    if config.scoring_func == "softmax":
+        scores = F.softmax(logits, axis=-1)
+    else:
+        scores = F.sigmoid(logits)
+    method = config.moe_topk_method
+    if method == "greedy":
+        topk_weight, topk_idx = paddle.topk(scores, k=k, axis=-1)
+    elif method == "group_limited_greedy":
+        masked = _keep_top_groups(scores, config.n_group, config.topk_group, "max")
+        topk_weight, topk_idx = paddle.topk(masked, k=k, axis=-1)
+    else:  # noaux_tc: the bias only steers the choice; the weights are the unbiased scores.
+        choice = scores + e_score_correction_bias.astype(paddle.float32).unsqueeze(0)
+        masked = _keep_top_groups(choice, config.n_group, config.topk_group, "top2")
+        topk_idx = paddle.topk(masked, k=k, axis=-1)[1]
+        topk_weight = paddle.take_along_axis(scores, topk_idx, axis=1)
+    if k > 1 and config.norm_topk_prob:
+        topk_weight = topk_weight / (topk_weight.sum(axis=-1, keepdim=True) + 1e-20)
+    return topk_idx, topk_weight * config.routed_scaling_factor, scores
+
+
+def moe_aux_loss(
+    scores: paddle.Tensor, topk_idx: paddle.Tensor, batch_size: int, n_experts: int, alpha: float, seq_aux: bool
+) -> paddle.Tensor:
+    """The official load-balancing loss over all tokens of the batch. scores [N, E], topk_idx [N, K]."""
+    k = topk_idx.shape[-1]
+    if seq_aux:
+        seq_len = scores.shape[0] // batch_size
+        counts = F.one_hot(topk_idx.reshape([batch_size, -1]), n_experts).sum(axis=1)  # [B, E]
+        ce = counts / (seq_len * k / n_experts)
+        mean_scores = scores.reshape([batch_size, seq_len, n_experts]).mean(axis=1)  # [B, E]
+        return (ce * mean_scores).sum(axis=1).mean() * alpha
+    fraction = F.one_hot(topk_idx.reshape([-1]), n_experts).astype(paddle.float32).mean(axis=0)  # [E]
+    return (scores.mean(axis=0) * fraction * n_experts).sum() * alpha
+
+
+class MoEGate(nn.Layer):
+    """The router. ``weight`` is [E, H] as in the checkpoint (a bare parameter, not a Linear)."""
+
+    def __init__(self, config: DeepseekV2Config):
+        super().__init__()
+        self.config = config
+        self.n_routed_experts = config.n_routed_experts
+        self.weight = self.create_parameter([config.n_routed_experts, config.hidden_size])
+        if config.moe_topk_method == "noaux_tc":
+            self.e_score_correction_bias = self.create_parameter(
+                [config.n_routed_experts], default_initializer=nn.initializer.Constant(0.0)
+            )
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, hidden_states: paddle.Tensor):
+        """hidden_states [B, T, H] -> (topk_idx [N, K], topk_weight [N, K] float32, aux_loss or None)."""
+        bsz = hidden_states.shape[0]
+        x = hidden_states.reshape([-1, hidden_states.shape[-1]]).astype(paddle.float32)
+        logits = paddle.matmul(x, self.weight.astype(paddle.float32), transpose_y=True)  # [N, E]
+        topk_idx, topk_weight, scores = route(logits, self.config, self.e_score_correction_bias)
+        aux_loss = None
+        # noaux_tc balances experts through e_score_correction_bias, not a loss (the official code
+        # refuses to train it); every other method adds the auxiliary loss in training.
+        if self.training and self.config.aux_loss_alpha > 0 and self.config.moe_topk_method != "noaux_tc":
+            aux_loss = moe_aux_loss(
+                scores, topk_idx, bsz, self.n_routed_experts, self.config.aux_loss_alpha, self.config.seq_aux
+            )
+        return topk_idx, topk_weight, aux_loss
+
+
+class AddAuxiliaryLoss(PyLayer):
+    """Identity on ``x`` whose backward also feeds gradient 1 into ``loss``.
+
+    This puts the load-balancing loss into every parameter's gradient without changing the forward
+    output or the reported loss, as the official model does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, loss):
+        ctx.loss_shape, ctx.loss_dtype = loss.shape, loss.dtype
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, paddle.ones(ctx.loss_shape, dtype=ctx.loss_dtype)
+
+
+class DeepseekV2MoE(nn.Layer):
+    def __init__(self, config: DeepseekV2Config):
+        super().__init__()
+        if config.ep_size > 1:
+            raise NotImplementedError(
+                "ep_size > 1 (expert parallel over paddle.distributed) is not implemented yet; set ep_size to 1"
+            )
+        self.config = config
+        self.num_experts_per_tok = config.num_experts_per_tok
+        self.experts = nn.LayerList(
+            [DeepseekV2MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.n_routed_experts)]
+        )
+        self.gate = MoEGate(config)
+        if config.n_shared_experts is not None:
+            self.shared_experts = DeepseekV2MLP(
+                config.hidden_size, config.moe_intermediate_size * config.n_shared_experts
+            )
+        else:
+            self.shared_experts = None
+
+    def forward(self, hidden_states: paddle.Tensor) -> paddle.Tensor:
+        """hidden_states [B, T, H] -> [B, T, H]."""
+        shape = hidden_states.shape
+        topk_idx, topk_weight, aux_loss = self.gate(hidden_states)
+        y = self.moe_infer(hidden_states.reshape([-1, shape[-1]]), topk_idx, topk_weight).reshape(shape)
+        if aux_loss is not None:
+            y = AddAuxiliaryLoss.apply(y, aux_loss)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(hidden_states)
+        return y
+
+    def moe_infer(self, x: paddle.Tensor, topk_idx: paddle.Tensor, topk_weight: paddle.Tensor) -> paddle.Tensor:
+        """Run each token through its K experts, grouped by expert. x [N, H] -> [N, H].
+
+        The N*K (token, expert) pairs are sorted by expert once; each active expert then runs one
+        matmul chain on its contiguous block, and the inverse permutation brings the outputs back.
+        One host sync per layer reads the per-expert counts. Used for training too (differentiable).
+        """
+        n, k = topk_idx.shape
+        flat_idx = topk_idx.reshape([-1])  # [N*K]
+        order = paddle.argsort(flat_idx, stable=True)  # [N*K] pair ids sorted by expert
+        counts = paddle.bincount(flat_idx, minlength=len(self.experts)).tolist()
+        x_sorted = paddle.gather(x, order // k)  # [N*K, H]
+        outputs, start = [], 0
+        for expert_id, count in enumerate(counts):
+            if count:
+                outputs.append(self.experts[expert_id](x_sorted[start:start + count]))
+                start += count
+        y_sorted = paddle.concat(outputs, axis=0)  # [N*K, H]
+        y = paddle.gather(y_sorted, paddle.argsort(order))  # back to (token, k) order
+        y = (y.reshape([n, k, -1]).astype(paddle.float32) * topk_weight.unsqueeze(-1)).sum(axis=1)
+        return y.astype(x.dtype)

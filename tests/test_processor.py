@@ -304,6 +304,9 @@ def test_image_tag_count_errors():
         processor(conversations=one_image_turn(), images=[image, image])
     with pytest.raises(ProcessorInputError, match="0 <image> tags but 1 images"):
         processor(prompt="no tag here", images=[image])
+    listed = [dict(one_image_turn()[0], images=["images/small_200x150.png"]), one_image_turn()[1]]
+    with pytest.raises(ProcessorInputError, match="pass the images with images="):
+        processor(conversations=listed)
     with pytest.raises(ProcessorInputError, match="not a single image"):
         processor(conversations=one_image_turn(), images=image)
 

@@ -309,9 +309,11 @@ class DeepseekVLV2Processor:
             if role in SYSTEM_ROLES and index != 0:
                 raise ProcessorInputError(f"the system message must be the first message, found it at {index}")
         if tag_count != num_images:
+            listed_only = num_images == 0 and any(message.get("images") for message in messages)
+            hint = " (the messages' 'images' lists are not read: pass the images with images=)" if listed_only else ""
             raise ProcessorInputError(
                 f"the conversation has {tag_count} {self.image_token} tags but {num_images} images were given: "
-                f"put one {self.image_token} tag in a user message for each image"
+                f"put one {self.image_token} tag in a user message for each image{hint}"
             )
 
     def format_messages_v2(

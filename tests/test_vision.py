@@ -1,4 +1,5 @@
 """SigLIP tower, projector, tile layout and prepare_inputs_embeds against the goldens and NumPy."""
+import json
 import math
 import os
 
@@ -6,6 +7,7 @@ import numpy as np
 import paddle
 import pytest
 from conftest import CHECKPOINTS, FIXTURES, checkpoint_dir, expected_path
+from PIL import Image
 from safetensors.numpy import load_file
 
 from paddlemix_vl2.models.deepseek_vl2.checkpoint import load_weights, zero_init
@@ -15,12 +17,19 @@ from paddlemix_vl2.models.deepseek_vl2.configuration_deepseek import (
     MlpProjectorConfig,
     VisionEncoderConfig,
 )
-from paddlemix_vl2.models.deepseek_vl2.image_layout import format_image_embeddings, num_image_tokens
+from paddlemix_vl2.models.deepseek_vl2.image_layout import format_image_embeddings
 from paddlemix_vl2.models.deepseek_vl2.modeling_deepseek_vl_v2 import DeepseekVLV2ForCausalLM, ImageInputError
 from paddlemix_vl2.models.deepseek_vl2.projector import MlpProjector, downsample_patches
+from paddlemix_vl2.processors.deepseek_vl2_processing import DeepseekVLV2Processor
+from paddlemix_vl2.processors.image_processing import num_image_tokens
 
 ATOL = 2e-5
 PIXEL_GOLDEN = os.path.join(FIXTURES, "processor-golden", "vi_multi_turn.pixels.safetensors")
+with open(os.path.join(FIXTURES, "expected", "cases.json"), encoding="utf-8") as _f:
+    CASES = {case["id"]: case for case in json.load(_f)["cases"]}
+IMAGE_CASES = sorted(
+    name for name, case in CASES.items() if any(m.get("images") for conv in case["conversations"] for m in conv)
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,35 +112,53 @@ def models():
     return loaded
 
 
-def golden_inputs(name, case):
-    """Processor outputs of ``case``: ids, masks and crops from the golden, pixels from the pixel golden."""
-    golden = load_file(expected_path(name, case))
-    pixels = load_file(PIXEL_GOLDEN)["images"]
-    return golden, pixels
+def max_errors(model, golden, batch):
+    """Max |error| of tile 0's vision features and projector output, and of inputs_embeds at valid positions."""
+    with paddle.no_grad():
+        features = model.vision(batch["images"][:1, 0])  # [1, 729, 64]
+        projected = model.projector(features)  # [1, 196, 64]
+        embeds = model.prepare_inputs_embeds(
+            batch["input_ids"], batch["images"], batch["images_seq_mask"], batch["images_spatial_crop"]
+        )  # [B, T, 64]
+    assert list(features.shape) == [1, 729, 64] and list(projected.shape) == [1, 196, 64]
+    valid = golden["attention_mask"]
+    return {
+        "vision": np.abs(features.numpy()[0] - golden["vision_features_tile0"]).max(),
+        "projector": np.abs(projected.numpy()[0] - golden["projector_out_tile0"]).max(),
+        "inputs_embeds": np.abs(embeds.numpy()[valid] - golden["inputs_embeds"][valid]).max(),
+    }
+
+
+def process_case(processor, case):
+    """The processor calls of tests/fixtures/README.md §4."""
+    samples = []
+    for conv in case["conversations"]:
+        images = [Image.open(os.path.join(FIXTURES, path)).convert("RGB") for m in conv for path in m.get("images", [])]
+        samples.append(
+            processor.process_one(conversations=conv, images=images, inference_mode=True, system_prompt="")
+        )
+    return processor.batchify(samples)
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
-def test_vision_projector_and_inputs_embeds_match_golden(models, name):
-    model = models[name]
-    golden, pixels = golden_inputs(name, "vi_multi_turn")
-    with paddle.no_grad():
-        features = model.vision(paddle.to_tensor(pixels[0, :1]))  # [1, 729, 64]
-        projected = model.projector(features)  # [1, 196, 64]
-        embeds = model.prepare_inputs_embeds(
-            paddle.to_tensor(golden["input_ids"]),
-            paddle.to_tensor(pixels),
-            paddle.to_tensor(golden["images_seq_mask"]),
-            paddle.to_tensor(golden["images_spatial_crop"]),
-        )
-    errors = {
-        "vision": np.abs(features.numpy()[0] - golden["vision_features_tile0"]).max(),
-        "projector": np.abs(projected.numpy()[0] - golden["projector_out_tile0"]).max(),
-        "inputs_embeds": np.abs(
-            embeds.numpy()[golden["attention_mask"]] - golden["inputs_embeds"][golden["attention_mask"]]
-        ).max(),
-    }
-    assert list(features.shape) == [1, 729, 64] and list(projected.shape) == [1, 196, 64]
+def test_golden_pixels_match(models, name):
+    """vi_multi_turn from the stored processor pixels, independent of the processor code."""
+    golden = load_file(expected_path(name, "vi_multi_turn"))
+    batch = {key: paddle.to_tensor(golden[key]) for key in ("input_ids", "images_seq_mask", "images_spatial_crop")}
+    batch["images"] = paddle.to_tensor(load_file(PIXEL_GOLDEN)["images"])
+    errors = max_errors(models[name], golden, batch)
     assert all(err <= ATOL for err in errors.values()), f"{name}: {errors}"
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES)
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_processed_cases_match(models, name, case):
+    golden = load_file(expected_path(name, case))
+    batch = process_case(DeepseekVLV2Processor.from_pretrained(checkpoint_dir(name)), CASES[case])
+    np.testing.assert_array_equal(batch["input_ids"].numpy(), golden["input_ids"])
+    np.testing.assert_array_equal(batch["images_spatial_crop"].numpy(), golden["images_spatial_crop"])
+    errors = max_errors(models[name], golden, batch)
+    assert all(err <= ATOL for err in errors.values()), f"{name} {case}: {errors}"
 
 
 def test_no_images_returns_text_embeddings(models):
@@ -154,7 +181,8 @@ def test_no_images_returns_text_embeddings(models):
 
 def test_mask_count_mismatch_is_a_clear_error(models):
     model = models["micro-tiny"]
-    golden, pixels = golden_inputs("micro-tiny", "vi_multi_turn")
+    golden = load_file(expected_path("micro-tiny", "vi_multi_turn"))
+    pixels = load_file(PIXEL_GOLDEN)["images"]
     mask = golden["images_seq_mask"].copy()
     mask[0, np.flatnonzero(mask[0])[0]] = False
     with pytest.raises(ImageInputError, match=r"sample 0: .* 421 image embeddings .* marks 420"):
@@ -339,3 +367,30 @@ def test_prepare_inputs_embeds_batch_matches_independent_merge():
     expected = table[input_ids]
     expected[mask] = tokens
     np.testing.assert_allclose(out, expected, atol=1e-6, rtol=0)
+
+
+def test_prepare_inputs_embeds_is_differentiable():
+    """Training needs gradients through the merge: d(sum(out * R)) / d(image_newline) = sum of R at newlines."""
+    model = small_model()
+    crops = np.array([[[2, 1]], [[1, 1]]])
+    seq_len = 70
+    rng = np.random.default_rng(2)
+    images = rng.uniform(-1, 1, (2, 3, 3, 56, 56)).astype("float32")
+    images[1, 2:] = 0.0
+    mask = np.zeros((2, seq_len), bool)
+    mask[0, 5:5 + num_image_tokens(2, 1, 56, 14, 2)] = True
+    mask[1, -num_image_tokens(1, 1, 56, 14, 2):] = True
+    weights = rng.normal(size=(2, seq_len, 8)).astype("float32")
+    out = model.prepare_inputs_embeds(
+        paddle.to_tensor(rng.integers(0, 32, (2, seq_len))), paddle.to_tensor(images), paddle.to_tensor(mask),
+        paddle.to_tensor(crops),
+    )
+    (out * paddle.to_tensor(weights)).sum().backward()
+    # Mark which image tokens are newlines with a layout of sentinel values.
+    sentinel_tiles = np.zeros((5, 4, 1), "float32")
+    is_newline = np_layout(sentinel_tiles, crops, np.ones(1, "float32"), np.zeros(1, "float32"), "head")[:, 0] == 1
+    newline_positions = np.zeros((2, seq_len), bool)
+    newline_positions[mask] = is_newline
+    np.testing.assert_allclose(model.image_newline.grad.numpy(), weights[newline_positions].sum(0), rtol=1e-5, atol=1e-5)
+    assert model.vision.blocks[0].attn.qkv.weight.grad is not None
+    assert float(model.projector.layers[0].weight.grad.abs().sum()) > 0

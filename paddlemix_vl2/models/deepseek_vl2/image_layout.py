@@ -9,7 +9,8 @@ side (14) and D = embedding width, one image becomes
           followed by ``image_newline``                                 -> (th*s) * (tw*s + 1) tokens
 
 joined as ``[global, view_seperator, local]`` (``global_view_pos="head"``) or
-``[local, view_seperator, global]`` (``"tail"``).
+``[local, view_seperator, global]`` (``"tail"``). The resulting count is the processor's
+``num_image_tokens`` (``paddlemix_vl2.processors.image_processing``), the one place of that formula.
 """
 from __future__ import annotations
 
@@ -20,33 +21,12 @@ import numpy as np
 import paddle
 
 __all__ = [
-    "tokens_per_tile_side",
-    "num_image_tokens",
     "crops_per_sample",
     "tiles_per_sample",
     "format_image_embeddings",
 ]
 
 Crop = Tuple[int, int]
-
-
-def tokens_per_tile_side(image_size: int = 384, patch_size: int = 14, downsample_ratio: int = 2) -> int:
-    """Tokens along one side of a tile after the projector: ceil((image_size // patch_size) / ratio)."""
-    return -(-(image_size // patch_size) // downsample_ratio)
-
-
-def num_image_tokens(
-    num_width_tiles: int,
-    num_height_tiles: int,
-    image_size: int = 384,
-    patch_size: int = 14,
-    downsample_ratio: int = 2,
-) -> int:
-    """Number of sequence positions one image takes (421 for 1x1, 2017 for 3x3 at the defaults)."""
-    side = tokens_per_tile_side(image_size, patch_size, downsample_ratio)
-    global_view = side * (side + 1)
-    local_view = (num_height_tiles * side) * (num_width_tiles * side + 1)
-    return global_view + 1 + local_view
 
 
 def crops_per_sample(images_spatial_crop) -> List[List[Crop]]:

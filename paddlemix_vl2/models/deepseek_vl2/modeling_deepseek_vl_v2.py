@@ -8,14 +8,15 @@ Attribute names equal the checkpoint prefixes (``vision.``, ``projector.``, ``im
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 
+from ...processors.image_processing import num_image_tokens
 from .configuration_deepseek import ConfigError, DeepseekVLV2Config
-from .image_layout import crops_per_sample, format_image_embeddings, num_image_tokens, tiles_per_sample
+from .image_layout import crops_per_sample, format_image_embeddings, tiles_per_sample
 from .modeling_deepseek import DeepseekV2ForCausalLM
 from .projector import MlpProjector
 from .siglip_vit import VisionTransformer
@@ -101,7 +102,7 @@ class DeepseekVLV2ForCausalLM(nn.Layer):
         self._check_image_inputs(input_ids, images, mask, crops)
 
         tiles_used = tiles_per_sample(crops)
-        batch, max_tiles = images.shape[:2]
+        max_tiles = images.shape[1]
         tile_index = np.concatenate(
             [b * max_tiles + np.arange(count) for b, count in enumerate(tiles_used)]
         ).astype("int64")  # [n_tiles]
@@ -114,7 +115,9 @@ class DeepseekVLV2ForCausalLM(nn.Layer):
             text_embeds, mask.unsqueeze(-1).expand_as(text_embeds), image_embeds.astype(text_embeds.dtype)
         )  # [B, T, H]
 
-    def _check_image_inputs(self, input_ids, images, mask, crops) -> None:
+    def _check_image_inputs(
+        self, input_ids: paddle.Tensor, images: paddle.Tensor, mask: paddle.Tensor, crops: List[List[Tuple[int, int]]]
+    ) -> None:
         """Raise ImageInputError unless images, mask and crops describe the same image tokens."""
         batch, seq_len = input_ids.shape
         size = self.config.vision_config.image_size

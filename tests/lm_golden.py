@@ -67,3 +67,42 @@ def assert_greedy_match(tokens, exp):
             if exp["gen_margin"][step, row] < GREEDY_MARGIN:
                 break
             assert tokens[row, step] == exp["gen_tokens"][row, step], f"row {row} step {step}"
+
+
+@functools.lru_cache(maxsize=None)
+def load_vl(name):
+    from paddlemix_vl2.models.deepseek_vl2 import DeepseekVLV2ForCausalLM
+
+    return DeepseekVLV2ForCausalLM.from_pretrained(checkpoint_dir(name), progress=False)
+
+
+@functools.lru_cache(maxsize=None)
+def load_processor(name):
+    from paddlemix_vl2.processors import DeepseekVLV2Processor
+
+    return DeepseekVLV2Processor.from_pretrained(checkpoint_dir(name))
+
+
+@functools.lru_cache(maxsize=None)
+def cases_json():
+    import json
+
+    with open(os.path.join(FIXTURES, "expected", "cases.json"), encoding="utf-8") as f:
+        return {c["id"]: c for c in json.load(f)["cases"]}
+
+
+def process_case(name, case):
+    """Run the processor on a golden case exactly as the fixtures README §4 says."""
+    from PIL import Image
+
+    processor = load_processor(name)
+    conversations = cases_json()[case]["conversations"]
+
+    def images_of(conv):
+        return [Image.open(os.path.join(FIXTURES, p)).convert("RGB") for m in conv for p in m.get("images", [])]
+
+    kwargs = dict(inference_mode=True, system_prompt="")
+    if len(conversations) == 1:
+        return processor(conversations=conversations[0], images=images_of(conversations[0]), force_batchify=True, **kwargs)
+    samples = [processor.process_one(conversations=c, images=images_of(c), **kwargs) for c in conversations]
+    return processor.batchify(samples)

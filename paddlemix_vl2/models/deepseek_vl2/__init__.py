@@ -11,7 +11,10 @@ from .kv_cache import KVCache
 from .layers import DeepseekV2MLP, DeepseekV2RMSNorm
 from .attention import DeepseekV2Attention, DeepseekV2MHAAttention
 from .moe import DeepseekV2MoE, MoEGate
-from .modeling_deepseek import DeepseekV2DecoderLayer, DeepseekV2ForCausalLM, DeepseekV2Model
+from .modeling_deepseek import CausalLMOutput, DeepseekV2DecoderLayer, DeepseekV2ForCausalLM, DeepseekV2Model
+from .siglip_vit import SigLIPVisionTransformer, VisionTransformer
+from .projector import DeepseekVLMlpProjector, MlpProjector
+from .modeling_deepseek_vl_v2 import DeepseekVLV2ForCausalLM, ImageInputError
 
 __all__ = [
     "CheckpointError",
@@ -30,4 +33,11 @@ __all__ = [
     "DeepseekV2DecoderLayer",
     "DeepseekV2ForCausalLM",
     "DeepseekV2Model",
+    "CausalLMOutput",
+    "SigLIPVisionTransformer",
+    "VisionTransformer",
+    "DeepseekVLMlpProjector",
+    "MlpProjector",
+    "DeepseekVLV2ForCausalLM",
+    "ImageInputError",
 ]

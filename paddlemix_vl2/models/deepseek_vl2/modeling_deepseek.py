@@ -168,6 +168,12 @@ class DeepseekV2ForCausalLM(nn.Layer):
             loss = causal_lm_loss(logits, labels)
         return CausalLMOutput(logits=logits, loss=loss)
 
+    def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, **kwargs) -> paddle.Tensor:
+        """New tokens [B, N]; see ``paddlemix_vl2.generation.generate`` for the arguments."""
+        from ...generation import generate
+
+        return generate(self, inputs_embeds, attention_mask, input_ids, **kwargs)
+
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, progress: bool = True) -> "DeepseekV2ForCausalLM":
         """Load a DeepSeek-V2 LM from an official DeepSeek-VL2 (``language.`` subtree) or DeepSeek-V2 folder."""

@@ -8,6 +8,8 @@ Attribute names equal the checkpoint prefixes (``vision.``, ``projector.``, ``im
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -15,13 +17,21 @@ import paddle
 import paddle.nn as nn
 
 from ...processors.image_processing import num_image_tokens
+from ...generation import GenerationConfig, generate, stream_generate
+from .checkpoint import build_and_load, save_weights
 from .configuration_deepseek import ConfigError, DeepseekVLV2Config
 from .image_layout import crops_per_sample, format_image_embeddings, tiles_per_sample
-from .modeling_deepseek import DeepseekV2ForCausalLM
+from .kv_cache import KVCache
+from .modeling_deepseek import CausalLMOutput, DeepseekV2ForCausalLM
 from .projector import MlpProjector
 from .siglip_vit import VisionTransformer
 
-__all__ = ["DeepseekVLV2ForCausalLM", "ImageInputError"]
+__all__ = ["DeepseekVLV2ForCausalLM", "ImageInputError", "CHECKPOINT_ASSETS"]
+
+# Files of an official checkpoint besides config.json and the weights, copied along by save_pretrained.
+CHECKPOINT_ASSETS = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Fields of the processor's batch output that the model does not read, so ``model(**inputs)`` works.
+_PROCESSOR_ONLY_FIELDS = frozenset({"sft_format", "seq_lens", "num_image_tokens"})
 
 
 class ImageInputError(ValueError):
@@ -146,3 +156,97 @@ class DeepseekVLV2ForCausalLM(nn.Layer):
                     f"{int(mask_counts[b])} positions; build input_ids, images_seq_mask and "
                     "images_spatial_crop with the same processor call"
                 )
+
+    def forward(
+        self,
+        input_ids: Optional[paddle.Tensor] = None,
+        images: Optional[paddle.Tensor] = None,
+        images_seq_mask: Optional[paddle.Tensor] = None,
+        images_spatial_crop: Optional[paddle.Tensor] = None,
+        attention_mask: Optional[paddle.Tensor] = None,
+        labels: Optional[paddle.Tensor] = None,
+        inputs_embeds: Optional[paddle.Tensor] = None,
+        position_ids: Optional[paddle.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        logits_to_keep: int = 0,
+        **processor_fields,
+    ) -> CausalLMOutput:
+        """Logits [B, T, V] float32 (and the loss with ``labels``) for a processed batch.
+
+        Takes the processor's batch output as keyword arguments (``model(**inputs)``); images are merged
+        by ``prepare_inputs_embeds`` unless ``inputs_embeds`` [B, T, H] are given. In training mode every
+        MoE layer adds its load-balancing loss to the gradients (not to the returned loss).
+        """
+        unknown = set(processor_fields) - _PROCESSOR_ONLY_FIELDS
+        if unknown:
+            raise TypeError(f"unexpected argument(s) {sorted(unknown)} for DeepseekVLV2ForCausalLM.forward")
+        if inputs_embeds is None:
+            inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+        return self.language(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache, labels=labels, logits_to_keep=logits_to_keep,
+        )
+
+    def _prompt_embeds(self, input_ids, images, images_seq_mask, images_spatial_crop):
+        with paddle.no_grad():
+            return self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+
+    def generate(
+        self,
+        input_ids: paddle.Tensor,
+        images: Optional[paddle.Tensor] = None,
+        images_seq_mask: Optional[paddle.Tensor] = None,
+        images_spatial_crop: Optional[paddle.Tensor] = None,
+        attention_mask: Optional[paddle.Tensor] = None,
+        config: Optional[GenerationConfig] = None,
+        tokenizer=None,
+        **kwargs,
+    ) -> paddle.Tensor:
+        """New tokens [B, N] for a processed (left-padded) batch; images are embedded once, at prefill.
+
+        ``kwargs`` are ``GenerationConfig`` fields (``max_new_tokens``, ``do_sample``, ``temperature``,
+        ``top_p``, ``top_k``, ``repetition_penalty``, ``seed``, ``eos_token_id``, ``stop_strings``,
+        ``chunk_size`` ...) or processor-only fields, which are ignored.
+        """
+        kwargs = {k: v for k, v in kwargs.items() if k not in _PROCESSOR_ONLY_FIELDS | {"labels"}}
+        embeds = self._prompt_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+        return generate(self.language, embeds, attention_mask, input_ids, config, tokenizer, **kwargs)
+
+    def stream_generate(
+        self,
+        tokenizer,
+        input_ids: paddle.Tensor,
+        images: Optional[paddle.Tensor] = None,
+        images_seq_mask: Optional[paddle.Tensor] = None,
+        images_spatial_crop: Optional[paddle.Tensor] = None,
+        attention_mask: Optional[paddle.Tensor] = None,
+        config: Optional[GenerationConfig] = None,
+        **kwargs,
+    ):
+        """Like ``generate`` for one prompt, yielding the answer text piece by piece as it is decoded."""
+        kwargs = {k: v for k, v in kwargs.items() if k not in _PROCESSOR_ONLY_FIELDS | {"labels"}}
+        embeds = self._prompt_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+        return stream_generate(self.language, tokenizer, embeds, attention_mask, input_ids, config, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=None, progress: bool = True) -> "DeepseekVLV2ForCausalLM":
+        """Load an official DeepSeek-VL2 checkpoint folder as it is (sharded bf16 safetensors, torch layout).
+
+        dtype: the compute dtype; default float32 on CPU and bfloat16 on GPU.
+        """
+        config = DeepseekVLV2Config.from_pretrained(path)
+        return build_and_load(lambda: cls(config), path, dtype=dtype, progress=progress)
+
+    def save_pretrained(self, directory: str, dtype=paddle.bfloat16, assets_from: Optional[str] = None) -> None:
+        """Write the official checkpoint layout: config.json, bf16 safetensors shards + index.
+
+        assets_from: a checkpoint folder whose processor and tokenizer files are copied along, so the
+        result loads with ``DeepseekVLV2Processor.from_pretrained`` too.
+        """
+        extra = {"config.json": json.dumps(self.config.to_dict(), indent=1, ensure_ascii=False) + "\n"}
+        for name in CHECKPOINT_ASSETS if assets_from else ():
+            source = os.path.join(assets_from, name)
+            if os.path.isfile(source):
+                with open(source, encoding="utf-8") as f:
+                    extra[name] = f.read()
+        save_weights(self, directory, dtype=dtype, extra_files=extra)

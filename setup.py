@@ -26,5 +26,13 @@ setup(
     extras_require={
         "test": ["pytest>=8"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "paddlemix-vl2=paddlemix_vl2.__main__:main",
+            "paddlemix-vl2-infer=paddlemix_vl2.apps.multi_image_infer:cli",
+            "paddlemix-vl2-single-infer=paddlemix_vl2.apps.single_image_infer:cli",
+            "paddlemix-vl2-ground=paddlemix_vl2.apps.grounding_infer:cli",
+            "paddlemix-vl2-chat=paddlemix_vl2.apps.chat:cli",
+        ]
+    },
 )

@@ -273,7 +273,8 @@ class Answer:
     """One generated answer.
 
     text: the decoded answer without the final end-of-sentence token; finished: it ended with that token;
-    token_ids: every generated id, the end-of-sentence id included; eos_text: that token's text.
+    token_ids: every generated id, the end-of-sentence id included; eos_text: that token's text;
+    prompt_tokens: the prompt's length; seconds: wall time of image encoding, prefill and decoding.
     """
 
     text: str

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lm_golden import FIXTURES, assert_greedy_match, cases_json, checkpoint_dir, expected, load_processor, load_vl
+from lm_golden import (
+    FIXTURES, assert_greedy_match, cases_json, checkpoint_dir, expected, load_processor, load_vl, process_case,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
@@ -135,6 +137,30 @@ def library_answer(model, processor, conversation, images, **generation):
     ids = model.generate(**inputs, **generation)[0].tolist()
     finished = ids[-1] == processor.eos_id
     return inputs.sft_format[0], processor.decode(ids[:-1] if finished else ids), finished
+
+
+def test_answer_ends_at_end_of_sentence_alike_when_streamed_or_not():
+    """The micro models practically never emit their eos, so the third greedy token of the text-only case
+    stands in for it: both modes stop there, hold it out of the text and report the answer finished."""
+    from types import SimpleNamespace
+
+    from paddlemix_vl2.cli import generate_answer
+    from paddlemix_vl2.generation import GenerationConfig
+
+    gen_tokens = expected("micro-tiny", "i_text_only")["gen_tokens"][0].tolist()
+    stand_in_eos = gen_tokens[2]
+    processor = load_processor("micro-tiny")
+    with_stand_in = SimpleNamespace(eos_id=stand_in_eos, decode=processor.decode, tokenizer=processor.tokenizer)
+    inputs = process_case("micro-tiny", "i_text_only")
+    config = GenerationConfig(max_new_tokens=8, eos_token_id=stand_in_eos)
+    plain = generate_answer(load_vl("micro-tiny"), with_stand_in, inputs, config)
+    streamed_to = io.StringIO()
+    streamed = generate_answer(load_vl("micro-tiny"), with_stand_in, inputs, config, stream=streamed_to)
+    for answer in (plain, streamed):
+        assert answer.token_ids == gen_tokens[:3] and answer.finished
+        assert answer.text == processor.decode(gen_tokens[:2])
+        assert answer.official_text == processor.decode(gen_tokens[:3])
+    assert streamed_to.getvalue() == plain.text
 
 
 def test_chat_keeps_history_attaches_images_and_resets():

@@ -28,11 +28,16 @@ class StateFileError(ValueError):
 
 @contextlib.contextmanager
 def atomic_directory(path: str) -> Iterator[str]:
-    """Yield a staging folder; on success it replaces ``path`` in one rename (an old ``path`` is removed after)."""
+    """Yield a staging folder; on success it replaces ``path`` in one rename.
+
+    An existing ``path`` is first moved into a ``.staging-<name>.old.*`` folder and deleted after the
+    rename; only a crash between those two renames leaves the old contents there instead of at ``path``.
+    """
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.path.basename(path)}.", dir=parent)
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield staging
     except BaseException:

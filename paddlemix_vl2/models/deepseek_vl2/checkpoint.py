@@ -1,14 +1,25 @@
 """Read and write official DeepSeek-VL2 checkpoints (Hugging Face layout, torch orientation).
 
 A checkpoint folder holds ``config.json`` and either ``model.safetensors`` or shards listed in
-``model.safetensors.index.json``. Loading streams one tensor at a time from lazily opened (mmap'd)
-shards straight into the model's parameters, so peak memory is the model plus one tensor.
+``model.safetensors.index.json``. Loading streams one tensor at a time from the shards straight into the
+model's parameters, so peak memory is the model plus a few small read buffers.
 
 Module attribute names equal checkpoint names, so the only rules are:
 * a key prefix selects a subtree (``language.`` for the text-only model);
 * the 2-D ``weight`` of every ``nn.Linear`` is stored ``[out, in]`` by torch and ``[in, out]`` by Paddle,
   so it is transposed on the way in and out;
 * tensors the official model creates but never uses (``SKIPPED_KEYS``) are skipped on purpose.
+
+How float32 parameters on the host are filled (the CPU path), and why:
+* shards are read with positioned reads into a reused buffer, not mmap'd: mapped pages count in the
+  process's resident set until the shard is closed, which would add up to a whole shard to the peak;
+* bf16 becomes float32 in NumPy (``uint16 << 16``), several times faster than Paddle's cast, and the
+  torch-to-Paddle transpose is done in the same pass, by panels of rows that stay in cache;
+* ``build_and_load`` builds the model under ``paddle.LazyGuard`` (no parameter memory yet) and each
+  parameter then adopts the NumPy array it was written into. Paddle would zero-fill every parameter
+  first, in 4 KiB pages; NumPy allocates large arrays on transparent huge pages, which fault in several
+  times faster and also help the decode GEMVs stream the weights.
+Any other parameter (off the host, or not float32) is filled through Paddle's cast and ``set_value``.
 """
 from __future__ import annotations
 
@@ -24,7 +35,6 @@ from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import paddle
-from safetensors import safe_open
 from safetensors.paddle import save_file
 
 __all__ = [
@@ -51,6 +61,12 @@ _DTYPES = {
     "bfloat16": paddle.bfloat16, "bf16": paddle.bfloat16,
     "float16": paddle.float16, "fp16": paddle.float16,
 }
+# safetensors dtype -> the NumPy dtype its bytes are read as (bf16 as raw uint16 bits).
+_STORAGE_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
+# Bytes read per call: large enough for sequential throughput, small enough to add little to the peak.
+_READ_CHUNK_BYTES = 32 << 20
+# Source rows converted per step of a transposing copy: 64 rows of any weight here fit in L2.
+_TRANSPOSE_PANEL_ROWS = 64
 
 
 class CheckpointError(RuntimeError):
@@ -93,8 +109,8 @@ def checkpoint_weight_map(path: str) -> Dict[str, str]:
         files = {name: os.path.join(path, shard) for name, shard in weight_map.items()}
     elif os.path.isfile(os.path.join(path, SINGLE_FILE)):
         single = os.path.join(path, SINGLE_FILE)
-        with _open_shard(single) as f:
-            files = {name: single for name in f.keys()}
+        with _ShardReader(single) as shard:
+            files = {name: single for name in shard.entries}
     else:
         raise CheckpointError(f"{path} has neither {INDEX_FILE} nor {SINGLE_FILE}; is it a DeepSeek-VL2 checkpoint?")
     missing_shards = sorted({p for p in files.values() if not os.path.isfile(p)})
@@ -106,14 +122,151 @@ def checkpoint_weight_map(path: str) -> Dict[str, str]:
     return files
 
 
-@contextlib.contextmanager
-def _open_shard(file: str):
-    try:
-        handle = safe_open(file, framework="paddle")
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
-        raise CheckpointError(f"{file} is truncated or not a safetensors file ({e}); re-download it") from None
-    with handle as f:
-        yield f
+class _ShardReader:
+    """One safetensors file: its header parsed by hand, tensor bytes read with positioned reads.
+
+    The format is an 8-byte little-endian header length, a JSON header mapping each name to
+    ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets from the end of the header), then the data.
+    """
+
+    def __init__(self, file: str):
+        self.file = file
+        self._handle = open(file, "rb", buffering=0)
+        try:
+            self.entries = self._read_header()
+        except BaseException:
+            self._handle.close()
+            raise
+
+    def _read_header(self) -> Dict[str, dict]:
+        size = os.fstat(self._handle.fileno()).st_size
+        prefix = self._handle.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if header_len < 0 or 8 + header_len > size:
+            raise CheckpointError(f"{self.file} is truncated or not a safetensors file; re-download it")
+        try:
+            header = json.loads(self._handle.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.file} has a corrupt header ({e}); re-download it") from None
+        header.pop("__metadata__", None)
+        data_start, entries = 8 + header_len, {}
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            if data_start + end > size:
+                raise CheckpointError(
+                    f"{self.file} is truncated: {name} ends at byte {data_start + end} of {size}; re-download it"
+                )
+            if entry["dtype"] not in _STORAGE_DTYPES:
+                raise CheckpointError(
+                    f"{self.file}: {name} has dtype {entry['dtype']}, which a DeepSeek-VL2 checkpoint never holds; "
+                    f"use one of {', '.join(_STORAGE_DTYPES)}"
+                )
+            entries[name] = {"dtype": entry["dtype"], "shape": list(entry["shape"]), "offset": data_start + begin}
+        return entries
+
+    def __enter__(self) -> "_ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
+
+    def names_in_file_order(self, names: Sequence[str]) -> List[str]:
+        return sorted(names, key=lambda name: self.entries[name]["offset"])
+
+    def read_chunks(self, name: str, buffer: bytearray) -> Iterator[Tuple[int, np.ndarray]]:
+        """Yield ``(first_row, rows)`` over the tensor, ``rows`` a [n, *shape[1:]] view into ``buffer``."""
+        entry = self.entries[name]
+        storage = np.dtype(_STORAGE_DTYPES[entry["dtype"]])
+        shape = entry["shape"] or [1]
+        row_items = int(np.prod(shape[1:], dtype=np.int64))
+        row_bytes = max(row_items * storage.itemsize, 1)
+        if row_bytes > len(buffer):  # a single row larger than the shared buffer gets its own
+            buffer = bytearray(row_bytes)
+        rows_per_chunk = len(buffer) // row_bytes
+        for first in range(0, shape[0], rows_per_chunk):
+            count = min(rows_per_chunk, shape[0] - first)
+            view = memoryview(buffer)[: count * row_bytes]
+            self._read_exact(entry["offset"] + first * row_bytes, view, name)
+            yield first, np.frombuffer(view, dtype=storage).reshape([count] + shape[1:])
+
+    def _read_exact(self, offset: int, view: memoryview, name: str) -> None:
+        self._handle.seek(offset)
+        done = 0
+        while done < len(view):
+            count = self._handle.readinto(view[done:])
+            if not count:
+                raise CheckpointError(f"{self.file}: cannot read {name}; the file is truncated, re-download it")
+            done += count
+
+    def read_tensor(self, name: str) -> paddle.Tensor:
+        """The whole tensor as a host Paddle tensor in its checkpoint dtype."""
+        entry = self.entries[name]
+        values = np.empty(entry["shape"], dtype=_STORAGE_DTYPES[entry["dtype"]])
+        buffer = bytearray(_READ_CHUNK_BYTES)
+        flat = values.reshape([values.shape[0], -1]) if values.ndim else values.reshape([1, 1])
+        for first, rows in self.read_chunks(name, buffer):
+            flat[first:first + len(rows)] = rows.reshape([len(rows), -1])
+        tensor = paddle.to_tensor(values, place=paddle.CPUPlace())
+        return tensor.view(paddle.bfloat16) if entry["dtype"] == "BF16" else tensor
+
+
+def _write_rows(dst: np.ndarray, rows: np.ndarray) -> None:
+    """Convert checkpoint rows into float32 ``dst`` of the same shape (bf16 bits -> float32 bits)."""
+    if rows.dtype == np.uint16:
+        np.left_shift(rows, 16, out=dst.view(np.uint32), dtype=np.uint32)
+    else:
+        dst[...] = rows
+
+
+def _fill_host_array(shard: _ShardReader, name: str, dst: np.ndarray, transpose: bool, buffer: bytearray) -> None:
+    """Read ``name`` into the float32 array ``dst`` (``[in, out]`` when ``transpose``, else as stored)."""
+    if dst.size == 0:
+        return
+    if transpose:
+        for first, rows in shard.read_chunks(name, buffer):  # rows: [n, in] of the torch [out, in] weight
+            for panel in range(0, len(rows), _TRANSPOSE_PANEL_ROWS):
+                block = rows[panel:panel + _TRANSPOSE_PANEL_ROWS]
+                start = first + panel
+                _write_rows(dst[:, start:start + len(block)], block.T)
+        return
+    flat = dst.reshape([dst.shape[0], -1]) if dst.ndim else dst.reshape([1, 1])
+    for first, rows in shard.read_chunks(name, buffer):
+        _write_rows(flat[first:first + len(rows)], rows.reshape([len(rows), -1]))
+
+
+def _host_float32_target(param: paddle.Tensor) -> Tuple[Optional[np.ndarray], bool]:
+    """(float32 NumPy array to write ``param``'s values into, whether ``param`` must adopt it afterwards).
+
+    (None, False) when the parameter is not a float32 tensor on the host.
+    """
+    if param.dtype != paddle.float32:
+        return None, False
+    if not param._is_initialized():  # built under paddle.LazyGuard: no memory yet
+        if paddle.get_device() != "cpu":
+            return None, False
+        return np.empty(param.shape, dtype=np.float32), True
+    if not param.place.is_cpu_place():
+        return None, False
+    return np.from_dlpack(param.detach()), False  # a writable view of the parameter's memory
+
+
+def _to_param_layout(tensor: paddle.Tensor, transpose: bool, dtype) -> paddle.Tensor:
+    if transpose:
+        tensor = tensor.transpose([1, 0])  # torch [out, in] -> paddle [in, out]
+    return tensor.astype(dtype) if tensor.dtype != dtype else tensor
+
+
+def _load_tensor(param: paddle.Tensor, shard: _ShardReader, name: str, transpose: bool, buffer: bytearray) -> None:
+    target, adopt = _host_float32_target(param)
+    if target is None:
+        if not param._is_initialized():
+            param.initialize()
+        param.set_value(_to_param_layout(shard.read_tensor(name), transpose, param.dtype))
+        return
+    _fill_host_array(shard, name, target, transpose, buffer)
+    if adopt:
+        # Zero-copy: the parameter's storage becomes the array (kept alive by the DLPack capsule).
+        paddle.utils.dlpack.from_dlpack(target)._share_buffer_to(param)
 
 
 def _linear_weight_names(layer: paddle.nn.Layer) -> Set[str]:
@@ -122,12 +275,6 @@ def _linear_weight_names(layer: paddle.nn.Layer) -> Set[str]:
         for name, sub in layer.named_sublayers(include_self=True)
         if isinstance(sub, paddle.nn.Linear)
     }
-
-
-def _to_param_layout(tensor: paddle.Tensor, transpose: bool, dtype) -> paddle.Tensor:
-    if transpose:
-        tensor = tensor.transpose([1, 0])  # torch [out, in] -> paddle [in, out]; a cheap bf16 copy
-    return tensor.astype(dtype) if tensor.dtype != dtype else tensor
 
 
 class _Progress:
@@ -156,9 +303,10 @@ def load_weights(
 ) -> List[str]:
     """Stream the tensors under ``prefix`` from the checkpoint at ``path`` into ``layer``.
 
-    Each tensor is read lazily from its shard, transposed if it is a Linear weight, cast to the
-    parameter's dtype and copied in place. Missing keys, unexpected keys and shape mismatches are
-    collected and raised together as one ``CheckpointError``.
+    Each tensor is read from its shard, transposed if it is a Linear weight, converted to the parameter's
+    dtype and written into the parameter (see the module docstring for the host float32 path). Parameters
+    of a layer built under ``paddle.LazyGuard`` get their memory here. Missing keys, unexpected keys and
+    shape mismatches are collected and raised together as one ``CheckpointError``.
 
     Returns:
         the checkpoint names that were loaded.
@@ -183,26 +331,24 @@ def load_weights(
 
     mismatched: List[str] = []
     loaded: List[str] = []
+    buffer = bytearray(_READ_CHUNK_BYTES)
     bar = _Progress(sum(len(v) for v in wanted.values()), f"loading {os.path.basename(os.path.normpath(path))}", progress)
     for file in sorted(wanted):
-        with _open_shard(file) as f:
-            for ckpt_name in wanted[file]:
+        with _ShardReader(file) as shard:
+            for ckpt_name in shard.names_in_file_order(wanted[file]):
                 name = ckpt_name[len(prefix):]
                 param = params[name]
-                try:
-                    shape = list(f.get_slice(ckpt_name).get_shape())
-                except Exception as e:
-                    raise CheckpointError(f"{file}: cannot read {ckpt_name} ({e}); the file is corrupt, re-download it") from None
+                if ckpt_name not in shard.entries:
+                    raise CheckpointError(
+                        f"{file} does not hold {ckpt_name}, but the index says it does; re-download the checkpoint"
+                    )
+                shape = shard.entries[ckpt_name]["shape"]
                 transpose = name in transposed and len(shape) == 2
                 expected = list(param.shape)[::-1] if transpose else list(param.shape)
                 if shape != expected:
                     mismatched.append(f"{ckpt_name}: checkpoint {shape} vs model {expected}")
                     continue
-                try:
-                    tensor = f.get_tensor(ckpt_name)
-                except Exception as e:
-                    raise CheckpointError(f"{file}: cannot read {ckpt_name} ({e}); the file is truncated, re-download it") from None
-                param.set_value(_to_param_layout(tensor, transpose, param.dtype))
+                _load_tensor(param, shard, ckpt_name, transpose, buffer)
                 loaded.append(ckpt_name)
                 bar.step()
 
@@ -303,10 +449,11 @@ def zero_init(dtype=paddle.float32):
 
 
 def build_and_load(build, path: str, prefix: str = "", dtype=None, progress: bool = True) -> paddle.nn.Layer:
-    """Construct a model with ``build()`` under ``zero_init`` in the compute dtype, stream its weights in,
-    and return it in eval mode."""
+    """Construct a model with ``build()`` in the compute dtype without allocating its parameters, stream
+    its weights in, and return it in eval mode."""
     compute_dtype = resolve_dtype(dtype)
-    with zero_init(compute_dtype):
+    # LazyGuard: parameters get their memory while loading, so nothing is zero-filled first.
+    with zero_init(compute_dtype), paddle.LazyGuard():
         model = build()
     load_weights(model, path, prefix=prefix, progress=progress)
     model.eval()

@@ -1,0 +1,450 @@
+"""Time DeepSeek-VL2 inference stage by stage and put every figure next to this machine's limit.
+
+One process measures, on one checkpoint folder:
+
+* load: wall time and peak RSS of ``DeepseekVLV2ForCausalLM.from_pretrained``, against the time to read
+  the shard files and the fp32 weights + 1 GiB;
+* one 640×480 image (5 tiles): processor, vision + projector, LM prefill (lm_head on the last position),
+  time to first token, then 64 greedy decode steps;
+* three 640×480 images (no tiling, 6 tiles): the same;
+* a batch of 4 one-image prompts: aggregate decode tokens/s;
+* MLA checkpoints only: decode step time at a 256- and a 2048-token context, and KV-cache bytes per token.
+
+Prefill stages are reported as achieved GFLOP/s over the measured fp32 matmul rate, decode as bytes of
+weights read per step × steps/s over the measured memory bandwidth (``roofline.measure``); the FLOPs and
+bytes come from the config (``model_costs``). Load runs first, so its peak RSS is not inflated by the
+roofline's buffers. Each section records the 1-minute load average, since the machine is shared.
+
+Usage::
+
+    python benchmarks/bench_infer.py --checkpoint /tmp/bench-ckpt/tiny --json /tmp/bench-tiny.json
+    python benchmarks/bench_infer.py --checkpoint tests/fixtures/checkpoints/micro-small --quick
+    python benchmarks/bench_infer.py --checkpoint /tmp/bench-ckpt/tiny --profile /tmp/prof  # + cProfile
+
+A checkpoint whose tokenizer produces ids beyond its LM vocabulary (the random ``small`` checkpoint ships
+the 129k tokenizer with a 102400 vocabulary) is driven with the prompt ids wrapped into the vocabulary:
+the shapes and the image positions are those of the real prompt, the text ids are synthetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import dataclasses
+import io
+import json
+import os
+import pstats
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+# roofline sets the thread and MKL variables before Paddle is imported.
+import roofline  # noqa: I001
+import model_costs
+
+import numpy as np
+import paddle
+from PIL import Image
+
+from paddlemix_vl2.generation import decode_one_token, prefill
+from paddlemix_vl2.models.deepseek_vl2 import DeepseekVLV2ForCausalLM
+from paddlemix_vl2.processors import DeepseekVLV2Processor
+from paddlemix_vl2.sampling import SamplingParams, sample_next_token
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_IMAGE = REPO_ROOT / "tests" / "fixtures" / "images" / "scene_640x480.png"
+GIB = 1 << 30
+GREEDY = SamplingParams()
+# With the real 129k tokenizer these give the issue's prompt lengths: 1037 tokens for one image
+# (global view + 2×2 tiles), 1279 for three (each a global view + one tile).
+ONE_IMAGE_QUESTION = "<image>\nDescribe each shape in this image."
+THREE_IMAGE_QUESTION = "<image>\n<image>\n<image>\nDescribe each of these three images."
+BATCH_QUESTIONS = (
+    ONE_IMAGE_QUESTION,
+    "<image>\nWhat shapes are in this image?",
+    "<image>\nDescribe the objects in this image.",
+    "<image>\nWhich colours do you see in this picture?",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    decode_tokens: int = 64
+    mla_contexts: tuple = (256, 2048)
+    mla_decode_steps: int = 16
+    # Long synthetic MLA prompts are prefilled in chunks to bound activation memory.
+    prefill_chunk: int = 512
+    roofline_quick: bool = False
+
+
+FULL_SETTINGS = BenchSettings()
+# Same code paths at sizes that finish in seconds on the micro fixtures.
+QUICK_SETTINGS = BenchSettings(decode_tokens=4, mla_contexts=(16, 64), mla_decode_steps=3, roofline_quick=True)
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Profiler:
+    """cProfile per named stage when an output folder is given, otherwise a no-op.
+
+    Each stage writes ``<folder>/<stage>.prof`` and ``<stage>.txt`` (the top functions by own time).
+    """
+
+    def __init__(self, folder: Optional[Path], top: int = 25):
+        self.folder, self.top = folder, top
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.folder is None:
+            yield
+            return
+        profile = cProfile.Profile()
+        profile.enable()
+        try:
+            yield
+        finally:
+            profile.disable()
+            profile.dump_stats(self.folder / f"{name}.prof")
+            text = io.StringIO()
+            pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(self.top)
+            (self.folder / f"{name}.txt").write_text(text.getvalue(), encoding="utf-8")
+
+
+def read_files(checkpoint: Path) -> Dict[str, float]:
+    """Bytes and wall seconds to read every shard once into a reused buffer (the floor for loading)."""
+    buffer = memoryview(bytearray(64 << 20))
+    total, start = 0, time.perf_counter()
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        with open(shard, "rb", buffering=0) as f:
+            while True:
+                count = f.readinto(buffer)
+                if not count:
+                    break
+                total += count
+    return {"file_bytes": total, "file_read_seconds": time.perf_counter() - start}
+
+
+def bench_load(checkpoint: Path, profiler: Profiler):
+    """Load the model; returns (model, the load section of the report)."""
+    section = {"load_average_1min": load_average(), **read_files(checkpoint)}
+    start = time.perf_counter()
+    with profiler.stage("load"):
+        model = DeepseekVLV2ForCausalLM.from_pretrained(str(checkpoint))
+    section["seconds"] = time.perf_counter() - start
+    section["peak_rss_bytes"] = peak_rss_bytes()
+    weight_bytes = sum(int(np.prod(p.shape)) for p in model.parameters()) * model_costs.FP32_BYTES
+    section["fp32_weight_bytes"] = weight_bytes
+    section["rss_limit_bytes"] = weight_bytes + GIB
+    section["rss_ratio"] = section["peak_rss_bytes"] / section["rss_limit_bytes"]
+    section["time_ratio"] = section["seconds"] / section["file_read_seconds"]
+    return model, section
+
+
+def conversation(question: str) -> List[dict]:
+    return [{"role": "<|User|>", "content": question}, {"role": "<|Assistant|>", "content": ""}]
+
+
+def lm_input_ids(ids: paddle.Tensor, vocab_size: int):
+    """(ids the LM can embed, whether they had to be made synthetic); see the module docstring."""
+    if int(ids.max()) < vocab_size:
+        return ids, False
+    return ids % vocab_size, True
+
+
+@contextlib.contextmanager
+def record_routing(lm) -> Iterator[List[paddle.Tensor]]:
+    """Collect every MoE layer's chosen experts [N, K] in call order while the block runs."""
+    records: List[paddle.Tensor] = []
+    hooks = [
+        layer.mlp.gate.register_forward_post_hook(lambda _layer, _inputs, outputs: records.append(outputs[0]))
+        for i, layer in enumerate(lm.model.layers) if lm.config.is_moe_layer(i)
+    ]
+    try:
+        yield records
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def decode_steps(lm, token: paddle.Tensor, cache, positions: paddle.Tensor, steps: int):
+    """Greedy decode ``steps`` tokens; returns (seconds per step, distinct experts per step and MoE layer)."""
+    seconds = []
+    with record_routing(lm) as routing:
+        for _ in range(steps):
+            start = time.perf_counter()
+            logits = decode_one_token(lm, token, cache, positions)
+            token = sample_next_token(logits, GREEDY)
+            seconds.append(time.perf_counter() - start)
+            positions = positions + 1
+    moe_layers = sum(lm.config.is_moe_layer(i) for i in range(lm.config.num_hidden_layers))
+    experts = [len(np.unique(r.numpy())) for r in routing]
+    return seconds, [experts[i:i + moe_layers] for i in range(0, len(experts), moe_layers)]
+
+
+def decode_report(lm, seconds: Sequence[float], experts: Sequence[Sequence[int]], batch: int,
+                  context: int, bandwidth_gbs: float) -> dict:
+    """Decode rates and the bandwidth ratio (weight bytes per step × steps/s over ``bandwidth_gbs``)."""
+    config = lm.config
+    weight_bytes = statistics.mean(model_costs.decode_weight_bytes(config, per_layer) for per_layer in experts)
+    median, total = statistics.median(seconds), sum(seconds)
+    achieved_gbs = weight_bytes * len(seconds) / total / 1e9
+    return {
+        "steps": len(seconds),
+        "batch": batch,
+        "median_step_seconds": median,
+        "max_step_seconds": max(seconds),
+        "max_over_median": max(seconds) / median,
+        "tokens_per_second_median_step": batch / median,
+        "tokens_per_second_all_steps": batch * len(seconds) / total,
+        "weight_bytes_per_step": weight_bytes,
+        "kv_cache_bytes_read_per_step": model_costs.kv_cache_bytes_read(config, context, batch),
+        "achieved_weight_gbs": achieved_gbs,
+        "bandwidth_gbs": bandwidth_gbs,
+        "bandwidth_ratio": achieved_gbs / bandwidth_gbs,
+        "tokens_per_second_limit": batch * bandwidth_gbs * 1e9 / weight_bytes,
+    }
+
+
+def run_generation(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new_tokens: int,
+                   profiler: Profiler, label: str) -> dict:
+    """Prefill, first token, then ``new_tokens`` decode steps, each stage timed."""
+    bsz, prompt_len = embeds.shape[:2]
+    mask = attention_mask.astype(paddle.bool)
+    cache = lm.new_cache(bsz, prompt_len + new_tokens + 1)
+    start = time.perf_counter()
+    with profiler.stage(f"{label}_prefill"):
+        logits = prefill(lm, embeds, mask, cache)
+    prefill_seconds = time.perf_counter() - start
+    token = sample_next_token(logits, GREEDY)
+    first_token_seconds = time.perf_counter() - start
+    positions = mask.astype(paddle.int64).sum(axis=1)
+    with profiler.stage(f"{label}_decode"):
+        seconds, experts = decode_steps(lm, token, cache, positions, new_tokens)
+    return {"prefill_seconds": prefill_seconds, "prefill_and_first_token_seconds": first_token_seconds,
+            "step_seconds": seconds, "experts": experts}
+
+
+def time_processor(processor, question: str, images: Sequence[Image.Image], repeats: int = 3):
+    """(median seconds of the processor call, its output)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        inputs = processor(conversations=conversation(question), images=list(images))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), inputs
+
+
+def bench_prompt(model, processor, images, question, settings: BenchSettings, limits: dict,
+                 profiler: Profiler, label: str):
+    """One prompt through the whole pipeline; returns (report section, its inputs_embeds)."""
+    lm, config = model.language, model.config
+    section = {"load_average_1min": load_average(), "images": len(images)}
+    section["processor_seconds"], inputs = time_processor(processor, question, images)
+    input_ids, section["synthetic_text_ids"] = lm_input_ids(inputs.input_ids, lm.config.vocab_size)
+    num_tiles = int(sum(w * h + 1 for w, h in inputs.images_spatial_crop.numpy().reshape(-1, 2) if w))
+    prompt_len = int(input_ids.shape[1])
+    section.update(prompt_tokens=prompt_len, tiles=num_tiles)
+    with paddle.no_grad():
+        start = time.perf_counter()
+        with profiler.stage(f"{label}_vision"):
+            embeds = model.prepare_inputs_embeds(
+                input_ids, inputs.images, inputs.images_seq_mask, inputs.images_spatial_crop
+            )
+        section["vision_seconds"] = time.perf_counter() - start
+        generation = run_generation(lm, embeds, inputs.attention_mask, settings.decode_tokens, profiler, label)
+    vision_flops = model_costs.vision_flops(config.vision_config, config.projector_config, num_tiles)
+    prefill_flops = model_costs.lm_prefill_flops(lm.config, [prompt_len])
+    section.update(
+        vision_gflop=vision_flops / 1e9,
+        vision_gflops=vision_flops / 1e9 / section["vision_seconds"],
+        vision_matmul_limit_gflops=limits["vision_matmul_gflops"],
+        prefill_seconds=generation["prefill_seconds"],
+        prefill_gflop=prefill_flops / 1e9,
+        prefill_gflops=prefill_flops / 1e9 / generation["prefill_seconds"],
+        prefill_matmul_limit_gflops=limits["lm_matmul_gflops"],
+        time_to_first_token_seconds=(
+            section["processor_seconds"] + section["vision_seconds"] + generation["prefill_and_first_token_seconds"]
+        ),
+    )
+    section["vision_ratio"] = section["vision_gflops"] / limits["vision_matmul_gflops"]
+    section["prefill_ratio"] = section["prefill_gflops"] / limits["lm_matmul_gflops"]
+    section["decode"] = decode_report(
+        lm, generation["step_seconds"], generation["experts"], 1,
+        prompt_len + settings.decode_tokens // 2, limits["bandwidth_gbs"],
+    )
+    return section, embeds, inputs
+
+
+def bench_batch(model, processor, image, one_image: tuple, settings: BenchSettings, limits: dict,
+                profiler: Profiler) -> dict:
+    """A left-padded batch of one-image prompts with different questions; aggregate decode rate.
+
+    The image is the same in every row, so its embeddings are taken from the one-image run and
+    scattered into each row's image positions instead of running the vision tower again per row.
+    """
+    lm = model.language
+    single_embeds, single_inputs = one_image
+    image_embeds = single_embeds[single_inputs.images_seq_mask.astype(paddle.bool)]  # [n_image_tokens, H]
+    samples = [processor.process_one(conversations=conversation(q), images=[image]) for q in BATCH_QUESTIONS]
+    batch = processor.batchify(samples)
+    input_ids, _ = lm_input_ids(batch.input_ids, lm.config.vocab_size)
+    section = {"load_average_1min": load_average(), "batch": len(samples), "prompt_tokens": batch.seq_lens}
+    with paddle.no_grad():
+        text = model.get_input_embeddings()(input_ids)
+        image_mask = batch.images_seq_mask.astype(paddle.bool).unsqueeze(-1).expand_as(text)
+        embeds = paddle.masked_scatter(text, image_mask, paddle.concat([image_embeds] * len(samples)))
+        generation = run_generation(lm, embeds, batch.attention_mask, settings.decode_tokens, profiler, "batch")
+    section["prefill_seconds"] = generation["prefill_seconds"]
+    section["decode"] = decode_report(
+        lm, generation["step_seconds"], generation["experts"], len(samples),
+        max(batch.seq_lens) + settings.decode_tokens // 2, limits["bandwidth_gbs"],
+    )
+    return section
+
+
+def bench_mla(lm, settings: BenchSettings) -> Optional[dict]:
+    """Decode step time at two context lengths on synthetic ids, and the compressed cache size."""
+    config = lm.config
+    if not config.use_mla:
+        return None
+    rng = np.random.default_rng(0)
+    section = {"load_average_1min": load_average(), "contexts": list(settings.mla_contexts)}
+    medians = []
+    for context in settings.mla_contexts:
+        ids = paddle.to_tensor(rng.integers(0, config.vocab_size, size=(1, context)))
+        cache = lm.new_cache(1, context + settings.mla_decode_steps + 1)
+        with paddle.no_grad():
+            logits = prefill(lm, lm.get_input_embeddings()(ids), paddle.ones([1, context], dtype=paddle.bool),
+                             cache, chunk_size=settings.prefill_chunk)
+            seconds, experts = decode_steps(
+                lm, sample_next_token(logits, GREEDY), cache, paddle.to_tensor([context]), settings.mla_decode_steps
+            )
+        medians.append(statistics.median(seconds))
+        kv_bytes_per_token = cache.nbytes_per_token()
+    section["median_step_seconds"] = medians
+    section["step_growth"] = medians[-1] / medians[0] - 1.0
+    section["kv_cache_bytes_per_token"] = kv_bytes_per_token
+    section["kv_cache_bytes_per_token_formula"] = model_costs.mla_cache_bytes_per_token(config)
+    return section
+
+
+def machine_limits(result: dict) -> dict:
+    """The roofline figures each stage is compared with."""
+    return {
+        "vision_matmul_gflops": result["matmul_gflops_vit_fc1"],
+        "lm_matmul_gflops": result["matmul_gflops_2048"],
+        # Decode reads each weight once; the better of the two streaming measurements is the limit.
+        "bandwidth_gbs": max(result["read_bandwidth_gbs"], result["gemv_bandwidth_gbs"]),
+    }
+
+
+def run(checkpoint: Path, image_path: Path, settings: BenchSettings, profile_dir: Optional[Path] = None) -> dict:
+    profiler = Profiler(profile_dir)
+    report = {"checkpoint": str(checkpoint), "settings": dataclasses.asdict(settings)}
+    model, report["load"] = bench_load(checkpoint, profiler)
+    report["roofline"] = roofline.measure(quick=settings.roofline_quick)
+    limits = machine_limits(report["roofline"])
+    report["limits"] = limits
+    processor = DeepseekVLV2Processor.from_pretrained(str(checkpoint))
+    image = Image.open(image_path).convert("RGB")
+    report["image_size"] = list(image.size)
+    report["one_image"], embeds, inputs = bench_prompt(
+        model, processor, [image], ONE_IMAGE_QUESTION, settings, limits, profiler, "one_image"
+    )
+    report["three_images"], _, _ = bench_prompt(
+        model, processor, [image] * 3, THREE_IMAGE_QUESTION, settings, limits, profiler, "three_images"
+    )
+    report["batch"] = bench_batch(model, processor, image, (embeds, inputs), settings, limits, profiler)
+    single_rate = report["one_image"]["decode"]["tokens_per_second_all_steps"]
+    report["batch"]["speedup_over_single"] = report["batch"]["decode"]["tokens_per_second_all_steps"] / single_rate
+    report["mla"] = bench_mla(model.language, settings)
+    report["peak_rss_bytes_end"] = peak_rss_bytes()
+    report["load_average_1min_end"] = load_average()
+    return report
+
+
+def format_table(report: dict) -> str:
+    """Figure, value, limit and ratio per row."""
+    rows = []
+    load = report["load"]
+    rows.append(("load time", f"{load['seconds']:.2f} s", f"read files {load['file_read_seconds']:.2f} s",
+                 f"{load['time_ratio']:.2f}x"))
+    rows.append(("load peak RSS", f"{load['peak_rss_bytes'] / GIB:.2f} GiB",
+                 f"fp32 weights + 1 GiB = {load['rss_limit_bytes'] / GIB:.2f} GiB", f"{load['rss_ratio']:.2f}"))
+    for key, title in (("one_image", "1 image"), ("three_images", "3 images")):
+        part = report[key]
+        rows.append((f"{title}: processor", f"{part['processor_seconds'] * 1e3:.0f} ms", "", ""))
+        rows.append((f"{title}: vision+projector ({part['tiles']} tiles)", f"{part['vision_seconds']:.2f} s",
+                     f"{part['vision_gflops']:.0f} of {part['vision_matmul_limit_gflops']:.0f} GFLOP/s",
+                     f"{part['vision_ratio']:.2f}"))
+        rows.append((f"{title}: LM prefill ({part['prompt_tokens']} tokens)", f"{part['prefill_seconds']:.2f} s",
+                     f"{part['prefill_gflops']:.0f} of {part['prefill_matmul_limit_gflops']:.0f} GFLOP/s",
+                     f"{part['prefill_ratio']:.2f}"))
+        rows.append((f"{title}: time to first token", f"{part['time_to_first_token_seconds']:.2f} s", "", ""))
+        rows.extend(_decode_rows(title, part["decode"]))
+    batch = report["batch"]
+    rows.extend(_decode_rows(f"batch of {batch['batch']}", batch["decode"]))
+    rows.append((f"batch of {batch['batch']}: speed-up over 1 prompt", f"{batch['speedup_over_single']:.2f}x",
+                 f"{batch['batch']}x", ""))
+    mla = report["mla"]
+    if mla is not None:
+        short, long = mla["contexts"][0], mla["contexts"][-1]
+        rows.append((f"MLA decode step at {short} / {long} context",
+                     f"{mla['median_step_seconds'][0] * 1e3:.1f} / {mla['median_step_seconds'][-1] * 1e3:.1f} ms",
+                     "growth < 10%", f"{mla['step_growth'] * 100:+.1f}%"))
+        rows.append(("MLA KV cache per token", f"{mla['kv_cache_bytes_per_token']} B",
+                     f"(C + R) x layers x 4 = {mla['kv_cache_bytes_per_token_formula']} B", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    header = ("figure", "value", "limit", "ratio")
+    widths = [max(w, len(h)) for w, h in zip(widths, header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.append(f"CPU: {report['roofline']['cpu_model']}; 1-min load average at the end: "
+                 f"{report['load_average_1min_end']}")
+    return "\n".join(lines)
+
+
+def _decode_rows(title: str, decode: dict) -> List[tuple]:
+    return [
+        (f"{title}: decode, median step", f"{decode['tokens_per_second_median_step']:.2f} tok/s",
+         f"{decode['tokens_per_second_limit']:.2f} tok/s at {decode['bandwidth_gbs']:.1f} GB/s", ""),
+        (f"{title}: decode, all {decode['steps']} steps", f"{decode['tokens_per_second_all_steps']:.2f} tok/s",
+         f"{decode['weight_bytes_per_step'] / 1e9:.2f} GB weights/step", f"{decode['bandwidth_ratio']:.2f}"),
+        (f"{title}: decode, max step / median", f"{decode['max_over_median']:.2f}", "< 2", ""),
+    ]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Benchmark DeepSeek-VL2 inference against this machine's roofline.")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (official layout)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
+    parser.add_argument("--quick", action="store_true", help="few decode steps, short MLA contexts, quick roofline")
+    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="the 640×480 test image")
+    parser.add_argument("--profile", type=Path, default=None, help="write cProfile output per stage here")
+    args = parser.parse_args(argv)
+    if not (args.checkpoint / "config.json").is_file():
+        parser.error(f"{args.checkpoint} has no config.json; pass a checkpoint folder")
+    if not args.image.is_file():
+        parser.error(f"image {args.image} not found; pass --image PATH")
+    report = run(args.checkpoint, args.image, QUICK_SETTINGS if args.quick else FULL_SETTINGS, args.profile)
+    print(format_table(report))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

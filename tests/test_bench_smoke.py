@@ -1,0 +1,132 @@
+"""One quick run of benchmarks/bench_infer.py per micro checkpoint: the report has every field, and the
+figures that follow from the config alone are exact.
+
+The benchmark is a script, so it runs in a subprocess exactly as a user runs it. Timings are not checked:
+this is not a timed test.
+"""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import checkpoint_dir
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+BENCH_SCRIPT = os.path.join(TESTS_DIR, "..", "benchmarks", "bench_infer.py")
+
+LOAD_FIELDS = {
+    "load_average_1min", "file_bytes", "file_read_seconds", "seconds", "peak_rss_bytes", "fp32_weight_bytes",
+    "rss_limit_bytes", "rss_ratio", "time_ratio",
+}
+PROMPT_FIELDS = {
+    "load_average_1min", "images", "processor_seconds", "synthetic_text_ids", "prompt_tokens", "tiles",
+    "vision_seconds", "vision_gflop", "vision_gflops", "vision_matmul_limit_gflops", "vision_ratio",
+    "prefill_seconds", "prefill_gflop", "prefill_gflops", "prefill_matmul_limit_gflops", "prefill_ratio",
+    "time_to_first_token_seconds", "decode",
+}
+DECODE_FIELDS = {
+    "steps", "batch", "median_step_seconds", "max_step_seconds", "max_over_median", "tokens_per_second_median_step",
+    "tokens_per_second_all_steps", "weight_bytes_per_step", "kv_cache_bytes_read_per_step", "achieved_weight_gbs",
+    "bandwidth_gbs", "bandwidth_ratio", "tokens_per_second_limit",
+}
+BATCH_FIELDS = {"load_average_1min", "batch", "prompt_tokens", "prefill_seconds", "decode", "speedup_over_single"}
+MLA_FIELDS = {
+    "load_average_1min", "contexts", "median_step_seconds", "step_growth", "kv_cache_bytes_per_token",
+    "kv_cache_bytes_per_token_formula",
+}
+TOP_FIELDS = {
+    "checkpoint", "settings", "load", "roofline", "limits", "image_size", "one_image", "three_images", "batch", "mla",
+    "peak_rss_bytes_end", "load_average_1min_end",
+}
+
+
+def run_bench(tmp_path, name):
+    report_path = tmp_path / f"{name}.json"
+    completed = subprocess.run(
+        [sys.executable, BENCH_SCRIPT, "--checkpoint", checkpoint_dir(name), "--quick", "--json", str(report_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "decode, median step" in completed.stdout
+    return json.loads(report_path.read_text())
+
+
+def assert_positive_numbers(section, fields):
+    for field in fields:
+        value = section[field]
+        assert isinstance(value, (int, float)) and value > 0, f"{field} = {value!r}"
+
+
+def check_common(report, config):
+    assert set(report) == TOP_FIELDS
+    assert set(report["load"]) == LOAD_FIELDS
+    assert_positive_numbers(report["load"], LOAD_FIELDS - {"load_average_1min"})
+    assert report["image_size"] == [640, 480]
+    for key, images, tiles in (("one_image", 1, 5), ("three_images", 3, 6)):
+        section = report[key]
+        assert set(section) == PROMPT_FIELDS
+        assert (section["images"], section["tiles"]) == (images, tiles)
+        assert set(section["decode"]) == DECODE_FIELDS
+        assert section["decode"]["steps"] == report["settings"]["decode_tokens"]
+        assert_positive_numbers(section, {"vision_seconds", "vision_gflops", "prefill_seconds", "prefill_gflops"})
+    assert set(report["batch"]) == BATCH_FIELDS
+    assert set(report["batch"]["decode"]) == DECODE_FIELDS
+    assert report["batch"]["decode"]["batch"] == 4 and len(report["batch"]["prompt_tokens"]) == 4
+    lm = config["language_config"]
+    # fp32 bytes of every parameter the port builds, counted independently from the checkpoint's headers.
+    assert report["load"]["fp32_weight_bytes"] == 2 * bf16_bytes_in_checkpoint(report["checkpoint"])
+    return lm
+
+
+def bf16_bytes_in_checkpoint(folder):
+    """Bytes of the bf16 tensors the model uses (the unused SigLIP attention-pooling head is skipped)."""
+    from safetensors import safe_open
+
+    total = 0
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    for shard in shards:
+        with safe_open(os.path.join(folder, shard), framework="numpy") as f:
+            for name in f.keys():
+                if not name.startswith("vision.attn_pool."):
+                    count = 1
+                    for dim in f.get_slice(name).get_shape():
+                        count *= dim
+                    total += 2 * count
+    return total
+
+
+def test_quick_run_on_mha_checkpoint_reports_every_field(tmp_path):
+    report = run_bench(tmp_path, "micro-tiny")
+    config = json.load(open(os.path.join(checkpoint_dir("micro-tiny"), "config.json")))
+    check_common(report, config)
+    assert report["mla"] is None
+
+
+def test_quick_run_on_mla_checkpoint_reports_cache_size(tmp_path):
+    report = run_bench(tmp_path, "micro-small")
+    config = json.load(open(os.path.join(checkpoint_dir("micro-small"), "config.json")))
+    lm = check_common(report, config)
+    mla = report["mla"]
+    assert set(mla) == MLA_FIELDS
+    assert mla["contexts"] == report["settings"]["mla_contexts"] and len(mla["median_step_seconds"]) == 2
+    expected = (lm["kv_lora_rank"] + lm["qk_rope_head_dim"]) * lm["num_hidden_layers"] * 4
+    assert mla["kv_cache_bytes_per_token"] == mla["kv_cache_bytes_per_token_formula"] == expected
+
+
+def test_decode_weight_bytes_equal_the_parameters_a_step_touches():
+    """model_costs against the built model: every LM parameter except the embedding table and the
+    routed experts a step does not use."""
+    sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
+    import model_costs
+    from lm_golden import load_lm
+
+    for name in ("micro-tiny", "micro-small", "micro-full"):
+        lm = load_lm(name)
+        config = lm.config
+        moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+        active = [config.num_experts_per_tok + i for i in range(len(moe_layers))]  # any count per layer
+        expert = sum(int(p.size) for p in lm.model.layers[moe_layers[0]].mlp.experts[0].parameters())
+        touched = sum(int(p.size) for n, p in lm.named_parameters() if n != "model.embed_tokens.weight")
+        touched -= sum(config.n_routed_experts - a for a in active) * expert
+        assert model_costs.decode_weight_bytes(config, active) == 4 * touched, name

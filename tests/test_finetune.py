@@ -15,6 +15,7 @@ from paddlemix_vl2.finetune import (
     LoRAConfig,
     Trainer,
     TrainingConfig,
+    learning_rate_at,
     load_adapters,
     load_dataset,
     load_model_for_training,
@@ -448,3 +449,19 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().startswith("error: dataset ")
     assert main(["--model_path", MICRO_TINY, "--dataset", "x", "--output_dir", str(tmp_path), "--fp16"]) == 2
     assert "use --bf16" in capsys.readouterr().err
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path):
+    config = TrainingConfig(output_dir=str(tmp_path), learning_rate=0.1, max_steps=4, save_steps=1, save_total_limit=2)
+    Trainer(_ToyRegression(), _toy_data(), _toy_collate, config, loss_fn=_toy_loss).train()
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == [3, 4]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3", "checkpoint-4", "final"]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_learning_rate_schedules(schedule):
+    config = TrainingConfig(output_dir="unused", learning_rate=1.0, lr_scheduler_type=schedule, warmup_ratio=0.2)
+    rates = [learning_rate_at(step, 10, config) for step in range(10)]
+    # warmup_ratio 0.2 of 10 steps: 2 warmup steps reaching the peak, then 8 steps of decay (or none).
+    decay = [1.0 - k / 8 for k in range(8)] if schedule == "linear" else [1.0] * 8
+    np.testing.assert_allclose(rates, [0.5, 1.0] + decay, rtol=1e-12)

@@ -181,7 +181,7 @@ class Trainer:
             saved, current = state.get("training_config", {}), dataclasses.asdict(config)
             changed = sorted(k for k in current if k != "output_dir" and k in saved and saved[k] != current[k])
             if changed:
-                logger.warning("resuming with changed settings %s: the run will not repeat the interrupted one", changed)
+                logger.warning("resuming with changed settings %s: the run cannot repeat the interrupted one", changed)
             logger.info("resumed from %s at step %d", path, start)
         trainable, everything = count_parameters(self.model)
         logger.info(

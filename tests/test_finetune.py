@@ -25,7 +25,8 @@ from paddlemix_vl2.finetune import (
 from paddlemix_vl2.finetune import state as state_module
 from paddlemix_vl2.finetune.data import Record
 from paddlemix_vl2.finetune.lora import lora_layers
-from paddlemix_vl2.finetune.loss import causal_lm_training_loss, shifted_cross_entropy
+from paddlemix_vl2.finetune.loss import causal_lm_training_loss
+from paddlemix_vl2.models.deepseek_vl2.modeling_deepseek import causal_lm_loss
 from paddlemix_vl2.finetune.state import latest_checkpoint, list_checkpoints
 from paddlemix_vl2.models.deepseek_vl2 import DeepseekVLV2ForCausalLM
 from paddlemix_vl2.processors import DeepseekVLV2Processor
@@ -106,11 +107,6 @@ def _torch_layout(model, name, grad):
     return grad.T if isinstance(module, paddle.nn.Linear) else grad
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="modeling_deepseek.causal_lm_loss: Paddle's F.cross_entropy(ignore_index, reduction='mean') divides "
-    "by every position, not the labelled ones (0.612 instead of 11.816); finetune/loss.py computes it itself",
-)
 def test_model_returned_loss_matches_golden():
     golden = read_train_golden()
     model = load_model_for_training(MICRO_TINY, progress=False)
@@ -121,7 +117,7 @@ def test_model_returned_loss_matches_golden():
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
-def test_shifted_cross_entropy_matches_numpy_with_padding():
+def test_causal_lm_loss_matches_numpy_with_padding():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((2, 6, 11)).astype(np.float32)
     labels = np.array([[-100, -100, 3, 4, -100, 7], [-100, 1, 2, -100, -100, -100]], dtype=np.int64)
@@ -130,9 +126,9 @@ def test_shifted_cross_entropy_matches_numpy_with_padding():
     log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
     keep = y != -100
     expected = -log_probs[keep, y[keep]].mean()
-    ours = shifted_cross_entropy(paddle.to_tensor(logits), paddle.to_tensor(labels))
+    ours = causal_lm_loss(paddle.to_tensor(logits), paddle.to_tensor(labels))
     np.testing.assert_allclose(float(ours), expected, rtol=1e-6)
-    nothing = shifted_cross_entropy(paddle.to_tensor(logits), paddle.full([2, 6], -100, dtype="int64"))
+    nothing = causal_lm_loss(paddle.to_tensor(logits), paddle.full([2, 6], -100, dtype="int64"))
     assert float(nothing) == 0.0
 
 

@@ -196,7 +196,15 @@ class DeepseekV2ForCausalLM(nn.Layer):
 
 
 def causal_lm_loss(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
-    """Mean next-token cross-entropy. logits [B, T, V] float32, labels [B, T] with -100 = ignored."""
-    shift_logits = logits[:, :-1].reshape([-1, logits.shape[-1]])
-    shift_labels = labels[:, 1:].reshape([-1])
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="mean")
+    """Mean next-token cross-entropy over the labelled positions (0 when nothing is labelled).
+
+    logits [B, T, V] float32, labels [B, T] with -100 = ignored.
+    NOTE(port): Paddle's ``reduction="mean"`` with ``ignore_index`` divides by every position, ignored ones
+    included (torch divides by the labelled ones), so the sum is divided by the labelled count here.
+    """
+    targets = labels[:, 1:].reshape([-1])
+    per_token = F.cross_entropy(
+        logits[:, :-1].reshape([-1, logits.shape[-1]]), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    ).reshape([-1])  # [B*(T-1)], 0 at ignored positions
+    count = (targets != IGNORE_INDEX).astype(per_token.dtype).sum()
+    return per_token.sum() / paddle.clip(count, min=1.0)

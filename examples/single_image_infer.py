@@ -4,14 +4,10 @@
 
 The program is ``paddlemix_vl2.apps.single_image_infer``; ``--help`` lists the flags.
 """
-import os
 import sys
 
-# Lets a plain checkout run this file without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from paddlemix_vl2.apps.single_image_infer import main, parse_args  # noqa: E402
-from paddlemix_vl2.cli import run_cli  # noqa: E402
+from paddlemix_vl2.apps.single_image_infer import main, parse_args
+from paddlemix_vl2.cli import run_cli
 
 __all__ = ["main", "parse_args"]
 

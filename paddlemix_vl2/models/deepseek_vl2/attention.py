@@ -7,8 +7,9 @@
   ``compressed_kv`` [C] plus the rotated ``k_pe`` [R], and ``kv_b_proj`` is folded into the query
   (W_UK) and the output (W_UV).
 
-Shapes: B batch, T new tokens, S cached + new tokens, nh heads, C kv_lora_rank, R qk_rope_head_dim,
-Dn qk_nope_head_dim, Dv v_head_dim. ``mask`` is additive [B, 1, T, S] in the activation dtype.
+Shapes: B batch, T new tokens, S key positions (T without a cache; the cache's whole ``max_length``
+with one), nh heads, C kv_lora_rank, R qk_rope_head_dim, Dn qk_nope_head_dim, Dv v_head_dim. ``mask`` is
+additive [B, 1, T, S] in the activation dtype.
 """
 from __future__ import annotations
 
@@ -23,7 +24,39 @@ from .kv_cache import KVCache
 from .layers import DeepseekV2RMSNorm
 from .rotary import DeepseekV2RotaryEmbedding, apply_rotary_pos_emb, yarn_get_mscale
 
-__all__ = ["DeepseekV2Attention", "DeepseekV2MHAAttention", "build_attention"]
+__all__ = ["DeepseekV2Attention", "DeepseekV2MHAAttention", "build_attention", "attend"]
+
+
+def attend(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mask: paddle.Tensor,
+           scale: float) -> paddle.Tensor:
+    """Softmax attention in heads-first layout: the math ``F.scaled_dot_product_attention`` runs on CPU.
+
+    SDPA takes [B, S, heads, D] and transposes q, k and v to heads-first on every call, through
+    Paddle's element-by-element strided copy; the cache holds keys heads-first already, so the same
+    math is written out here on that layout.
+
+    Args:
+        query: [B, nh, T, D]; keys, values: [B, kv_heads, S, D] with nh a multiple of kv_heads.
+        mask: additive [B, 1, T, S].
+
+    Returns:
+        [B, T, nh * D].
+    """
+    bsz, heads, q_len, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    rows = heads // kv_heads * q_len  # the query heads sharing one key/value head, folded into rows
+    scores = paddle.matmul((query * scale).reshape([bsz, kv_heads, rows, head_dim]), keys, transpose_y=True)
+    scores = scores.reshape([bsz, heads, q_len, -1]) + mask
+    probs = _softmax_float32(scores).reshape([bsz, kv_heads, rows, -1])
+    out = paddle.matmul(probs, values).reshape([bsz, heads, q_len, head_dim])
+    return out.transpose([0, 2, 1, 3]).reshape([bsz, q_len, heads * head_dim])
+
+
+def _softmax_float32(scores: paddle.Tensor) -> paddle.Tensor:
+    """Softmax over the last axis, computed in float32 whatever the activation dtype."""
+    if scores.dtype == paddle.float32:
+        return F.softmax(scores, axis=-1)
+    return F.softmax(scores.astype(paddle.float32), axis=-1).astype(scores.dtype)
 
 
 class DeepseekV2MHAAttention(nn.Layer):
@@ -57,12 +90,11 @@ class DeepseekV2MHAAttention(nn.Layer):
         q = apply_rotary_pos_emb(q, cos, sin, interleaved=False)
         k = apply_rotary_pos_emb(k, cos, sin, interleaved=False)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, cache_start, k, v)  # [B, S, kv_heads, D]
-        if self.num_kv_heads != self.num_heads:
-            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, axis=2)
-            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, axis=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, T, nh, D]
-        return self.o_proj(out.reshape([bsz, q_len, self.num_heads * self.head_dim]))
+            keys, values = cache.store(self.layer_idx, cache_start, k, v)  # [B, kv_heads, S, D]
+        else:
+            keys, values = k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3])
+        out = attend(q.transpose([0, 2, 1, 3]), keys, values, mask, self.head_dim ** -0.5)  # [B, T, nh * D]
+        return self.o_proj(out)
 
 
 class DeepseekV2Attention(nn.Layer):
@@ -105,6 +137,15 @@ class DeepseekV2Attention(nn.Layer):
         ).transpose([1, 0, 2])  # [nh, C, Dn + Dv]
         return w[:, :, : self.qk_nope_head_dim], w[:, :, self.qk_nope_head_dim:]
 
+    def _absorbed_weights_for(self, cache: Optional[KVCache]):
+        """The absorbed weights; during cached inference made contiguous once per generation, since
+        Paddle would otherwise copy the strided views element by element at every step."""
+        if cache is None or paddle.is_grad_enabled():
+            return self._absorbed_weights()
+        return cache.memo(
+            (self.layer_idx, "absorbed_kv_b_proj"), lambda: tuple(w.contiguous() for w in self._absorbed_weights())
+        )
+
     def forward(
         self,
         hidden_states: paddle.Tensor,
@@ -131,10 +172,10 @@ class DeepseekV2Attention(nn.Layer):
         q_pe = apply_rotary_pos_emb(q_pe, cos, sin, interleaved=True)  # [B, T, nh, R]
         k_pe = apply_rotary_pos_emb(k_pe, cos, sin, interleaved=True)  # [B, T, R]
         if cache is not None:
-            k_pe, compressed_kv = cache.update(self.layer_idx, cache_start, k_pe, compressed_kv)  # [B, S, R], [B, S, C]
+            k_pe, compressed_kv = cache.store(self.layer_idx, cache_start, k_pe, compressed_kv)  # [B, S, R], [B, S, C]
         kv_len = k_pe.shape[1]
 
-        w_uk_t, w_uv_t = self._absorbed_weights()
+        w_uk_t, w_uv_t = self._absorbed_weights_for(cache)
         # Fold the key up-projection into the query: q_nope [nh, B*T, Dn] @ W_UK [nh, Dn, C] -> [nh, B*T, C].
         q_nope = q_nope.transpose([2, 0, 1, 3]).reshape([nh, bsz * q_len, self.qk_nope_head_dim])
         q_latent = paddle.matmul(q_nope, w_uk_t, transpose_y=True)
@@ -146,7 +187,7 @@ class DeepseekV2Attention(nn.Layer):
             q_latent.reshape([bsz, nh * q_len, c]), compressed_kv, transpose_y=True
         )  # [B, nh*T, S]
         scores = scores.reshape([bsz, nh, q_len, kv_len]) * self.softmax_scale + mask
-        probs = F.softmax(scores.astype(paddle.float32), axis=-1).astype(q.dtype)
+        probs = _softmax_float32(scores)
         out_latent = paddle.matmul(probs.reshape([bsz, nh * q_len, kv_len]), compressed_kv)  # [B, nh*T, C]
 
         # Unfold the value up-projection: [nh, B*T, C] @ W_UV^T [nh, C, Dv] -> [nh, B*T, Dv].

@@ -11,18 +11,20 @@ Module attribute names equal checkpoint names, so the only rules are:
 * tensors the official model creates but never uses (``SKIPPED_KEYS``) are skipped on purpose.
 
 How float32 parameters on the host are filled (the CPU path), and why:
-* shards are read with positioned reads into a reused buffer, not mmap'd: mapped pages count in the
+* shards are read with positioned reads into reused buffers, not mmap'd: mapped pages count in the
   process's resident set until the shard is closed, which would add up to a whole shard to the peak;
 * bf16 becomes float32 in NumPy (``uint16 << 16``), several times faster than Paddle's cast, and the
-  torch-to-Paddle transpose is done in the same pass, by panels of rows that stay in cache;
-* ``build_and_load`` builds the model under ``paddle.LazyGuard`` (no parameter memory yet) and each
-  parameter then adopts the NumPy array it was written into. Paddle would zero-fill every parameter
-  first, in 4 KiB pages; NumPy allocates large arrays on transparent huge pages, which fault in several
-  times faster and also help the decode GEMVs stream the weights.
+  torch-to-Paddle transpose happens in the same pass, by panels of rows that stay in cache;
+* the values are written straight into the parameter's memory. ``build_and_load`` builds the model
+  under ``paddle.LazyGuard``, so that memory is allocated (``paddle.empty``) just before it is
+  written instead of being zero-filled first: faulting in fresh pages is most of the cost of a load;
+* tensors are filled by a small thread pool: NumPy and file reads release the GIL, and page faults,
+  conversion and reads then proceed on every core.
 Any other parameter (off the host, or not float32) is filled through Paddle's cast and ``set_value``.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -31,6 +33,8 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -67,6 +71,8 @@ _STORAGE_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64
 _READ_CHUNK_BYTES = 32 << 20
 # Source rows converted per step of a transposing copy: 64 rows of any weight here fit in L2.
 _TRANSPOSE_PANEL_ROWS = 64
+# Threads filling parameters; beyond a few, memory bandwidth is the limit.
+_LOAD_THREADS = min(4, os.cpu_count() or 1)
 
 
 class CheckpointError(RuntimeError):
@@ -109,8 +115,7 @@ def checkpoint_weight_map(path: str) -> Dict[str, str]:
         files = {name: os.path.join(path, shard) for name, shard in weight_map.items()}
     elif os.path.isfile(os.path.join(path, SINGLE_FILE)):
         single = os.path.join(path, SINGLE_FILE)
-        with _ShardReader(single) as shard:
-            files = {name: single for name in shard.entries}
+        files = {name: single for name in _ShardReader(single).entries}
     else:
         raise CheckpointError(f"{path} has neither {INDEX_FILE} nor {SINGLE_FILE}; is it a DeepSeek-VL2 checkpoint?")
     missing_shards = sorted({p for p in files.values() if not os.path.isfile(p)})
@@ -126,26 +131,23 @@ class _ShardReader:
     """One safetensors file: its header parsed by hand, tensor bytes read with positioned reads.
 
     The format is an 8-byte little-endian header length, a JSON header mapping each name to
-    ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets from the end of the header), then the data.
+    ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets from the end of the header), then the
+    data. Every read opens its own handle, so threads can read one shard at once.
     """
 
     def __init__(self, file: str):
         self.file = file
-        self._handle = open(file, "rb", buffering=0)
-        try:
-            self.entries = self._read_header()
-        except BaseException:
-            self._handle.close()
-            raise
+        with open(file, "rb", buffering=0) as handle:
+            self.entries = self._read_header(handle)
 
-    def _read_header(self) -> Dict[str, dict]:
-        size = os.fstat(self._handle.fileno()).st_size
-        prefix = self._handle.read(8)
+    def _read_header(self, handle) -> Dict[str, dict]:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
         header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
         if header_len < 0 or 8 + header_len > size:
             raise CheckpointError(f"{self.file} is truncated or not a safetensors file; re-download it")
         try:
-            header = json.loads(self._handle.read(header_len))
+            header = json.loads(handle.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{self.file} has a corrupt header ({e}); re-download it") from None
         header.pop("__metadata__", None)
@@ -164,12 +166,6 @@ class _ShardReader:
             entries[name] = {"dtype": entry["dtype"], "shape": list(entry["shape"]), "offset": data_start + begin}
         return entries
 
-    def __enter__(self) -> "_ShardReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.close()
-
     def names_in_file_order(self, names: Sequence[str]) -> List[str]:
         return sorted(names, key=lambda name: self.entries[name]["offset"])
 
@@ -178,22 +174,22 @@ class _ShardReader:
         entry = self.entries[name]
         storage = np.dtype(_STORAGE_DTYPES[entry["dtype"]])
         shape = entry["shape"] or [1]
-        row_items = int(np.prod(shape[1:], dtype=np.int64))
-        row_bytes = max(row_items * storage.itemsize, 1)
+        row_bytes = max(int(np.prod(shape[1:], dtype=np.int64)) * storage.itemsize, 1)
         if row_bytes > len(buffer):  # a single row larger than the shared buffer gets its own
             buffer = bytearray(row_bytes)
         rows_per_chunk = len(buffer) // row_bytes
-        for first in range(0, shape[0], rows_per_chunk):
-            count = min(rows_per_chunk, shape[0] - first)
-            view = memoryview(buffer)[: count * row_bytes]
-            self._read_exact(entry["offset"] + first * row_bytes, view, name)
-            yield first, np.frombuffer(view, dtype=storage).reshape([count] + shape[1:])
+        with open(self.file, "rb", buffering=0) as handle:
+            for first in range(0, shape[0], rows_per_chunk):
+                count = min(rows_per_chunk, shape[0] - first)
+                view = memoryview(buffer)[: count * row_bytes]
+                self._read_exact(handle, entry["offset"] + first * row_bytes, view, name)
+                yield first, np.frombuffer(view, dtype=storage).reshape([count] + shape[1:])
 
-    def _read_exact(self, offset: int, view: memoryview, name: str) -> None:
-        self._handle.seek(offset)
+    def _read_exact(self, handle, offset: int, view: memoryview, name: str) -> None:
+        handle.seek(offset)
         done = 0
         while done < len(view):
-            count = self._handle.readinto(view[done:])
+            count = handle.readinto(view[done:])
             if not count:
                 raise CheckpointError(f"{self.file}: cannot read {name}; the file is truncated, re-download it")
             done += count
@@ -202,9 +198,8 @@ class _ShardReader:
         """The whole tensor as a host Paddle tensor in its checkpoint dtype."""
         entry = self.entries[name]
         values = np.empty(entry["shape"], dtype=_STORAGE_DTYPES[entry["dtype"]])
-        buffer = bytearray(_READ_CHUNK_BYTES)
         flat = values.reshape([values.shape[0], -1]) if values.ndim else values.reshape([1, 1])
-        for first, rows in self.read_chunks(name, buffer):
+        for first, rows in self.read_chunks(name, bytearray(_READ_CHUNK_BYTES)):
             flat[first:first + len(rows)] = rows.reshape([len(rows), -1])
         tensor = paddle.to_tensor(values, place=paddle.CPUPlace())
         return tensor.view(paddle.bfloat16) if entry["dtype"] == "BF16" else tensor
@@ -218,36 +213,39 @@ def _write_rows(dst: np.ndarray, rows: np.ndarray) -> None:
         dst[...] = rows
 
 
-def _fill_host_array(shard: _ShardReader, name: str, dst: np.ndarray, transpose: bool, buffer: bytearray) -> None:
-    """Read ``name`` into the float32 array ``dst`` (``[in, out]`` when ``transpose``, else as stored)."""
+_thread_buffers = threading.local()
+
+
+def _fill_host_array(shard: _ShardReader, name: str, dst: np.ndarray, transpose: bool) -> None:
+    """Read ``name`` into the float32 array ``dst`` (``[in, out]`` when ``transpose``, else as stored).
+
+    Runs on a loader thread; each thread reads through its own buffer.
+    """
     if dst.size == 0:
         return
+    if not hasattr(_thread_buffers, "buffer"):
+        _thread_buffers.buffer = bytearray(_READ_CHUNK_BYTES)
+    chunks = shard.read_chunks(name, _thread_buffers.buffer)
     if transpose:
-        for first, rows in shard.read_chunks(name, buffer):  # rows: [n, in] of the torch [out, in] weight
+        for first, rows in chunks:  # rows: [n, in] of the torch [out, in] weight
             for panel in range(0, len(rows), _TRANSPOSE_PANEL_ROWS):
                 block = rows[panel:panel + _TRANSPOSE_PANEL_ROWS]
                 start = first + panel
                 _write_rows(dst[:, start:start + len(block)], block.T)
         return
     flat = dst.reshape([dst.shape[0], -1]) if dst.ndim else dst.reshape([1, 1])
-    for first, rows in shard.read_chunks(name, buffer):
+    for first, rows in chunks:
         _write_rows(flat[first:first + len(rows)], rows.reshape([len(rows), -1]))
 
 
-def _host_float32_target(param: paddle.Tensor) -> Tuple[Optional[np.ndarray], bool]:
-    """(float32 NumPy array to write ``param``'s values into, whether ``param`` must adopt it afterwards).
-
-    (None, False) when the parameter is not a float32 tensor on the host.
-    """
+def _host_float32_storage(param: paddle.Tensor) -> Optional[paddle.Tensor]:
+    """A float32 host tensor to write ``param``'s values into: the parameter itself, or fresh memory
+    for a parameter built under ``paddle.LazyGuard``. None when ``param`` is not float32 on the host."""
     if param.dtype != paddle.float32:
-        return None, False
-    if not param._is_initialized():  # built under paddle.LazyGuard: no memory yet
-        if paddle.get_device() != "cpu":
-            return None, False
-        return np.empty(param.shape, dtype=np.float32), True
-    if not param.place.is_cpu_place():
-        return None, False
-    return np.from_dlpack(param.detach()), False  # a writable view of the parameter's memory
+        return None
+    if not param._is_initialized():
+        return paddle.empty(param.shape, dtype=paddle.float32) if paddle.get_device() == "cpu" else None
+    return param.detach() if param.place.is_cpu_place() else None
 
 
 def _to_param_layout(tensor: paddle.Tensor, transpose: bool, dtype) -> paddle.Tensor:
@@ -256,17 +254,46 @@ def _to_param_layout(tensor: paddle.Tensor, transpose: bool, dtype) -> paddle.Te
     return tensor.astype(dtype) if tensor.dtype != dtype else tensor
 
 
-def _load_tensor(param: paddle.Tensor, shard: _ShardReader, name: str, transpose: bool, buffer: bytearray) -> None:
-    target, adopt = _host_float32_target(param)
-    if target is None:
+class _ParameterFiller:
+    """Fills parameters from shards: host float32 ones on a thread pool, the rest inline."""
+
+    def __init__(self, on_done):
+        self._pool = ThreadPoolExecutor(max_workers=_LOAD_THREADS, thread_name_prefix="load_weights")
+        self._pending: collections.deque = collections.deque()
+        self._on_done = on_done
+
+    def __enter__(self) -> "_ParameterFiller":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                while self._pending:
+                    self._finish_oldest()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def fill(self, param: paddle.Tensor, shard: _ShardReader, name: str, transpose: bool) -> None:
+        storage = _host_float32_storage(param)
+        if storage is None:
+            if not param._is_initialized():
+                param.initialize()
+            param.set_value(_to_param_layout(shard.read_tensor(name), transpose, param.dtype))
+            self._on_done()
+            return
+        target = np.from_dlpack(storage)  # a writable view of the storage's memory
+        future = self._pool.submit(_fill_host_array, shard, name, target, transpose)
+        self._pending.append((future, storage, param))
+        # Bounded look-ahead keeps errors prompt; the arrays are the parameters' own memory anyway.
+        while len(self._pending) > 2 * _LOAD_THREADS:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        future, storage, param = self._pending.popleft()
+        future.result()
         if not param._is_initialized():
-            param.initialize()
-        param.set_value(_to_param_layout(shard.read_tensor(name), transpose, param.dtype))
-        return
-    _fill_host_array(shard, name, target, transpose, buffer)
-    if adopt:
-        # Zero-copy: the parameter's storage becomes the array (kept alive by the DLPack capsule).
-        paddle.utils.dlpack.from_dlpack(target)._share_buffer_to(param)
+            storage._share_buffer_to(param)  # zero-copy: the parameter takes over the filled memory
+        self._on_done()
 
 
 def _linear_weight_names(layer: paddle.nn.Layer) -> Set[str]:
@@ -331,26 +358,26 @@ def load_weights(
 
     mismatched: List[str] = []
     loaded: List[str] = []
-    buffer = bytearray(_READ_CHUNK_BYTES)
     bar = _Progress(sum(len(v) for v in wanted.values()), f"loading {os.path.basename(os.path.normpath(path))}", progress)
-    for file in sorted(wanted):
-        with _ShardReader(file) as shard:
+    with _ParameterFiller(on_done=bar.step) as filler:
+        for file in sorted(wanted):
+            shard = _ShardReader(file)
+            missing_in_shard = [n for n in wanted[file] if n not in shard.entries]
+            if missing_in_shard:
+                raise CheckpointError(
+                    f"{file} does not hold {missing_in_shard[0]}, but the index says it does; re-download the checkpoint"
+                )
             for ckpt_name in shard.names_in_file_order(wanted[file]):
                 name = ckpt_name[len(prefix):]
                 param = params[name]
-                if ckpt_name not in shard.entries:
-                    raise CheckpointError(
-                        f"{file} does not hold {ckpt_name}, but the index says it does; re-download the checkpoint"
-                    )
                 shape = shard.entries[ckpt_name]["shape"]
                 transpose = name in transposed and len(shape) == 2
                 expected = list(param.shape)[::-1] if transpose else list(param.shape)
                 if shape != expected:
                     mismatched.append(f"{ckpt_name}: checkpoint {shape} vs model {expected}")
                     continue
-                _load_tensor(param, shard, ckpt_name, transpose, buffer)
+                filler.fill(param, shard, ckpt_name, transpose)
                 loaded.append(ckpt_name)
-                bar.step()
 
     problems = []
     if missing:

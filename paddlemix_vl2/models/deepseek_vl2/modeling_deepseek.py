@@ -116,7 +116,7 @@ class DeepseekV2Model(nn.Layer):
             attention_mask = attention_mask[:, -q_len:].astype(paddle.bool)
         if cache is not None:
             start = cache.begin(q_len, attention_mask)
-            key_valid = cache.key_valid[:, :start + q_len]
+            key_valid = cache.key_valid  # attention reads the whole cache; see kv_cache.py
         else:
             start = 0
             key_valid = attention_mask if attention_mask is not None else paddle.ones([bsz, q_len], dtype=paddle.bool)

@@ -16,47 +16,14 @@ from __future__ import annotations
 from typing import Optional
 
 import paddle
-import paddle.nn.functional as F
 from paddle import nn
 
 from .configuration_deepseek import DeepseekV2Config
 from .kv_cache import KVCache
-from .layers import DeepseekV2RMSNorm
+from .layers import DeepseekV2RMSNorm, attend, softmax_float32
 from .rotary import DeepseekV2RotaryEmbedding, apply_rotary_pos_emb, yarn_get_mscale
 
-__all__ = ["DeepseekV2Attention", "DeepseekV2MHAAttention", "build_attention", "attend"]
-
-
-def attend(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mask: paddle.Tensor,
-           scale: float) -> paddle.Tensor:
-    """Softmax attention in heads-first layout: the math ``F.scaled_dot_product_attention`` runs on CPU.
-
-    SDPA takes [B, S, heads, D] and transposes q, k and v to heads-first on every call, through
-    Paddle's element-by-element strided copy; the cache holds keys heads-first already, so the same
-    math is written out here on that layout.
-
-    Args:
-        query: [B, nh, T, D]; keys, values: [B, kv_heads, S, D] with nh a multiple of kv_heads.
-        mask: additive [B, 1, T, S].
-
-    Returns:
-        [B, T, nh * D].
-    """
-    bsz, heads, q_len, head_dim = query.shape
-    kv_heads = keys.shape[1]
-    rows = heads // kv_heads * q_len  # the query heads sharing one key/value head, folded into rows
-    scores = paddle.matmul((query * scale).reshape([bsz, kv_heads, rows, head_dim]), keys, transpose_y=True)
-    scores = scores.reshape([bsz, heads, q_len, -1]) + mask
-    probs = _softmax_float32(scores).reshape([bsz, kv_heads, rows, -1])
-    out = paddle.matmul(probs, values).reshape([bsz, heads, q_len, head_dim])
-    return out.transpose([0, 2, 1, 3]).reshape([bsz, q_len, heads * head_dim])
-
-
-def _softmax_float32(scores: paddle.Tensor) -> paddle.Tensor:
-    """Softmax over the last axis, computed in float32 whatever the activation dtype."""
-    if scores.dtype == paddle.float32:
-        return F.softmax(scores, axis=-1)
-    return F.softmax(scores.astype(paddle.float32), axis=-1).astype(scores.dtype)
+__all__ = ["DeepseekV2Attention", "DeepseekV2MHAAttention", "build_attention"]
 
 
 class DeepseekV2MHAAttention(nn.Layer):
@@ -187,7 +154,7 @@ class DeepseekV2Attention(nn.Layer):
             q_latent.reshape([bsz, nh * q_len, c]), compressed_kv, transpose_y=True
         )  # [B, nh*T, S]
         scores = scores.reshape([bsz, nh, q_len, kv_len]) * self.softmax_scale + mask
-        probs = _softmax_float32(scores)
+        probs = softmax_float32(scores)
         out_latent = paddle.matmul(probs.reshape([bsz, nh * q_len, kv_len]), compressed_kv)  # [B, nh*T, C]
 
         # Unfold the value up-projection: [nh, B*T, C] @ W_UV^T [nh, C, Dv] -> [nh, B*T, Dv].

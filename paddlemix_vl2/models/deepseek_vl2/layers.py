@@ -1,11 +1,13 @@
-"""Building blocks shared by attention, MoE and the decoder: RMSNorm and the SiLU-gated MLP."""
+"""Building blocks shared by the towers: RMSNorm, the SiLU-gated MLP and softmax attention in heads-first layout."""
 from __future__ import annotations
+
+from typing import Optional
 
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-__all__ = ["DeepseekV2RMSNorm", "DeepseekV2MLP"]
+__all__ = ["DeepseekV2RMSNorm", "DeepseekV2MLP", "attend", "softmax_float32"]
 
 
 class DeepseekV2RMSNorm(nn.Layer):
@@ -35,3 +37,37 @@ class DeepseekV2MLP(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         """x: [..., hidden_size] -> [..., hidden_size]."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def attend(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mask: Optional[paddle.Tensor],
+           scale: float) -> paddle.Tensor:
+    """Softmax attention in heads-first layout: the math ``F.scaled_dot_product_attention`` runs on CPU.
+
+    SDPA takes [B, S, heads, D] and transposes q, k and v to heads-first on every call, through Paddle's
+    element-by-element strided copy. Callers here already hold heads-first tensors (the KV cache stores
+    keys that way; the ViT transposes q, k and v in one copy), so the same math runs on that layout.
+
+    Args:
+        query: [B, nh, T, D]; keys, values: [B, kv_heads, S, D] with nh a multiple of kv_heads.
+        mask: additive [B, 1, T, S], or None for none.
+
+    Returns:
+        [B, T, nh * D].
+    """
+    bsz, heads, q_len, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    rows = heads // kv_heads * q_len  # the query heads sharing one key/value head, folded into rows
+    scores = paddle.matmul((query * scale).reshape([bsz, kv_heads, rows, head_dim]), keys, transpose_y=True)
+    scores = scores.reshape([bsz, heads, q_len, -1])
+    if mask is not None:
+        scores = scores + mask
+    probs = softmax_float32(scores).reshape([bsz, kv_heads, rows, -1])
+    out = paddle.matmul(probs, values).reshape([bsz, heads, q_len, head_dim])
+    return out.transpose([0, 2, 1, 3]).reshape([bsz, q_len, heads * head_dim])
+
+
+def softmax_float32(scores: paddle.Tensor) -> paddle.Tensor:
+    """Softmax over the last axis, computed in float32 whatever the activation dtype."""
+    if scores.dtype == paddle.float32:
+        return F.softmax(scores, axis=-1)
+    return F.softmax(scores.astype(paddle.float32), axis=-1).astype(scores.dtype)

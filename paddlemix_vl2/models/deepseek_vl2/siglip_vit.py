@@ -14,6 +14,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .configuration_deepseek import VisionEncoderConfig
+from .layers import attend
 
 __all__ = ["VisionTransformer", "SigLIPVisionTransformer"]
 
@@ -52,11 +53,9 @@ class Attention(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         batch, seq, width = x.shape
         qkv = self.qkv(x).reshape([batch, seq, 3, self.heads, self.head_dim])  # [N, P, 3, nh, hd]
-        q, k, v = qkv.unbind(axis=2)  # 3 x [N, P, nh, hd]
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=False, training=False, scale=self.head_dim ** -0.5
-        )  # [N, P, nh, hd]
-        return self.proj(out.reshape([batch, seq, width]))
+        # One copy brings q, k and v heads-first together (SDPA would make three).
+        q, k, v = qkv.transpose([2, 0, 3, 1, 4]).contiguous().unbind(axis=0)  # 3 x [N, nh, P, hd]
+        return self.proj(attend(q, k, v, None, self.head_dim ** -0.5))  # attend: [N, P, C]
 
 
 class Mlp(nn.Layer):

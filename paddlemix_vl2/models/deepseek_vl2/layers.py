@@ -6,12 +6,18 @@ from typing import Optional
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
+from paddle.incubate.nn.functional import fused_rms_norm
 
 __all__ = ["DeepseekV2RMSNorm", "DeepseekV2MLP", "attend", "softmax_float32"]
 
 
 class DeepseekV2RMSNorm(nn.Layer):
-    """RMSNorm that normalises in float32, casts back, then scales (the official order)."""
+    """RMSNorm that normalises in float32, casts back, then scales (the official order).
+
+    Float32 inference runs Paddle's fused kernel: one op instead of eight, the same math up to
+    rounding (about 1e-6 relative). The kernel has no gradient on CPU, so training and half-precision
+    activations (where the cast-back order matters) take the written-out path.
+    """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -20,6 +26,10 @@ class DeepseekV2RMSNorm(nn.Layer):
 
     def forward(self, hidden_states: paddle.Tensor) -> paddle.Tensor:
         """hidden_states: [..., hidden_size] -> same shape and dtype."""
+        if hidden_states.dtype == paddle.float32 and not paddle.is_grad_enabled():
+            return fused_rms_norm(
+                hidden_states, self.weight, None, self.variance_epsilon, begin_norm_axis=hidden_states.ndim - 1
+            )[0]
         x = hidden_states.astype(paddle.float32)
         x = x * paddle.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x.astype(hidden_states.dtype)

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from conftest import checkpoint_dir
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -130,3 +132,81 @@ def test_decode_weight_bytes_equal_the_parameters_a_step_touches():
         touched = sum(int(p.size) for n, p in lm.named_parameters() if n != "model.embed_tokens.weight")
         touched -= sum(config.n_routed_experts - a for a in active) * expert
         assert model_costs.decode_weight_bytes(config, active) == 4 * touched, name
+
+
+class LinearFlops:
+    """Sums 2 · rows · in · out over every nn.Linear call inside ``layer`` while active."""
+
+    def __init__(self, layer):
+        import paddle
+
+        self.total = 0
+        self._hooks = [
+            sub.register_forward_post_hook(self._count)
+            for sub in layer.sublayers(include_self=True) if isinstance(sub, paddle.nn.Linear)
+        ]
+
+    def _count(self, layer, inputs, output):
+        rows = 1
+        for dim in inputs[0].shape[:-1]:
+            rows *= dim
+        fan_in, fan_out = layer.weight.shape
+        self.total += 2 * rows * fan_in * fan_out
+
+    def remove(self):
+        for hook in self._hooks:
+            hook.remove()
+
+
+def test_prefill_flops_equal_the_executed_matmuls():
+    """lm_prefill_flops against the Linear calls a prefill really makes, plus the matmuls outside
+    Linear layers written out here: the router, MLA's absorbed kv_b_proj and the causal attention pairs."""
+    import paddle
+
+    sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
+    import model_costs
+    from lm_golden import load_lm
+
+    for name in ("micro-tiny", "micro-small", "micro-full"):
+        lm = load_lm(name)
+        config, length = lm.config, 37
+        ids = paddle.to_tensor(np.random.default_rng(0).integers(3, config.vocab_size, size=(1, length)))
+        counter = LinearFlops(lm)
+        with paddle.no_grad():
+            lm(input_ids=ids, logits_to_keep=1)
+        counter.remove()
+        layers = lm.model.layers
+        router = sum(2 * length * config.hidden_size * config.n_routed_experts
+                     for i in range(config.num_hidden_layers) if config.is_moe_layer(i))
+        pairs = length * (length + 1) // 2
+        if config.use_mla:
+            absorbed = sum(2 * length * int(layer.self_attn.kv_b_proj.weight.size) for layer in layers)
+            per_pair = config.num_attention_heads * (2 * config.kv_lora_rank + config.qk_rope_head_dim)
+        else:
+            absorbed = 0
+            per_pair = config.num_attention_heads * 2 * config.head_dim
+        attention = 2 * config.num_hidden_layers * per_pair * pairs
+        expected = counter.total + router + absorbed + attention
+        assert model_costs.lm_prefill_flops(config, [length]) == expected, name
+
+
+def test_vision_flops_equal_the_executed_matmuls():
+    """vision_flops against the tower's and projector's Linear calls, plus the patch convolution and the
+    all-pairs attention written out here."""
+    import paddle
+
+    sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
+    import model_costs
+    from lm_golden import load_vl
+
+    model = load_vl("micro-tiny")
+    vision, tiles = model.config.vision_config, 2
+    counter = LinearFlops(model)
+    with paddle.no_grad():
+        model.encode_tiles(paddle.zeros([tiles, 3, vision.image_size, vision.image_size]))
+    counter.remove()
+    patches = vision.grid_size ** 2
+    conv = 2 * tiles * patches * 3 * vision.patch_size ** 2 * vision.width
+    attention = 4 * tiles * vision.layers * patches * patches * vision.width
+    expected = counter.total + conv + attention
+    assert model_costs.vision_flops(vision, model.config.projector_config, tiles) == expected

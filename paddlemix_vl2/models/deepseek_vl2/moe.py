@@ -91,9 +91,11 @@ class MoEGate(nn.Layer):
         self.n_routed_experts = config.n_routed_experts
         self.weight = self.create_parameter([config.n_routed_experts, config.hidden_size])
         if config.moe_topk_method == "noaux_tc":
+            # Moved by a balancing rule outside gradient descent, never by a gradient.
             self.e_score_correction_bias = self.create_parameter(
                 [config.n_routed_experts], default_initializer=nn.initializer.Constant(0.0)
             )
+            self.e_score_correction_bias.stop_gradient = True
         else:
             self.e_score_correction_bias = None
 

@@ -11,9 +11,11 @@ One process measures, on one checkpoint folder:
 * MLA checkpoints only: decode step time at a 256- and a 2048-token context, and KV-cache bytes per token.
 
 Prefill stages are reported as achieved GFLOP/s over the measured fp32 matmul rate, decode as bytes of
-weights read per step × steps/s over the measured memory bandwidth (``roofline.measure``); the FLOPs and
-bytes come from the config (``model_costs``). Load runs first, so its peak RSS is not inflated by the
-roofline's buffers. Each section records the 1-minute load average, since the machine is shared.
+weights read per step × steps/s over the measured memory bandwidth; the FLOPs and bytes come from the
+config (``model_costs``). The full ``roofline.measure`` runs once after loading (load runs first, so its
+peak RSS is not inflated by the roofline's buffers), and each stage is also bracketed by quick probes of
+the same measurements (``LimitProbe``): on a shared machine a stage's ratio is taken against the capacity
+it actually had. Each section records the 1-minute load average too.
 
 Usage::
 
@@ -40,7 +42,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 # roofline sets the thread and MKL variables before Paddle is imported.
 import roofline  # noqa: I001
@@ -59,6 +61,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = REPO_ROOT / "tests" / "fixtures" / "images" / "scene_640x480.png"
 GIB = 1 << 30
 GREEDY = SamplingParams()
+PROBE_REPEATS = 3
 # With the real 129k tokenizer these give the issue's prompt lengths: 1037 tokens for one image
 # (global view + 2×2 tiles), 1279 for three (each a global view + one tile).
 ONE_IMAGE_QUESTION = "<image>\nDescribe each shape in this image."
@@ -121,6 +124,43 @@ class Profiler:
             text = io.StringIO()
             pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(self.top)
             (self.folder / f"{name}.txt").write_text(text.getvalue(), encoding="utf-8")
+
+
+@dataclasses.dataclass
+class Limit:
+    """A machine limit measured around one stage (filled in when the stage ends)."""
+
+    value: float = float("nan")
+
+
+class LimitProbe:
+    """Quick roofline measurements taken right before and right after a stage.
+
+    ``roofline.measure`` runs once, after loading; on a shared machine the capacity a stage actually
+    gets can differ from it several-fold, so every ratio uses the mean of a probe just before and just
+    after its own stage (the same roofline functions, ``PROBE_REPEATS`` timed runs, best of them).
+    """
+
+    def __init__(self, sizes: roofline.RooflineSizes):
+        self.sizes = sizes
+
+    def vision_matmul_gflops(self) -> float:
+        return roofline.matmul_gflops(self.sizes.vit_fc1_matmul, PROBE_REPEATS, 1).best
+
+    def lm_matmul_gflops(self) -> float:
+        return roofline.matmul_gflops(self.sizes.square_matmul, PROBE_REPEATS, 1).best
+
+    def bandwidth_gbs(self) -> float:
+        """Decode reads each weight once; the better of the two streaming measurements is the limit."""
+        read = roofline.read_bandwidth_gbs(self.sizes.read_bytes, PROBE_REPEATS, 1).best
+        return max(read, roofline.gemv_bandwidth_gbs(self.sizes.gemv_k_n, PROBE_REPEATS, 1).best)
+
+    @contextlib.contextmanager
+    def around(self, measure: Callable[[], float]) -> Iterator[Limit]:
+        limit = Limit()
+        before = measure()
+        yield limit
+        limit.value = (before + measure()) / 2
 
 
 def read_files(checkpoint: Path) -> Dict[str, float]:
@@ -224,22 +264,24 @@ def decode_report(lm, seconds: Sequence[float], experts: Sequence[Sequence[int]]
 
 
 def run_generation(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new_tokens: int,
-                   profiler: Profiler, label: str) -> dict:
-    """Prefill, first token, then ``new_tokens`` decode steps, each stage timed."""
+                   profiler: Profiler, probe: LimitProbe, label: str) -> dict:
+    """Prefill, first token, then ``new_tokens`` decode steps, each stage timed and bracketed by probes."""
     bsz, prompt_len = embeds.shape[:2]
     mask = attention_mask.astype(paddle.bool)
     cache = lm.new_cache(bsz, prompt_len + new_tokens + 1)
-    start = time.perf_counter()
-    with profiler.stage(f"{label}_prefill"):
-        logits = prefill(lm, embeds, mask, cache)
-    prefill_seconds = time.perf_counter() - start
-    token = sample_next_token(logits, GREEDY)
-    first_token_seconds = time.perf_counter() - start
+    with probe.around(probe.lm_matmul_gflops) as prefill_limit:
+        start = time.perf_counter()
+        with profiler.stage(f"{label}_prefill"):
+            logits = prefill(lm, embeds, mask, cache)
+        prefill_seconds = time.perf_counter() - start
+        token = sample_next_token(logits, GREEDY)
+        first_token_seconds = time.perf_counter() - start
     positions = mask.astype(paddle.int64).sum(axis=1)
-    with profiler.stage(f"{label}_decode"):
+    with probe.around(probe.bandwidth_gbs) as bandwidth, profiler.stage(f"{label}_decode"):
         seconds, experts = decode_steps(lm, token, cache, positions, new_tokens)
     return {"prefill_seconds": prefill_seconds, "prefill_and_first_token_seconds": first_token_seconds,
-            "step_seconds": seconds, "experts": experts}
+            "prefill_limit_gflops": prefill_limit.value, "step_seconds": seconds, "experts": experts,
+            "bandwidth_gbs": bandwidth.value}
 
 
 def time_processor(processor, question: str, images: Sequence[Image.Image], repeats: int = 3):
@@ -252,7 +294,7 @@ def time_processor(processor, question: str, images: Sequence[Image.Image], repe
     return statistics.median(times), inputs
 
 
-def bench_prompt(model, processor, images, question, settings: BenchSettings, limits: dict,
+def bench_prompt(model, processor, images, question, settings: BenchSettings, probe: LimitProbe,
                  profiler: Profiler, label: str):
     """One prompt through the whole pipeline; returns (report section, its inputs_embeds)."""
     lm, config = model.language, model.config
@@ -263,37 +305,39 @@ def bench_prompt(model, processor, images, question, settings: BenchSettings, li
     prompt_len = int(input_ids.shape[1])
     section.update(prompt_tokens=prompt_len, tiles=num_tiles)
     with paddle.no_grad():
-        start = time.perf_counter()
-        with profiler.stage(f"{label}_vision"):
+        with probe.around(probe.vision_matmul_gflops) as vision_limit, profiler.stage(f"{label}_vision"):
+            start = time.perf_counter()
             embeds = model.prepare_inputs_embeds(
                 input_ids, inputs.images, inputs.images_seq_mask, inputs.images_spatial_crop
             )
-        section["vision_seconds"] = time.perf_counter() - start
-        generation = run_generation(lm, embeds, inputs.attention_mask, settings.decode_tokens, profiler, label)
+            section["vision_seconds"] = time.perf_counter() - start
+        generation = run_generation(
+            lm, embeds, inputs.attention_mask, settings.decode_tokens, profiler, probe, label
+        )
     vision_flops = model_costs.vision_flops(config.vision_config, config.projector_config, num_tiles)
     prefill_flops = model_costs.lm_prefill_flops(lm.config, [prompt_len])
     section.update(
         vision_gflop=vision_flops / 1e9,
         vision_gflops=vision_flops / 1e9 / section["vision_seconds"],
-        vision_matmul_limit_gflops=limits["vision_matmul_gflops"],
+        vision_matmul_limit_gflops=vision_limit.value,
         prefill_seconds=generation["prefill_seconds"],
         prefill_gflop=prefill_flops / 1e9,
         prefill_gflops=prefill_flops / 1e9 / generation["prefill_seconds"],
-        prefill_matmul_limit_gflops=limits["lm_matmul_gflops"],
+        prefill_matmul_limit_gflops=generation["prefill_limit_gflops"],
         time_to_first_token_seconds=(
             section["processor_seconds"] + section["vision_seconds"] + generation["prefill_and_first_token_seconds"]
         ),
     )
-    section["vision_ratio"] = section["vision_gflops"] / limits["vision_matmul_gflops"]
-    section["prefill_ratio"] = section["prefill_gflops"] / limits["lm_matmul_gflops"]
+    section["vision_ratio"] = section["vision_gflops"] / section["vision_matmul_limit_gflops"]
+    section["prefill_ratio"] = section["prefill_gflops"] / section["prefill_matmul_limit_gflops"]
     section["decode"] = decode_report(
         lm, generation["step_seconds"], generation["experts"], 1,
-        prompt_len + settings.decode_tokens // 2, limits["bandwidth_gbs"],
+        prompt_len + settings.decode_tokens // 2, generation["bandwidth_gbs"],
     )
     return section, embeds, inputs
 
 
-def bench_batch(model, processor, image, one_image: tuple, settings: BenchSettings, limits: dict,
+def bench_batch(model, processor, image, one_image: tuple, settings: BenchSettings, probe: LimitProbe,
                 profiler: Profiler) -> dict:
     """A left-padded batch of one-image prompts with different questions; aggregate decode rate.
 
@@ -311,11 +355,13 @@ def bench_batch(model, processor, image, one_image: tuple, settings: BenchSettin
         text = model.get_input_embeddings()(input_ids)
         image_mask = batch.images_seq_mask.astype(paddle.bool).unsqueeze(-1).expand_as(text)
         embeds = paddle.masked_scatter(text, image_mask, paddle.concat([image_embeds] * len(samples)))
-        generation = run_generation(lm, embeds, batch.attention_mask, settings.decode_tokens, profiler, "batch")
+        generation = run_generation(
+            lm, embeds, batch.attention_mask, settings.decode_tokens, profiler, probe, "batch"
+        )
     section["prefill_seconds"] = generation["prefill_seconds"]
     section["decode"] = decode_report(
         lm, generation["step_seconds"], generation["experts"], len(samples),
-        max(batch.seq_lens) + settings.decode_tokens // 2, limits["bandwidth_gbs"],
+        max(batch.seq_lens) + settings.decode_tokens // 2, generation["bandwidth_gbs"],
     )
     return section
 
@@ -353,33 +399,22 @@ def bench_mla(lm, settings: BenchSettings) -> Optional[dict]:
     return section
 
 
-def machine_limits(result: dict) -> dict:
-    """The roofline figures each stage is compared with."""
-    return {
-        "vision_matmul_gflops": result["matmul_gflops_vit_fc1"],
-        "lm_matmul_gflops": result["matmul_gflops_2048"],
-        # Decode reads each weight once; the better of the two streaming measurements is the limit.
-        "bandwidth_gbs": max(result["read_bandwidth_gbs"], result["gemv_bandwidth_gbs"]),
-    }
-
-
 def run(checkpoint: Path, image_path: Path, settings: BenchSettings, profile_dir: Optional[Path] = None) -> dict:
     profiler = Profiler(profile_dir)
     report = {"checkpoint": str(checkpoint), "settings": dataclasses.asdict(settings)}
     model, report["load"] = bench_load(checkpoint, profiler)
     report["roofline"] = roofline.measure(quick=settings.roofline_quick)
-    limits = machine_limits(report["roofline"])
-    report["limits"] = limits
+    probe = LimitProbe(roofline.QUICK_SIZES if settings.roofline_quick else roofline.FULL_SIZES)
     processor = DeepseekVLV2Processor.from_pretrained(str(checkpoint))
     image = Image.open(image_path).convert("RGB")
     report["image_size"] = list(image.size)
     report["one_image"], embeds, inputs = bench_prompt(
-        model, processor, [image], ONE_IMAGE_QUESTION, settings, limits, profiler, "one_image"
+        model, processor, [image], ONE_IMAGE_QUESTION, settings, probe, profiler, "one_image"
     )
     report["three_images"], _, _ = bench_prompt(
-        model, processor, [image] * 3, THREE_IMAGE_QUESTION, settings, limits, profiler, "three_images"
+        model, processor, [image] * 3, THREE_IMAGE_QUESTION, settings, probe, profiler, "three_images"
     )
-    report["batch"] = bench_batch(model, processor, image, (embeds, inputs), settings, limits, profiler)
+    report["batch"] = bench_batch(model, processor, image, (embeds, inputs), settings, probe, profiler)
     single_rate = report["one_image"]["decode"]["tokens_per_second_all_steps"]
     report["batch"]["speedup_over_single"] = report["batch"]["decode"]["tokens_per_second_all_steps"] / single_rate
     report["mla"] = bench_mla(model.language, settings)

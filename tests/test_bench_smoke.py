@@ -37,7 +37,7 @@ MLA_FIELDS = {
     "kv_cache_bytes_per_token_formula",
 }
 TOP_FIELDS = {
-    "checkpoint", "settings", "load", "roofline", "limits", "image_size", "one_image", "three_images", "batch", "mla",
+    "checkpoint", "settings", "load", "roofline", "image_size", "one_image", "three_images", "batch", "mla",
     "peak_rss_bytes_end", "load_average_1min_end",
 }
 

@@ -15,7 +15,7 @@ weights read per step × steps/s over the measured memory bandwidth; the FLOPs a
 config (``model_costs``). The full ``roofline.measure`` runs once after loading (load runs first, so its
 peak RSS is not inflated by the roofline's buffers), and each stage is also bracketed by quick probes of
 the same measurements (``LimitProbe``): on a shared machine a stage's ratio is taken against the capacity
-it actually had. Each section records the 1-minute load average too.
+the machine had around it. Each section records the 1-minute load average too.
 
 Usage::
 
@@ -137,8 +137,9 @@ class LimitProbe:
     """Quick roofline measurements taken right before and right after a stage.
 
     ``roofline.measure`` runs once, after loading; on a shared machine the capacity a stage actually
-    gets can differ from it several-fold, so every ratio uses the mean of a probe just before and just
-    after its own stage (the same roofline functions, ``PROBE_REPEATS`` timed runs, best of them).
+    gets can differ from it several-fold, so every ratio uses the better of a probe just before and just
+    after its own stage (the same roofline functions, best of ``PROBE_REPEATS`` timed runs), like the
+    roofline, which also reports its best run.
     """
 
     def __init__(self, sizes: roofline.RooflineSizes):
@@ -160,7 +161,7 @@ class LimitProbe:
         limit = Limit()
         before = measure()
         yield limit
-        limit.value = (before + measure()) / 2
+        limit.value = max(before, measure())
 
 
 def read_files(checkpoint: Path) -> Dict[str, float]:

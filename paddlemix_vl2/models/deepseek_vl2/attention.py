@@ -60,8 +60,8 @@ class DeepseekV2MHAAttention(nn.Layer):
             keys, values = cache.store(self.layer_idx, cache_start, k, v)  # [B, kv_heads, S, D]
         else:
             keys, values = k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3])
-        out = attend(q.transpose([0, 2, 1, 3]), keys, values, mask, self.head_dim ** -0.5)  # [B, T, nh * D]
-        return self.o_proj(out)
+        out = attend(q.transpose([0, 2, 1, 3]), keys, values, mask, self.head_dim ** -0.5)  # [B, nh, T, D]
+        return self.o_proj(out.transpose([0, 2, 1, 3]).reshape([bsz, q_len, self.num_heads * self.head_dim]))
 
 
 class DeepseekV2Attention(nn.Layer):

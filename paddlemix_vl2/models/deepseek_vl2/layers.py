@@ -55,14 +55,14 @@ def attend(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mas
 
     SDPA takes [B, S, heads, D] and transposes q, k and v to heads-first on every call, through Paddle's
     element-by-element strided copy. Callers here already hold heads-first tensors (the KV cache stores
-    keys that way; the ViT transposes q, k and v in one copy), so the same math runs on that layout.
+    keys that way; the ViT builds them with block copies), so the same math runs on that layout.
 
     Args:
         query: [B, nh, T, D]; keys, values: [B, kv_heads, S, D] with nh a multiple of kv_heads.
         mask: additive [B, 1, T, S], or None for none.
 
     Returns:
-        [B, T, nh * D].
+        [B, nh, T, D], heads-first like the inputs.
     """
     bsz, heads, q_len, head_dim = query.shape
     kv_heads = keys.shape[1]
@@ -72,8 +72,7 @@ def attend(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mas
     if mask is not None:
         scores = scores + mask
     probs = softmax_float32(scores).reshape([bsz, kv_heads, rows, -1])
-    out = paddle.matmul(probs, values).reshape([bsz, heads, q_len, head_dim])
-    return out.transpose([0, 2, 1, 3]).reshape([bsz, q_len, heads * head_dim])
+    return paddle.matmul(probs, values).reshape([bsz, heads, q_len, head_dim])
 
 
 def softmax_float32(scores: paddle.Tensor) -> paddle.Tensor:

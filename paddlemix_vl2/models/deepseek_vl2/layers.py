@@ -8,7 +8,12 @@ import paddle.nn.functional as F
 from paddle import nn
 from paddle.incubate.nn.functional import fused_rms_norm
 
-__all__ = ["DeepseekV2RMSNorm", "DeepseekV2MLP", "attend", "softmax_float32"]
+__all__ = ["DeepseekV2RMSNorm", "DeepseekV2MLP", "attend", "softmax_float32", "ACTIVATION_BLOCK_BYTES"]
+
+# Largest activation the towers form at once during a forward. glibc serves allocations above 32 MiB
+# with fresh mmaps, and faulting those pages in (about 0.6 ms per MB on the KVM benchmark machine) costs
+# more than the arithmetic that fills them; blocks below the threshold reuse memory already in the process.
+ACTIVATION_BLOCK_BYTES = 16 << 20
 
 
 class DeepseekV2RMSNorm(nn.Layer):
@@ -57,6 +62,9 @@ def attend(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mas
     element-by-element strided copy. Callers here already hold heads-first tensors (the KV cache stores
     keys that way; the ViT builds them with block copies), so the same math runs on that layout.
 
+    The [.., T, S] scores are formed for a few rows of the leading axis at a time (for one sequence, its
+    key/value heads become that axis, a free reshape), so no block exceeds ``ACTIVATION_BLOCK_BYTES``.
+
     Args:
         query: [B, nh, T, D]; keys, values: [B, kv_heads, S, D] with nh a multiple of kv_heads.
         mask: additive [B, 1, T, S], or None for none.
@@ -64,6 +72,29 @@ def attend(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mas
     Returns:
         [B, nh, T, D], heads-first like the inputs.
     """
+    bsz, heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = keys.shape[1], keys.shape[2]
+    if bsz == 1 and kv_heads > 1:
+        out = attend(
+            query.reshape([kv_heads, heads // kv_heads, q_len, head_dim]),
+            keys.reshape([kv_heads, 1, kv_len, head_dim]), values.reshape([kv_heads, 1, kv_len, head_dim]),
+            mask, scale,
+        )
+        return out.reshape([1, heads, q_len, head_dim])
+    block = max(1, ACTIVATION_BLOCK_BYTES // (heads * q_len * kv_len * query.element_size()))
+    if block >= bsz:
+        return _attend_block(query, keys, values, mask, scale)
+    outputs = []
+    for start in range(0, bsz, block):
+        rows = slice(start, start + block)
+        block_mask = mask if mask is None or mask.shape[0] == 1 else mask[rows]
+        outputs.append(_attend_block(query[rows], keys[rows], values[rows], block_mask, scale))
+    return paddle.concat(outputs)
+
+
+def _attend_block(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mask: Optional[paddle.Tensor],
+                  scale: float) -> paddle.Tensor:
+    """``attend`` on one block: query [b, nh, T, D], keys/values [b, kv_heads, S, D] -> [b, nh, T, D]."""
     bsz, heads, q_len, head_dim = query.shape
     kv_heads = keys.shape[1]
     rows = heads // kv_heads * q_len  # the query heads sharing one key/value head, folded into rows

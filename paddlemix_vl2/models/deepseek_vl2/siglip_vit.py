@@ -14,7 +14,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .configuration_deepseek import VisionEncoderConfig
-from .layers import attend
+from .layers import ACTIVATION_BLOCK_BYTES, attend
 
 __all__ = ["VisionTransformer", "SigLIPVisionTransformer"]
 
@@ -125,9 +125,24 @@ class VisionTransformer(nn.Layer):
                 "pass the processor's images tensor"
             )
         x = self.patch_embed(pixels) + self.pos_embed  # [N, P, C]
+        # A few tiles at a time, so the widest activation (the MLP's hidden layer) stays within
+        # ACTIVATION_BLOCK_BYTES; the matmuls keep at least one whole tile (729 rows) each.
+        widest = x.shape[1] * max(3 * self.config.width, self.config.mlp_hidden_dim) * x.element_size()
+        sizes = _group_sizes(x.shape[0], max(1, ACTIVATION_BLOCK_BYTES // widest))
+        if len(sizes) == 1:
+            return self._tower(x)
+        return paddle.concat([self._tower(tiles) for tiles in paddle.split(x, sizes)])
+
+    def _tower(self, x: paddle.Tensor) -> paddle.Tensor:
+        """The blocks and the final norm on [n, P, C]."""
         for block in self.blocks:
-            x = block(x)  # [N, P, C]
+            x = block(x)  # [n, P, C]
         return self.norm(x)
+
+
+def _group_sizes(total: int, group: int):
+    """Sizes of consecutive groups of at most ``group`` items covering ``total``."""
+    return [min(group, total - start) for start in range(0, total, group)]
 
 
 SigLIPVisionTransformer = VisionTransformer

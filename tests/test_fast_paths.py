@@ -1,0 +1,79 @@
+"""The inference fast paths against the straightforward computation they replace.
+
+The goldens already run every fast path at the micro sizes (fused RMSNorm and the one-token MoE in every
+no-grad forward and greedy decode). The paths that only switch on at real sizes (attention scores and
+ViT activations formed in blocks) are forced here by lowering the block size, and each path is compared
+with an independent computation.
+"""
+import numpy as np
+import paddle
+import pytest
+
+from lm_golden import load_lm, load_vl
+from paddlemix_vl2.models.deepseek_vl2 import layers, siglip_vit
+from paddlemix_vl2.models.deepseek_vl2.layers import DeepseekV2RMSNorm, attend
+
+
+def numpy_attention(query, keys, values, mask, scale):
+    """query [B, nh, T, D], keys/values [B, kv, S, D] (kv divides nh), mask [B, 1, T, S] or None."""
+    group = query.shape[1] // keys.shape[1]
+    keys, values = np.repeat(keys, group, axis=1), np.repeat(values, group, axis=1)
+    scores = np.einsum("bhtd,bhsd->bhts", query.astype(np.float64), keys) * scale
+    if mask is not None:
+        scores = scores + mask
+    scores = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bhts,bhsd->bhtd", scores / scores.sum(-1, keepdims=True), values)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("block_bytes", [layers.ACTIVATION_BLOCK_BYTES, 1])
+def test_attend_in_blocks_equals_numpy(monkeypatch, batch, block_bytes):
+    """Blocks of one row (block_bytes=1) and the unblocked path, with grouped heads and a mask."""
+    monkeypatch.setattr(layers, "ACTIVATION_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(0)
+    heads, kv_heads, q_len, kv_len, dim = 4, 2, 5, 7, 8
+    query = rng.standard_normal((batch, heads, q_len, dim)).astype(np.float32)
+    keys = rng.standard_normal((batch, kv_heads, kv_len, dim)).astype(np.float32)
+    values = rng.standard_normal((batch, kv_heads, kv_len, dim)).astype(np.float32)
+    mask = np.where(rng.random((batch, 1, q_len, kv_len)) < 0.3, -1e9, 0.0).astype(np.float32)
+    mask[..., 0] = 0.0  # every query sees at least one key
+    out = attend(*(paddle.to_tensor(a) for a in (query, keys, values, mask)), dim ** -0.5)
+    np.testing.assert_allclose(out.numpy(), numpy_attention(query, keys, values, mask, dim ** -0.5), atol=1e-5)
+
+
+def test_vit_in_tile_groups_equals_one_pass(monkeypatch):
+    tower = load_vl("micro-tiny").vision
+    size = tower.config.image_size
+    tiles = paddle.to_tensor(np.random.default_rng(1).standard_normal((5, 3, size, size)).astype(np.float32))
+    with paddle.no_grad():
+        one_pass = tower(tiles).numpy()
+        widest = tower.config.grid_size ** 2 * max(3 * tower.config.width, tower.config.mlp_hidden_dim) * 4
+        monkeypatch.setattr(siglip_vit, "ACTIVATION_BLOCK_BYTES", 2 * widest)  # groups of 2, 2 and 1 tiles
+        grouped = tower(tiles).numpy()
+    np.testing.assert_allclose(grouped, one_pass, atol=1e-5, rtol=0)
+
+
+def test_one_token_moe_equals_the_grouped_path():
+    """One token through the short path equals the same token inside a two-token batch (grouped path)."""
+    lm = load_lm("micro-full")
+    moe = next(layer.mlp for i, layer in enumerate(lm.model.layers) if lm.config.is_moe_layer(i))
+    x = paddle.to_tensor(np.random.default_rng(2).standard_normal((1, 64)).astype(np.float32))
+    pair = paddle.concat([x, -x])
+    with paddle.no_grad():
+        idx, weight, _ = moe.gate(pair.unsqueeze(0))
+        grouped = moe.moe_infer(pair, idx, weight).numpy()[:1]
+        alone = moe.moe_infer(x, idx[:1], weight[:1]).numpy()
+    np.testing.assert_allclose(alone, grouped, atol=1e-6, rtol=0)
+
+
+def test_fused_rms_norm_equals_the_written_out_norm():
+    norm = DeepseekV2RMSNorm(64, eps=1e-6)
+    rng = np.random.default_rng(3)
+    norm.weight.set_value(rng.uniform(0.5, 1.5, 64).astype(np.float32))
+    x = rng.standard_normal((2, 3, 64)).astype(np.float32)
+    expected = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * norm.weight.numpy()
+    with paddle.no_grad():
+        fused = norm(paddle.to_tensor(x)).numpy()
+    written_out = norm(paddle.to_tensor(x)).numpy()  # grad enabled: the written-out path
+    np.testing.assert_allclose(fused, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(written_out, expected, atol=1e-5, rtol=0)

@@ -38,6 +38,7 @@ __all__ = [
     "add_generation_args",
     "add_model_args",
     "add_output_args",
+    "answer_each",
     "answer_one_turn",
     "check_checkpoint_dir",
     "check_prompt_fits",
@@ -358,6 +359,54 @@ def answer_one_turn(
     out.flush()
     status(f"answer: {answer.timing()}")
     return answer
+
+
+def answer_each(
+    args: argparse.Namespace, contents: Sequence[str], image_paths: Sequence[Sequence[str]], out: Optional[TextIO] = None
+) -> List[Answer]:
+    """Ask ``contents[i]`` about ``image_paths[i]``, one conversation each, generated together as one
+    left-padded batch; print ``{sft_format} {answer}`` per conversation, in order, to ``out`` (stdout).
+
+    Every conversation gets the answer it would get alone (greedy; sampling draws per row). Streaming
+    is for one conversation: ``--stream`` is refused here.
+    """
+    out = out or sys.stdout
+    if args.stream:
+        raise CLIInputError("--stream prints one answer as it comes: ask one conversation (give an image or --question)")
+    config = generation_config(args)
+    conversations = [user_turn(content, paths) for content, paths in zip(contents, image_paths)]
+    images = [load_pil_images(conversation) for conversation in conversations]
+    processor = load_processor(args.model_path)
+    samples = [
+        processor.process_one(conversations=conversation, images=row_images, inference_mode=True, system_prompt="")
+        for conversation, row_images in zip(conversations, images)
+    ]
+    inputs = processor.batchify(samples)
+    prompt_tokens = int(inputs.input_ids.shape[1])
+    check_prompt_fits(prompt_tokens, context_length(args.model_path))
+    status(f"prompts: {len(samples)} conversations of up to {prompt_tokens} tokens")
+    model = load_model(args.model_path, args.dtype)
+    eos_id = processor.eos_id
+    eos_text = processor.decode([eos_id])
+    start = time.perf_counter()
+    rows = model.generate(**inputs, config=config).tolist()
+    seconds = time.perf_counter() - start
+    answers = []
+    for sample, token_ids in zip(samples, rows):
+        if eos_id in token_ids:
+            token_ids = token_ids[: token_ids.index(eos_id) + 1]
+        finished = bool(token_ids) and token_ids[-1] == eos_id
+        text = processor.decode(token_ids[:-1] if finished else token_ids)
+        answer = Answer(text=text, finished=finished, token_ids=token_ids, eos_text=eos_text,
+                        prompt_tokens=len(sample.input_ids), seconds=seconds)
+        out.write(f"{sample.sft_format} {answer.official_text}\n")
+        if args.show_token_ids:
+            out.write("token ids: " + " ".join(str(token) for token in answer.token_ids) + "\n")
+        answers.append(answer)
+    out.flush()
+    status(f"answers: {sum(len(a.token_ids) for a in answers)} new tokens for {len(answers)} conversations "
+           f"in {seconds:.2f} s")
+    return answers
 
 
 def user_errors() -> tuple:

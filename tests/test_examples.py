@@ -185,22 +185,44 @@ def test_chat_keeps_history_attaches_images_and_resets():
     assert result.stdout == "".join(f"<|Assistant|>: {answer}\n" for answer in (answer_1, answer_2, answer_1))
 
 
-def test_default_run_uses_bundled_checkpoint_and_images(capsys):
+def test_default_run_asks_each_demo_image_its_question_in_one_batch(capsys):
     from paddlemix_vl2.apps.multi_image_infer import main, parse_args
-    from paddlemix_vl2.demo import DEFAULT_CHECKPOINT, DEMO_IMAGES
+    from paddlemix_vl2.demo import DEFAULT_CHECKPOINT, DEMO_IMAGES, DEMO_QUESTIONS
     from paddlemix_vl2.models.deepseek_vl2 import DeepseekVLV2ForCausalLM
     from paddlemix_vl2.processors import DeepseekVLV2Processor
 
-    assert main(parse_args(["--max_new_tokens", "3"])) == 0
+    assert main(parse_args(["--max_new_tokens", "12"])) == 0
     printed = capsys.readouterr()
-    content = ("This is image_1: <image>\nThis is image_2: <image>\nThis is image_3: <image>\n"
-               " Can you tell me what are in the images?")
-    conversation = [{"role": "<|User|>", "content": content}, {"role": "<|Assistant|>", "content": ""}]
     model = DeepseekVLV2ForCausalLM.from_pretrained(DEFAULT_CHECKPOINT, progress=False)
     processor = DeepseekVLV2Processor.from_pretrained(DEFAULT_CHECKPOINT)
-    prompt, answer, finished = library_answer(model, processor, conversation, list(DEMO_IMAGES), max_new_tokens=3)
+    lines = []
+    for question, image in zip(DEMO_QUESTIONS, DEMO_IMAGES):
+        conversation = [{"role": "<|User|>", "content": f"<image>\n{question}"}, {"role": "<|Assistant|>", "content": ""}]
+        prompt, answer, finished = library_answer(model, processor, conversation, [image], max_new_tokens=12)
+        lines.append(f"{prompt} {answer}{EOS_TEXT if finished else ''}\n")
+    assert printed.out == "".join(lines)
+    assert "3 conversations" in printed.err
+
+
+def test_a_question_asks_about_all_demo_images_at_once(capsys):
+    from paddlemix_vl2.apps.multi_image_infer import main, parse_args
+    from paddlemix_vl2.demo import DEMO_IMAGES
+
+    assert main(parse_args(["--model_path", TINY, "--max_new_tokens", "3", "--question", "Which is odd?"])) == 0
+    printed = capsys.readouterr()
+    content = "".join(f"This is image_{k}: <image>\n" for k in range(1, 4)) + " Which is odd?"
+    conversation = [{"role": "<|User|>", "content": content}, {"role": "<|Assistant|>", "content": ""}]
+    prompt, answer, finished = library_answer(
+        load_vl("micro-tiny"), load_processor("micro-tiny"), conversation, list(DEMO_IMAGES), max_new_tokens=3
+    )
     assert printed.out == f"{prompt} {answer}{EOS_TEXT if finished else ''}\n"
-    assert "prompt: " in printed.err and "3 image(s)" in printed.err
+    assert "3 image(s)" in printed.err
+
+
+def test_demo_batch_refuses_stream():
+    from paddlemix_vl2.apps.multi_image_infer import cli
+
+    assert cli(["--stream"]) == 2
 
 
 def test_repeated_image_file_takes_any_number_of_images_with_chunked_prefill(capsys):

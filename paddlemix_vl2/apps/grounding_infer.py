@@ -33,7 +33,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     )
     add_model_args(parser)
     group = parser.add_argument_group("input")
-    group.add_argument("--image_file", default=DEMO_IMAGES[0], help="the image (default: a bundled demo image)")
+    group.add_argument("--image_file", default=DEMO_IMAGES[2], help="the image (default: a bundled demo image)")
     prompt = group.add_mutually_exclusive_group()
     prompt.add_argument("--ref", default=DEFAULT_REF, help="what to find, e.g. 'the red circle' (default: %(default)r)")
     prompt.add_argument("--question", default=None,

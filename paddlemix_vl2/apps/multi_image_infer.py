@@ -9,6 +9,10 @@ without either, the bundled demo images are used. The user turn is the official 
      {question}
 
 With more than two images the processor turns tiling off (every image costs 421 tokens).
+
+With neither images nor ``--question`` the run is the bundled demo: each demo image is asked its own
+question (``paddlemix_vl2.demo.DEMO_QUESTIONS``), one conversation per image, answered as one batch. The
+bundled demo model was trained on one image per conversation; real checkpoints answer these too.
 """
 from __future__ import annotations
 
@@ -17,11 +21,13 @@ from typing import List, Optional, Sequence
 
 from ..cli import (
     EXAMPLE_DEFAULTS, CLIArgumentParser, CLIInputError, add_generation_args, add_model_args, add_output_args,
-    answer_one_turn, require_text, run_cli,
+    answer_each, answer_one_turn, require_text, run_cli,
 )
-from ..demo import DEMO_IMAGES
+from ..demo import DEMO_IMAGES, DEMO_QUESTIONS
 
-__all__ = ["DEFAULT_QUESTION", "build_parser", "cli", "image_paths", "main", "multi_image_content", "parse_args"]
+__all__ = [
+    "DEFAULT_QUESTION", "build_parser", "cli", "demo_requested", "image_paths", "main", "multi_image_content", "parse_args",
+]
 
 DEFAULT_QUESTION = "Can you tell me what are in the images?"
 NUMBERED_IMAGE_FLAGS = ("image_file_1", "image_file_2", "image_file_3")
@@ -30,7 +36,8 @@ NUMBERED_IMAGE_FLAGS = ("image_file_1", "image_file_2", "image_file_3")
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = CLIArgumentParser(
         prog=prog, description="Answer a question about several images with DeepSeek-VL2.",
-        epilog="Without image flags the bundled demo images are used.",
+        epilog="Without image flags the bundled demo images are used; with neither images nor --question, each "
+        "demo image is asked its own question (one conversation per image, one batch).",
     )
     add_model_args(parser)
     group = parser.add_argument_group("input")
@@ -38,7 +45,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         group.add_argument(f"--{name}", default=None, help=f"image number {number} (PaddleMIX style)")
     group.add_argument("--image_file", action="append", default=None,
                        help="an image; repeat the flag for more images, in order")
-    group.add_argument("--question", default=DEFAULT_QUESTION, help="the question (default: %(default)r)")
+    group.add_argument("--question", default=None,
+                       help=f"the question about all the images (default with images: {DEFAULT_QUESTION!r})")
     add_generation_args(parser, EXAMPLE_DEFAULTS)
     add_output_args(parser)
     return parser
@@ -71,8 +79,16 @@ def multi_image_content(num_images: int, question: str) -> str:
     return f"{lines} {question}"
 
 
+def demo_requested(args: argparse.Namespace) -> bool:
+    """True when neither images nor a question were given: the run asks each demo image its own question."""
+    return args.question is None and not args.image_file and all(getattr(args, name) is None for name in NUMBERED_IMAGE_FLAGS)
+
+
 def main(args: argparse.Namespace) -> int:
-    question = require_text(args.question, "--question")
+    if demo_requested(args):
+        answer_each(args, [f"<image>\n{question}" for question in DEMO_QUESTIONS], [[path] for path in DEMO_IMAGES])
+        return 0
+    question = require_text(DEFAULT_QUESTION if args.question is None else args.question, "--question")
     paths = image_paths(args)
     answer_one_turn(args, multi_image_content(len(paths), question), paths)
     return 0

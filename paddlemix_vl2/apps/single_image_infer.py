@@ -22,7 +22,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = CLIArgumentParser(prog=prog, description="Answer a question about one image with DeepSeek-VL2.")
     add_model_args(parser)
     group = parser.add_argument_group("input")
-    group.add_argument("--image_file", default=DEMO_IMAGES[0], help="the image (default: a bundled demo image)")
+    group.add_argument("--image_file", default=DEMO_IMAGES[2], help="the image (default: a bundled demo image)")
     group.add_argument("--question", default=DEFAULT_QUESTION, help="the question (default: %(default)r)")
     add_generation_args(parser, EXAMPLE_DEFAULTS)
     add_output_args(parser)

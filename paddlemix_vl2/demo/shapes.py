@@ -48,6 +48,7 @@ __all__ = [
     "to_record",
     "write_dataset",
     "main",
+    "write_text_atomically",
 ]
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def write_dataset(out_dir: str, n: int, seed: int) -> str:
         save_png(example["image"], os.path.join(image_dir, name))
         lines.append(json.dumps(to_record(example, f"{IMAGE_FOLDER}/{name}"), ensure_ascii=False))
     jsonl_path = os.path.join(out_dir, JSONL_NAME)
-    _write_text_atomically(jsonl_path, "\n".join(lines) + "\n")
+    write_text_atomically(jsonl_path, "\n".join(lines) + "\n")
     return jsonl_path
 
 
@@ -250,7 +251,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
         draw.polygon([(apex_x, y1), (x1, y2 - 1), (x2 - 1, y2 - 1)], fill=fill)
 
 
-def _write_text_atomically(path: str, text: str) -> None:
+def write_text_atomically(path: str, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it: no half file is ever seen."""
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:

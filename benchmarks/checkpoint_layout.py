@@ -4,7 +4,7 @@
 test size; ``ModelSpec.from_config`` reads any such config with the official defaults filled in;
 ``tensor_specs`` lists every tensor of the official state_dict (torch Linear weights ``[out, in]``, including
 the unused ``vision.attn_pool.*``); ``parameter_count`` sums them without allocating anything.
-Sources: /work/shared/docs/deepseek_vl2_reference_notes.md sections 2 and 3, and the official
+Sources: the project's notes on the official implementation (config defaults and tensor shapes) and the official
 configuration_deepseek.py / modeling_deepseek_vl_v2.py / siglip_vit.py.
 """
 

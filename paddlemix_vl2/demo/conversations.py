@@ -23,25 +23,21 @@ when a user asks it alone.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
-from ..grounding import box_from_pixels, format_grounding, save_png
+from ..grounding import box_from_pixels, format_grounding
 from .shapes import (
     ASSISTANT_ROLE,
-    IMAGE_FOLDER,
     IMAGE_TAG,
-    JSONL_NAME,
     SHAPE_KINDS,
     USER_ROLE,
     Shape,
     draw_scene,
-    write_text_atomically,
+    write_image_records,
 )
 
 __all__ = [
@@ -110,18 +106,10 @@ def write_conversation_dataset(out_dir: str, n: int, seed: int) -> str:
 
     The files depend only on ``n`` and ``seed``; each file is written under a temporary name first.
     """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive number of images, got {n!r}")
-    image_dir = os.path.join(out_dir, IMAGE_FOLDER)
-    os.makedirs(image_dir, exist_ok=True)
-    rng = random.Random(seed)
-    lines = []
-    for index in range(1, n + 1):
+
+    def draw(rng: random.Random) -> Tuple[Image.Image, Callable[[str], Dict[str, Any]]]:
         image, shapes = draw_scene(rng)
         questions = training_questions(scene_questions(image, shapes), rng)
-        name = f"{index:06d}.png"
-        save_png(image, os.path.join(image_dir, name))
-        lines.append(json.dumps(conversation_record(questions, f"{IMAGE_FOLDER}/{name}"), ensure_ascii=False))
-    jsonl_path = os.path.join(out_dir, JSONL_NAME)
-    write_text_atomically(jsonl_path, "\n".join(lines) + "\n")
-    return jsonl_path
+        return image, lambda image_path: conversation_record(questions, image_path)
+
+    return write_image_records(out_dir, n, seed, draw)

@@ -31,7 +31,7 @@ import os
 import random
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
@@ -47,6 +47,7 @@ __all__ = [
     "make_example",
     "to_record",
     "write_dataset",
+    "write_image_records",
     "main",
     "write_text_atomically",
 ]
@@ -166,6 +167,21 @@ def write_dataset(out_dir: str, n: int, seed: int) -> str:
     The files depend only on ``n`` and ``seed``. Every file is written to a temporary name and then
     renamed, so an interrupted run leaves no half-written file behind.
     """
+
+    def draw(rng: random.Random) -> Tuple[Image.Image, Callable[[str], Dict[str, Any]]]:
+        example = make_example(rng)
+        return example["image"], lambda image_path: to_record(example, image_path)
+
+    return write_image_records(out_dir, n, seed, draw)
+
+
+def write_image_records(
+    out_dir: str, n: int, seed: int, draw: Callable[[random.Random], Tuple[Image.Image, Callable[[str], Dict[str, Any]]]]
+) -> str:
+    """The writer behind every synthetic-shapes data set: ``draw(rng)`` gives an image and the function
+    that turns the image's relative path into its fine-tune record. Images go to
+    ``out_dir/images/000001.png ...``, the records to ``out_dir/train.jsonl`` (written atomically);
+    returns the JSONL path. ``random.Random(seed)`` drives every choice."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive number of examples, got {n!r}")
     image_dir = os.path.join(out_dir, IMAGE_FOLDER)
@@ -173,10 +189,10 @@ def write_dataset(out_dir: str, n: int, seed: int) -> str:
     rng = random.Random(seed)
     lines = []
     for index in range(1, n + 1):
-        example = make_example(rng)
+        image, to_record_at = draw(rng)
         name = f"{index:06d}.png"
-        save_png(example["image"], os.path.join(image_dir, name))
-        lines.append(json.dumps(to_record(example, f"{IMAGE_FOLDER}/{name}"), ensure_ascii=False))
+        save_png(image, os.path.join(image_dir, name))
+        lines.append(json.dumps(to_record_at(f"{IMAGE_FOLDER}/{name}"), ensure_ascii=False))
     jsonl_path = os.path.join(out_dir, JSONL_NAME)
     write_text_atomically(jsonl_path, "\n".join(lines) + "\n")
     return jsonl_path

@@ -370,6 +370,8 @@ def answer_each(
     Every conversation gets the answer it would get alone (greedy; sampling draws per row). Streaming
     is for one conversation: ``--stream`` is refused here.
     """
+    from .generation import split_at_eos
+
     out = out or sys.stdout
     if args.stream:
         raise CLIInputError("--stream prints one answer as it comes: ask one conversation (give an image or --question)")
@@ -393,11 +395,9 @@ def answer_each(
     seconds = time.perf_counter() - start
     answers = []
     for sample, token_ids in zip(samples, rows):
-        if eos_id in token_ids:
-            token_ids = token_ids[: token_ids.index(eos_id) + 1]
-        finished = bool(token_ids) and token_ids[-1] == eos_id
-        text = processor.decode(token_ids[:-1] if finished else token_ids)
-        answer = Answer(text=text, finished=finished, token_ids=token_ids, eos_text=eos_text,
+        answer_ids, finished = split_at_eos(token_ids, eos_id)
+        answer = Answer(text=processor.decode(answer_ids), finished=finished,
+                        token_ids=answer_ids + [eos_id] * finished, eos_text=eos_text,
                         prompt_tokens=len(sample.input_ids), seconds=seconds)
         out.write(f"{sample.sft_format} {answer.official_text}\n")
         if args.show_token_ids:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import paddle
 
 from .sampling import SamplingGenerator, SamplingParams, StopStringMatcher, StreamDecoder, sample_next_token
 
-__all__ = ["GenerationConfig", "prefill", "decode_one_token", "generate", "stream_generate", "PromptTooLongError"]
+__all__ = [
+    "GenerationConfig", "prefill", "decode_one_token", "generate", "stream_generate", "split_at_eos", "PromptTooLongError",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -220,3 +222,14 @@ def stream_generate(
         rest = matcher.flush()
         if rest:
             yield rest
+
+
+def split_at_eos(token_ids: Sequence[int], eos_token_id: int) -> Tuple[List[int], bool]:
+    """One row of ``generate``'s output -> (the answer's ids before the first eos, whether eos came).
+
+    Rows that finish early are padded after their eos, so everything from the first eos on is dropped.
+    """
+    token_ids = list(token_ids)
+    if eos_token_id in token_ids:
+        return token_ids[: token_ids.index(eos_token_id)], True
+    return token_ids, False

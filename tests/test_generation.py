@@ -4,7 +4,7 @@ import paddle
 import pytest
 
 from lm_golden import expected, load_lm, load_processor, load_vl, process_case
-from paddlemix_vl2.generation import GenerationConfig, PromptTooLongError, generate, prefill
+from paddlemix_vl2.generation import GenerationConfig, PromptTooLongError, generate, prefill, split_at_eos
 
 
 @pytest.mark.parametrize("name", ["micro-tiny", "micro-small"])
@@ -65,6 +65,12 @@ def test_finished_rows_are_padded_with_eos():
     batch = paddle.concat([ids, ids], axis=0)
     out = generate(lm, input_ids=batch, max_new_tokens=3, eos_token_id=first, pad_token_id=7).numpy()
     assert out.tolist() == [[first], [first]]
+
+
+def test_split_at_eos_drops_the_eos_and_the_padding_after_it():
+    assert split_at_eos([5, 6, 1, 1, 1], eos_token_id=1) == ([5, 6], True)
+    assert split_at_eos([1, 9], eos_token_id=1) == ([], True)
+    assert split_at_eos([5, 6], eos_token_id=1) == ([5, 6], False)
 
 
 def test_prompt_over_the_context_is_refused_before_any_work():

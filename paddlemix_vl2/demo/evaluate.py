@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import paddle
 from PIL import Image
 
+from ..generation import split_at_eos
 from ..grounding import GroundingParseWarning, boxes_to_pixels, parse_grounding
 from ..models.deepseek_vl2 import DeepseekVLV2ForCausalLM
 from ..processors import DeepseekVLV2Processor
@@ -168,12 +169,7 @@ def _answer(
     batch = processor.batchify(samples)
     with paddle.no_grad():
         tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)  # [B, N]
-    answers = []
-    for row in tokens.numpy().tolist():
-        if processor.eos_id in row:
-            row = row[:row.index(processor.eos_id)]
-        answers.append(processor.decode(row).strip())
-    return answers
+    return [processor.decode(split_at_eos(row, processor.eos_id)[0]).strip() for row in tokens.numpy().tolist()]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -461,3 +461,19 @@ def test_learning_rate_schedules(schedule):
     # warmup_ratio 0.2 of 10 steps: 2 warmup steps reaching the peak, then 8 steps of decay (or none).
     decay = [1.0 - k / 8 for k in range(8)] if schedule == "linear" else [1.0] * 8
     np.testing.assert_allclose(rates, [0.5, 1.0] + decay, rtol=1e-12)
+
+
+def test_two_processes_train_like_one_with_the_same_batch(shapes_dataset, tmp_path):
+    """Data parallel (two CPU processes, gloo): the gradients averaged over the processes give the weights
+    of one process accumulating the same two micro-batches (tests/data_parallel_case.py)."""
+    import data_parallel_case
+
+    data_parallel_case.train(shapes_dataset, str(tmp_path / "one"))
+    paddle.distributed.spawn(data_parallel_case.train, args=(shapes_dataset, str(tmp_path / "two")), nprocs=2)
+    one, two = (DeepseekVLV2ForCausalLM.from_pretrained(str(tmp_path / name / "float32"), dtype=paddle.float32,
+                                                       progress=False).state_dict() for name in ("one", "two"))
+    initial = DeepseekVLV2ForCausalLM.from_pretrained(MICRO_TINY, dtype=paddle.float32, progress=False).state_dict()
+    moved = [name for name in one if not np.array_equal(one[name].numpy(), initial[name].numpy())]
+    assert len(moved) > len(one) // 2
+    for name in one:
+        np.testing.assert_allclose(two[name].numpy(), one[name].numpy(), rtol=0, atol=1e-5, err_msg=name)

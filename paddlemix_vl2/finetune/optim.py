@@ -62,7 +62,7 @@ class AdamW:
 
     def sync_touched(self) -> None:
         """Data-parallel runs: a parameter counts as updated when any process gave it a gradient, so
-        every replica takes the same step (the gradients themselves are averaged by DataParallel)."""
+        every replica takes the same step (the trainer averages the gradients themselves)."""
         flags = paddle.to_tensor([int(name in self.touched) for name, _ in self.params], dtype=paddle.int32)
         paddle.distributed.all_reduce(flags, op=paddle.distributed.ReduceOp.MAX)
         self.touched = {name for (name, _), flag in zip(self.params, flags.tolist()) if flag}

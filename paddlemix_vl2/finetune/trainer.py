@@ -189,7 +189,9 @@ class Trainer:
             total, f"{trainable:,}", f"{everything:,}", len(self.dataset), config.per_device_train_batch_size,
             config.gradient_accumulation_steps, self.world_size,
         )
-        model = self._parallel_model()
+        model = self.model
+        if self.world_size > 1:
+            self._start_data_parallel()
         model.train()
         bar = _ProgressBar(total, start, enabled=self.rank == 0)
         for step in range(start, total):
@@ -203,6 +205,8 @@ class Trainer:
                 loss.backward()
                 losses.append(float(loss))
             grad_norm = self._finish_gradients()
+            if self.world_size > 1:
+                losses = self._mean_over_processes(losses)
             if self.world_size > 1:
                 optimizer.sync_touched()
             optimizer.step(lr)
@@ -226,28 +230,58 @@ class Trainer:
         return self.log_history
 
     def _finish_gradients(self) -> float:
-        """Average the accumulated gradients, clip them to ``max_grad_norm``; returns the global norm.
+        """Average the accumulated gradients (over micro-batches and processes), clip them to
+        ``max_grad_norm``; returns the global norm.
 
         The gradients are averaged after the backward passes instead of scaling each loss: the MoE
         layers feed their aux loss into backward with gradient 1 whatever the loss scale, so scaling the
         loss would over-weight the aux loss by the accumulation count.
         """
-        accumulation = self.config.gradient_accumulation_steps
         params = [param for _, param in self.params]
-        if accumulation > 1:
+        if self.world_size > 1:
+            self._sum_gradients_over_processes(params)
+        scale = 1.0 / (self.config.gradient_accumulation_steps * self.world_size)
+        if scale != 1.0:
             with paddle.no_grad():
                 for param in params:
                     if param.grad is not None:
-                        param.grad.scale_(1.0 / accumulation)
+                        param.grad.scale_(scale)
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         return float(paddle.nn.utils.clip_grad_norm_(params, max_norm))
 
-    def _parallel_model(self) -> nn.Layer:
-        if self.world_size <= 1:
-            return self.model
-        paddle.distributed.init_parallel_env()
-        # Routed experts that receive no token in a step have no gradient.
-        return paddle.DataParallel(self.model, find_unused_parameters=True)
+    def _start_data_parallel(self) -> None:
+        """Join the process group and give every process rank 0's weights (a head built at random on
+        each process would otherwise differ)."""
+        if not paddle.distributed.is_initialized():
+            paddle.distributed.init_parallel_env()
+        with paddle.no_grad():
+            for _, param in self.params:
+                paddle.distributed.broadcast(param, src=0)
+
+    def _mean_over_processes(self, values: List[float]) -> List[float]:
+        """Each process's micro-batch losses averaged over the processes (for the log)."""
+        summed = paddle.to_tensor(values, dtype=paddle.float32)
+        paddle.distributed.all_reduce(summed)
+        return (summed / self.world_size).tolist()
+
+    @staticmethod
+    @paddle.no_grad()
+    def _sum_gradients_over_processes(params: List[paddle.Tensor]) -> None:
+        """Sum every gradient over the processes in one all-reduce of a flat float32 buffer.
+
+        NOTE(port): not ``paddle.DataParallel``: its reducer counts each parameter once per backward and
+        stops with "parameter ... has been ready before" on this model, whose MoE layers feed their aux
+        loss into backward separately. A routed expert that got no token here has no gradient yet; it
+        joins the sum as zeros (the optimizer's ``sync_touched`` then updates it everywhere or nowhere).
+        """
+        for param in params:
+            if param.grad is None:
+                param.grad = paddle.zeros_like(param)
+        grads = [param.grad for param in params]
+        flat = paddle.concat([grad.astype(paddle.float32).reshape([-1]) for grad in grads])
+        paddle.distributed.all_reduce(flat)
+        for grad, summed in zip(grads, paddle.split(flat, [int(grad.numel()) for grad in grads])):
+            grad.set_value(summed.reshape(grad.shape).astype(grad.dtype))
 
     def _resolve_checkpoint(self, value: str) -> str:
         if value == "latest":

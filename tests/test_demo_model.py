@@ -128,17 +128,26 @@ def test_training_conversations_never_give_an_answer_away():
 
 
 def test_train_demo_command_runs_end_to_end(tmp_path):
-    """The reproduce command at toy scale: data, initial checkpoint, trainer, shipped shards, reload, scoring."""
+    """The reproduce command at toy scale: data, initial checkpoint, vision stage, trainer, shipped shards,
+    reload, scoring."""
     out = tmp_path / "demo"
-    report = train_demo_main(["--out", str(out), "--train_images", "16", "--epochs", "1", "--eval_images", "1",
-                              "--max_shard_mb", "3"])
-    assert report["steps"] == 2 and np.isfinite(report["final_loss"])
+    report = train_demo_main(["--out", str(out), "--vision_images", "32", "--train_images", "16", "--epochs", "1",
+                              "--eval_images", "1", "--max_shard_mb", "3"])
+    assert report["vision_steps"] == 2 and np.isfinite(report["vision_final_loss"])
+    assert report["steps"] == 1 and np.isfinite(report["final_loss"])  # 16 conversations, batch 16
+    work = tmp_path / "demo.work"
+    init, stage2 = (
+        DeepseekVLV2ForCausalLM.from_pretrained(str(work / name), progress=False).state_dict()
+        for name in ("init", "stage2_init")
+    )
+    changed = {name for name in init if not np.array_equal(init[name].numpy(), stage2[name].numpy())}
+    assert changed and all(name.startswith("vision.") for name in changed)  # stage 1 trains the tower only
     with open(out / "model.safetensors.index.json", encoding="utf-8") as f:
         shards = set(json.load(f)["weight_map"].values())
     assert len(shards) >= 2 and all(tensor_bytes(out / name) <= 3e6 for name in shards)
     assert set(report["evaluation"]) >= {"shape", "color", "count", "grounding"}
-    with open(tmp_path / "demo.work" / "train_report.json", encoding="utf-8") as f:
-        assert json.load(f)["steps"] == 2
+    with open(work / "train_report.json", encoding="utf-8") as f:
+        assert json.load(f)["steps"] == 1
 
 
 def tensor_bytes(path):

@@ -73,14 +73,22 @@ class DemoModelSizes:
 
 @dataclass(frozen=True)
 class DemoTrainingSettings:
-    """Data set, seeds and optimisation of the demo run (the trainer's ``TrainingConfig`` fields)."""
+    """Data sets, seeds and optimisation of the two stages of the demo run (stage 2 uses the trainer's
+    ``TrainingConfig`` field names; both share the weight decay, betas and clipping)."""
 
-    train_images: int = 12000
+    # Stage 1, the vision tower alone (``vision_pretraining``): scenes drawn on the fly, one epoch.
+    vision_images: int = 14400
+    vision_seed: int = 4
+    vision_batch_size: int = 16  # over all processes
+    vision_learning_rate: float = 1e-3
+    vision_warmup_steps: int = 50
+    # Stage 2, the whole model on the questions.
+    train_images: int = 15000
     dataset_seed: int = 1
     init_seed: int = 2
     train_seed: int = 3
-    num_train_epochs: float = 1.75
-    per_device_train_batch_size: int = 8
+    num_train_epochs: float = 2.0
+    train_batch_size: int = 16  # conversations per step over all processes
     gradient_accumulation_steps: int = 1
     # Measured: 2e-3 (and 1e-3 .. 3e-3 in earlier runs) left the colour question at chance for hundreds
     # of steps where 5e-4 learnt it; the vision tower and the copy of the grounding label need the

@@ -77,12 +77,12 @@ class DemoTrainingSettings:
     ``TrainingConfig`` field names; both share the weight decay, betas and clipping)."""
 
     # Stage 1, the vision tower alone (``vision_pretraining``): scenes drawn on the fly, one epoch.
-    vision_images: int = 14400
+    vision_images: int = 19200
     vision_seed: int = 4
     vision_batch_size: int = 16  # over all processes
     vision_learning_rate: float = 1e-3
     vision_warmup_steps: int = 50
-    # Stage 2, the whole model on the questions.
+    # Stage 2, the projector and the language model on the questions (the tower stays frozen).
     train_images: int = 15000
     dataset_seed: int = 1
     init_seed: int = 2

@@ -12,9 +12,10 @@ process of two threads.
 2. ``WORK/init``: the random-initialisation checkpoint in the official layout, with the demo tokenizer
    and processor files (``recipe.write_initial_checkpoint``, seed ``init_seed``);
 3. ``WORK/vision``: stage 1, the vision tower of ``WORK/init`` pretrained alone on ``vision_images``
-   scenes with a throw-away presence head (``vision_pretraining``; checkpoints for ``--resume``); the
-   model with that tower is written to ``WORK/stage2_init`` (float32);
-4. ``WORK/train``: stage 2, full-parameter training from ``WORK/stage2_init`` with ``paddlemix_vl2.finetune``
+   scenes with a throw-away presence and box head (``vision_pretraining``; checkpoints for ``--resume``);
+   the model with that tower is written to ``WORK/stage2_init`` (float32);
+4. ``WORK/train``: stage 2, the projector and the language model trained from ``WORK/stage2_init`` with
+   the tower frozen (``prepare_model(freeze_vision=True)``), with ``paddlemix_vl2.finetune``
    (``load_dataset``, ``FinetuneCollator``, ``Trainer`` with AdamW, warmup + cosine schedule and
    checkpoints every ``--save_steps``; ``--resume`` continues an interrupted run), loss
    ``answer_loss.per_answer_loss``;
@@ -119,7 +120,7 @@ def train_demo(
     started = time.perf_counter()
     dataset = load_dataset(jsonl, processor, MAX_SEQ_LENGTH)
     model = load_model_for_training(stage2_dir, progress=False)
-    prepare_model(model)
+    prepare_model(model, freeze_vision=True)
     timings["load_and_check_seconds"] = time.perf_counter() - started
 
     config = _stage_config(settings, train_dir, settings.learning_rate, settings.num_train_epochs,

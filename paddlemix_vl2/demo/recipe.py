@@ -77,7 +77,7 @@ class DemoTrainingSettings:
     ``TrainingConfig`` field names; both share the weight decay, betas and clipping)."""
 
     # Stage 1, the vision tower alone (``vision_pretraining``): scenes drawn on the fly, one epoch.
-    vision_images: int = 19200
+    vision_images: int = 14400
     vision_seed: int = 4
     vision_batch_size: int = 16  # over all processes
     vision_learning_rate: float = 1e-3

@@ -12,7 +12,7 @@ process of two threads.
 2. ``WORK/init``: the random-initialisation checkpoint in the official layout, with the demo tokenizer
    and processor files (``recipe.write_initial_checkpoint``, seed ``init_seed``);
 3. ``WORK/vision``: stage 1, the vision tower of ``WORK/init`` pretrained alone on ``vision_images``
-   scenes with a throw-away presence and box head (``vision_pretraining``; checkpoints for ``--resume``);
+   scenes with a throw-away presence head (``vision_pretraining``; checkpoints for ``--resume``);
    the model with that tower is written to ``WORK/stage2_init`` (float32);
 4. ``WORK/train``: stage 2, the projector and the language model trained from ``WORK/stage2_init`` with
    the tower frozen (``prepare_model(freeze_vision=True)``), with ``paddlemix_vl2.finetune``

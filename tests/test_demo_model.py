@@ -28,6 +28,23 @@ TEST_IMAGES = 100
 MAX_CHECKPOINT_BYTES = 20 * 1000 * 1000
 
 
+def _short_of_target(measured):
+    return pytest.mark.xfail(strict=True, reason=(
+        f"known shortfall tracked in issue 8: the bundled demo model scores {measured} here; the test keeps "
+        "the issue's threshold and, being strict, fails once a retrained model meets it"
+    ))
+
+
+# The issue's thresholds; the marks record where the shipped model falls short (measured on this test's
+# 100 images: shape 28/29, colour 84/127, count 84/100, grounding 2/212).
+THRESHOLDS = [
+    ("shape", 0.95),
+    pytest.param("color", 0.95, marks=_short_of_target("0.66 (84/127)")),
+    pytest.param("count", 0.95, marks=_short_of_target("0.84 (84/100)")),
+    pytest.param("grounding", 0.80, marks=_short_of_target("0.01 (2/212 boxes with IoU >= 0.5)")),
+]
+
+
 @pytest.fixture(scope="module")
 def demo():
     model = DeepseekVLV2ForCausalLM.from_pretrained(DEFAULT_CHECKPOINT, progress=False)
@@ -66,19 +83,17 @@ def test_shipped_tokenizer_is_reproduced_by_the_builder(tmp_path):
             assert shipped.read() == built.read(), name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known shortfall tracked in issue 8: the bundled demo model does not yet recognise shapes "
-    "(measured here: shape 0.31, colour 0.61, count 0.80, grounding 0.02 against 0.95/0.95/0.95/0.80); "
-    "the test keeps the real thresholds and, being strict, fails once a retrained model meets them"
-))
-def test_demo_model_answers_fresh_images(demo):
+@pytest.fixture(scope="module")
+def scores(demo):
     model, processor = demo
-    result = evaluate(model, processor, n_images=TEST_IMAGES, seed=TEST_SEED, batch_size=32)
-    figures = result.to_dict()
-    assert all(result.total[kind] > 0 for kind in ("shape", "color", "count", "grounding")), figures
-    for kind in ("shape", "color", "count"):
-        assert result.accuracy(kind) >= 0.95, (kind, figures, result.failures[:10])
-    assert result.accuracy("grounding") >= 0.80, (figures, result.failures[:10])
+    return evaluate(model, processor, n_images=TEST_IMAGES, seed=TEST_SEED, batch_size=32)
+
+
+@pytest.mark.parametrize("kind, threshold", THRESHOLDS)
+def test_demo_model_answers_fresh_images(scores, kind, threshold):
+    assert scores.total[kind] > 0, scores.to_dict()
+    misses = [failure for failure in scores.failures if failure[0] == kind]
+    assert scores.accuracy(kind) >= threshold, (scores.to_dict()[kind], misses[:10])
 
 
 def test_box_iou_against_hand_values():
@@ -142,6 +157,10 @@ def test_train_demo_command_runs_end_to_end(tmp_path):
     )
     changed = {name for name in init if not np.array_equal(init[name].numpy(), stage2[name].numpy())}
     assert changed and all(name.startswith("vision.") for name in changed)  # stage 1 trains the tower only
+    shipped = DeepseekVLV2ForCausalLM.from_pretrained(str(out), progress=False).state_dict()
+    as_shipped = {name: stage2[name].astype("bfloat16").astype("float32").numpy() for name in stage2}
+    trained = {name for name in stage2 if not np.array_equal(shipped[name].numpy(), as_shipped[name])}
+    assert trained and not any(name.startswith("vision.") for name in trained)  # stage 2: tower frozen
     with open(out / "model.safetensors.index.json", encoding="utf-8") as f:
         shards = set(json.load(f)["weight_map"].values())
     assert len(shards) >= 2 and all(tensor_bytes(out / name) <= 3e6 for name in shards)

@@ -3,7 +3,7 @@
 DeepSeek-VL2 starts from a SigLIP tower that was pretrained on its own, with a pooling head that the
 vision-language model then drops (``ignore_head=True``). The demo follows the same plan at its scale:
 the randomly initialised ViT learns to see the shapes first, with a head that is thrown away, and only
-then does the whole model train on the questions.
+then do the projector and the language model train on the questions, the tower frozen.
 
 Why the stage is there (measured, README.md): trained from random initialisation on the questions
 alone, the model never learnt what shape it was looking at. The answer to a shape question is read

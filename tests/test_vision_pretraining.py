@@ -2,7 +2,6 @@
 import random
 
 import numpy as np
-import paddle
 
 from paddlemix_vl2.demo import DEFAULT_CHECKPOINT
 from paddlemix_vl2.demo.shapes import Shape, draw_scene

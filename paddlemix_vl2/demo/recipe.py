@@ -90,9 +90,9 @@ class DemoTrainingSettings:
     num_train_epochs: float = 2.0
     train_batch_size: int = 16  # conversations per step over all processes
     gradient_accumulation_steps: int = 1
-    # Measured: 2e-3 (and 1e-3 .. 3e-3 in earlier runs) left the colour question at chance for hundreds
-    # of steps where 5e-4 learnt it; the vision tower and the copy of the grounding label need the
-    # smaller step.
+    # Measured in the earlier one-stage runs (tower trained with the LM): 2e-3 (and 1e-3 .. 3e-3) left the
+    # colour question at chance for hundreds of steps where 5e-4 learnt it; not re-measured with the
+    # frozen tower.
     learning_rate: float = 6e-4
     warmup_steps: int = 100
     lr_scheduler_type: str = "cosine"

@@ -3,9 +3,10 @@
     python -m paddlemix_vl2.demo.train_demo --out DIR --nproc 2 [--work_dir WORK]
 
 One command, fully seeded (``recipe.DemoTrainingSettings``). ``--nproc N`` trains both stages with N
-data-parallel processes on the CPU (gloo), each batch split over them, so the result does not depend on
-N beyond rounding; on the 2-core machine two processes of one thread make 1.7x the steps of one
-process of two threads.
+data-parallel processes on the CPU (gloo), each batch split over them. Stage 1 does not depend on N
+beyond rounding; stage 2 does a little, since each process averages its loss over the answers of its
+own share of the batch before the gradients are averaged. On the 2-core machine two processes of one
+thread do more steps per second than one process of two threads.
 
 1. ``WORK/data``: the training set, one conversation per image with all of its questions
    (``conversations.write_conversation_dataset``, seed ``dataset_seed``);
@@ -268,7 +269,8 @@ def _run_spawned(args: argparse.Namespace, work_dir: str) -> None:
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    # force: importing paddle has already given the root logger a handler of its own.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr, force=True)
 
 
 if __name__ == "__main__":

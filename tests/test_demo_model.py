@@ -6,8 +6,10 @@ type and checks the issue's thresholds: shape, colour and count answers at least
 boxes with IoU >= 0.5 in at least 80% of cases.
 """
 import json
+import multiprocessing
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from paddlemix_vl2.demo import DEFAULT_CHECKPOINT, DEMO_IMAGES, DEMO_QUESTIONS, 
 from paddlemix_vl2.demo.answer_loss import answer_weights
 from paddlemix_vl2.demo.conversations import scene_questions, training_questions
 from paddlemix_vl2.demo.shapes import draw_scene
-from paddlemix_vl2.demo.train_demo import main as train_demo_main
+from paddlemix_vl2.demo.train_demo import join_or_stop, main as train_demo_main
 from paddlemix_vl2.demo.evaluate import QUESTION_KINDS, box_iou, evaluate, grounding_iou
 from paddlemix_vl2.demo.vocabulary import write_tokenizer_files
 from paddlemix_vl2.models.deepseek_vl2 import DeepseekVLV2ForCausalLM
@@ -173,6 +175,24 @@ def test_train_demo_command_runs_end_to_end(tmp_path):
     assert set(report["evaluation"]) >= {"shape", "color", "count", "grounding"}
     with open(work / "train_report.json", encoding="utf-8") as f:
         assert json.load(f)["steps"] == 1
+
+
+class _InterruptedContext:
+    """A spawn context whose wait is interrupted (Ctrl-C) while its processes still run."""
+
+    def __init__(self, processes):
+        self.processes = processes
+
+    def join(self):
+        raise KeyboardInterrupt
+
+
+def test_interrupting_a_data_parallel_run_stops_its_processes():
+    process = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    process.start()
+    with pytest.raises(KeyboardInterrupt):
+        join_or_stop(_InterruptedContext([process]))
+    assert not process.is_alive() and process.exitcode is not None
 
 
 def tensor_bytes(path):

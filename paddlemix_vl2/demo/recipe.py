@@ -58,7 +58,9 @@ class DemoModelSizes:
     vision_layers: int = 3
     vision_heads: int = 4
     hidden_size: int = 192
-    num_layers: int = 3  # the first one dense, the rest mixture-of-experts
+    # The first one dense, the rest mixture-of-experts. With 3 the colour of an asked shape among several
+    # stayed near 0.6 (it needs three steps of attention); 6 reached 0.945 (README.md).
+    num_layers: int = 6
     num_heads: int = 4
     kv_lora_rank: int = 96
     qk_nope_head_dim: int = 48
@@ -87,7 +89,7 @@ class DemoTrainingSettings:
     dataset_seed: int = 1
     init_seed: int = 2
     train_seed: int = 3
-    num_train_epochs: float = 2.0
+    num_train_epochs: float = 1.3  # 1,220 steps: the 6-layer step costs about 1.8 s, and the hour must hold
     train_batch_size: int = 16  # conversations per step over all processes
     gradient_accumulation_steps: int = 1
     # Measured in the earlier one-stage runs (tower trained with the LM): 2e-3 (and 1e-3 .. 3e-3) left the

@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import random
+import signal
 import time
 
 import numpy as np
@@ -193,8 +194,28 @@ def test_interrupting_a_data_parallel_run_stops_its_processes():
     process = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
     process.start()
     with pytest.raises(KeyboardInterrupt):
-        join_or_stop(_InterruptedContext([process]))
+        join_or_stop(_InterruptedContext([process]), grace_seconds=5)
     assert not process.is_alive() and process.exitcode is not None
+
+
+def _sleep_deaf_to_sigterm(ready):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_trainer_that_does_not_stop_on_sigterm_is_killed_after_the_grace_period():
+    """Stands for a trainer whose SIGTERM handler deadlocked (paddle's allocates inside the handler)."""
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    process = context.Process(target=_sleep_deaf_to_sigterm, args=(ready,))
+    process.start()
+    assert ready.wait(30), "the child process did not start"
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        join_or_stop(_InterruptedContext([process]), grace_seconds=1)
+    assert process.exitcode == -signal.SIGKILL
+    assert 1 <= time.monotonic() - started < 30
 
 
 def tensor_bytes(path):

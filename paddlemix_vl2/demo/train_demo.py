@@ -247,10 +247,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return report
 
 
-def join_or_stop(context: Any) -> None:
+def join_or_stop(context: Any, grace_seconds: float = 10.0) -> None:
     """Wait for the processes of a ``paddle.distributed.spawn(join=False)`` context; when this process is
     interrupted or sent SIGTERM, stop them first. Paddle leaves them running otherwise, and an orphaned
-    trainer would go on writing checkpoints into the work folder a restarted run is using."""
+    trainer would go on writing checkpoints into the work folder a restarted run is using.
+
+    A process still alive ``grace_seconds`` after SIGTERM is killed: paddle's own SIGTERM handler
+    allocates memory, so a SIGTERM that lands inside ``malloc`` deadlocks the process (seen with gdb).
+    """
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         while not context.join():
@@ -260,7 +264,11 @@ def join_or_stop(context: Any) -> None:
         for process in context.processes:
             if process.is_alive():
                 process.terminate()
-            process.join()
+        for process in context.processes:
+            process.join(grace_seconds)
+            if process.is_alive():
+                process.kill()
+                process.join()
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -282,6 +290,8 @@ def _run(args: argparse.Namespace, work_dir: str) -> Optional[Dict[str, Any]]:
 
 
 def _run_spawned(args: argparse.Namespace, work_dir: str) -> None:
+    # The default action, not paddle's handler, which can deadlock (see join_or_stop).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _configure_logging()
     if paddle.distributed.get_rank() != 0:
         # The package logger, not the root: importing paddle.distributed installs its own root handler.

@@ -3,9 +3,27 @@
 Paddle forces ``OMP_NUM_THREADS=1`` when it is unset, and its bundled MKL takes a slow code path on
 AMD CPUs unless ``MKL_DEBUG_CPU_TYPE=5`` (4x faster fp32 matmul on the Zen 4 CI machine, same results).
 Values the user has set are kept.
+
+Subnormal floats (below 1.2e-38 in float32) are flushed to zero on x86-64 CPUs, as
+``torch.set_flush_denormal(True)`` does: x86 arithmetic on subnormals takes a slow microcode path, and
+sharp attention makes them (softmax probabilities under e^-87, and their gradients). Measured on the CI
+machine: a 2000^2 matmul of subnormal inputs takes 10.4 s against 65 ms; one matmul gradient in a demo
+training step took 450 ms instead of about 3. The change in any result is below 1.2e-38 per element.
+``PADDLEMIX_VL2_KEEP_DENORMALS=1`` keeps them. Threads inherit the setting when they are created, so it is
+made before Paddle starts its thread pool.
 """
+import ctypes
+import ctypes.util
 import os
+import platform
 import sys
+
+KEEP_DENORMALS_VARIABLE = "PADDLEMIX_VL2_KEEP_DENORMALS"
+
+# MXCSR bits: flush-to-zero (subnormal results become 0) and denormals-are-zero (subnormal inputs read as 0).
+_MXCSR_FTZ_DAZ = 0x8000 | 0x0040
+# glibc's x86-64 fenv_t: 28 bytes of x87 state, then the 32-bit MXCSR.
+_FENV_WORDS, _MXCSR_WORD = 8, 7
 
 
 def configure_cpu_threads() -> None:
@@ -13,3 +31,24 @@ def configure_cpu_threads() -> None:
         return
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+
+
+def flush_denormals() -> bool:
+    """Set flush-to-zero and denormals-are-zero for this thread and the threads it starts later.
+
+    Returns whether the CPU now flushes subnormals: False where the mode is not available (not x86-64
+    Linux with glibc) or when ``PADDLEMIX_VL2_KEEP_DENORMALS=1``.
+    """
+    if os.environ.get(KEEP_DENORMALS_VARIABLE) == "1":
+        return False
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    except OSError:
+        return False
+    env = (ctypes.c_uint32 * _FENV_WORDS)()
+    if libm.fegetenv(ctypes.byref(env)) != 0:
+        return False
+    env[_MXCSR_WORD] |= _MXCSR_FTZ_DAZ
+    return libm.fesetenv(ctypes.byref(env)) == 0

@@ -1,0 +1,41 @@
+"""Process settings made when the package is imported (paddlemix_vl2/_env.py)."""
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from paddlemix_vl2._env import KEEP_DENORMALS_VARIABLE
+
+# A subnormal float32 through numpy and through a two-thread Paddle matmul, in a fresh process.
+_PROBE = """
+import numpy as np
+import paddlemix_vl2
+import paddle
+tiny = np.float32(1e-39)
+ones = paddle.ones([256, 256])
+print(float(tiny * np.float32(1.0)), float(paddle.matmul(paddle.full([256, 256], 1e-39), ones).max()))
+"""
+
+
+def _probe(keep_denormals: bool):
+    env = {name: value for name, value in os.environ.items() if name != KEEP_DENORMALS_VARIABLE}
+    env["OMP_NUM_THREADS"] = "2"
+    if keep_denormals:
+        env[KEEP_DENORMALS_VARIABLE] = "1"
+    completed = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, check=True)
+    return [float(value) for value in completed.stdout.split()]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or sys.platform != "linux",
+                    reason="the flush mode is set on x86-64 Linux only")
+def test_importing_the_package_flushes_subnormals_in_every_thread():
+    numpy_product, matmul_max = _probe(keep_denormals=False)
+    assert numpy_product == 0.0 and matmul_max == 0.0
+
+
+def test_subnormals_are_kept_on_request():
+    numpy_product, matmul_max = _probe(keep_denormals=True)
+    assert numpy_product == pytest.approx(1e-39, rel=1e-3)
+    assert matmul_max == pytest.approx(256e-39, rel=1e-3)

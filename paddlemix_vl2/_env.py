@@ -9,8 +9,9 @@ Subnormal floats (below 1.2e-38 in float32) are flushed to zero on x86-64 CPUs, 
 sharp attention makes them (softmax probabilities under e^-87, and their gradients). Measured on the CI
 machine: a 2000^2 matmul of subnormal inputs takes 10.4 s against 65 ms; one matmul gradient in a demo
 training step took 450 ms instead of about 3. The change in any result is below 1.2e-38 per element.
-``PADDLEMIX_VL2_KEEP_DENORMALS=1`` keeps them. Threads inherit the setting when they are created, so it is
-made before Paddle starts its thread pool.
+``PADDLEMIX_VL2_KEEP_DENORMALS=1`` keeps them. The mode is per thread; it reaches the threads of Paddle's
+matmuls even when they ran before the package was imported (measured; Intel's OpenMP runtime hands the
+caller's floating-point control to its workers by default, ``KMP_INHERIT_FP_CONTROL``).
 """
 import ctypes
 import ctypes.util

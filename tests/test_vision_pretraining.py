@@ -2,6 +2,7 @@
 import random
 
 import numpy as np
+import paddle
 
 from paddlemix_vl2.demo import DEFAULT_CHECKPOINT
 from paddlemix_vl2.demo.shapes import Shape, draw_scene
@@ -40,7 +41,7 @@ def test_scene_images_are_the_processors_global_view_in_any_order():
 
 def test_presence_head_scores_an_image_by_its_best_patch_and_trains_the_models_tower():
     model = DeepseekVLV2ForCausalLM.from_pretrained(DEFAULT_CHECKPOINT, progress=False)
-    head = PresenceHead(model.vision)
+    head = PresenceHead(model.vision, seed=0)
     assert head.vision is model.vision
     processor = DeepseekVLV2Processor.from_pretrained(DEFAULT_CHECKPOINT)
     images = SceneImages(2, seed=0, transform=processor.image_transform, image_size=processor.image_size)
@@ -55,3 +56,16 @@ def test_presence_head_scores_an_image_by_its_best_patch_and_trains_the_models_t
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     loss.backward()
     assert float(model.vision.patch_embed.proj.weight.grad.abs().sum()) > 0
+
+
+def test_presence_head_starts_from_its_seed_whatever_paddles_generator_holds():
+    model = DeepseekVLV2ForCausalLM.from_pretrained(DEFAULT_CHECKPOINT, progress=False)
+    paddle.seed(1)
+    first = PresenceHead(model.vision, seed=4).score.weight.numpy()
+    paddle.seed(2)
+    second = PresenceHead(model.vision, seed=4).score.weight.numpy()
+    other = PresenceHead(model.vision, seed=5).score.weight.numpy()
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, other)
+    limit = np.sqrt(6.0 / (first.shape[0] + first.shape[1]))
+    assert np.abs(first).max() <= limit and first.std() > limit / 3

@@ -104,13 +104,20 @@ class PresenceHead(nn.Layer):
     """The tower with its throw-away head: ``[B, 3, S, S] -> [B, L]`` label logits, each the maximum
     over the patches of a linear score of the patch features.
 
-    ``vision`` is the model's own tower (not a copy): training this layer trains the model's ViT.
+    ``vision`` is the model's own tower (not a copy): training this layer trains the model's ViT. The
+    scoring layer starts from ``seed`` (Xavier-uniform weights, zero bias), not from Paddle's global
+    generator, whose seed differs from process to process: so stage 1 repeats from run to run.
     """
 
-    def __init__(self, vision: VisionTransformer, num_labels: int = len(PRESENCE_LABELS)):
+    def __init__(self, vision: VisionTransformer, seed: int, num_labels: int = len(PRESENCE_LABELS)):
         super().__init__()
         self.vision = vision
-        self.score = nn.Linear(vision.config.width, num_labels)
+        width = vision.config.width
+        self.score = nn.Linear(width, num_labels)
+        limit = np.sqrt(6.0 / (width + num_labels))
+        weight = np.random.default_rng(seed).uniform(-limit, limit, size=(width, num_labels))
+        self.score.weight.set_value(weight.astype(np.float32))
+        self.score.bias.set_value(np.zeros(num_labels, dtype=np.float32))
 
     def forward(self, pixels: paddle.Tensor) -> paddle.Tensor:
         patch_scores = self.score(self.vision(pixels))  # [B, P, L]
@@ -133,7 +140,7 @@ def pretrain_vision(
     """Train ``model.vision`` in place on ``n_images`` scenes with the presence head (``config`` sets the
     loop; its ``output_dir`` holds the stage's checkpoints, ``resume`` continues from the newest).
     Returns the trainer's history."""
-    head = PresenceHead(model.vision)
+    head = PresenceHead(model.vision, seed)
     images = SceneImages(n_images, seed, transform, model.config.vision_config.image_size)
     trainer = Trainer(head, images, collate, config, loss_fn=presence_loss)
     logger.info("vision pretraining: %d scenes, %d steps", n_images, trainer.total_steps)

@@ -6,8 +6,8 @@ Values the user has set are kept.
 
 Subnormal floats (below 1.2e-38 in float32) are flushed to zero on x86-64 CPUs, as
 ``torch.set_flush_denormal(True)`` does: x86 arithmetic on subnormals takes a slow microcode path, and
-sharp attention makes them (softmax probabilities under e^-87, and their gradients). Measured on the CI
-machine: a 2000^2 matmul of subnormal inputs takes 10.4 s against 65 ms; one matmul gradient in a demo
+sharp attention makes them (softmax probabilities under e^-87, and their gradients). Measured on an Intel Xeon
+CI machine: a 2000^2 matmul of subnormal inputs takes 10.4 s against 65 ms; one matmul gradient in a demo
 training step took 450 ms instead of about 3. Only subnormal values are touched: they are read and
 written as 0 (the demo model's answers on 100 test images came out byte-identical either way).
 ``PADDLEMIX_VL2_KEEP_DENORMALS=1`` keeps them. The mode is per thread; it reaches the threads of Paddle's

@@ -177,13 +177,14 @@ class DeepseekV2MoE(nn.Layer):
         flat_idx = topk_idx.reshape([-1])  # [N*K]
         order = paddle.argsort(flat_idx, stable=True)  # [N*K] pair ids sorted by expert
         counts = paddle.bincount(flat_idx, minlength=len(self.experts)).tolist()
+        active = [expert_id for expert_id, count in enumerate(counts) if count]
         x_sorted = paddle.gather(x, order // k)  # [N*K, H]
-        outputs, start = [], 0
-        for expert_id, count in enumerate(counts):
-            if count:
-                outputs.append(self.experts[expert_id](x_sorted[start:start + count]))
-                start += count
-        y_sorted = paddle.concat(outputs, axis=0)  # [N*K, H]
+        # One split rather than a slice per expert: each slice's gradient is a zero tensor of the whole
+        # [N*K, H] block, so slicing cost E full-size buffers in the backward pass.
+        blocks = paddle.split(x_sorted, [counts[expert_id] for expert_id in active], axis=0)
+        y_sorted = paddle.concat(
+            [self.experts[expert_id](block) for expert_id, block in zip(active, blocks)], axis=0
+        )  # [N*K, H]
         y = paddle.gather(y_sorted, paddle.argsort(order))  # back to (token, k) order
         y = (y.reshape([n, k, -1]).astype(paddle.float32) * topk_weight.unsqueeze(-1)).sum(axis=1)
         return y.astype(x.dtype)

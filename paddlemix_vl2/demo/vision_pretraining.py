@@ -106,7 +106,8 @@ class PresenceHead(nn.Layer):
 
     ``vision`` is the model's own tower (not a copy): training this layer trains the model's ViT. The
     scoring layer starts from ``seed`` (Xavier-uniform weights, zero bias), not from Paddle's global
-    generator, whose seed differs from process to process: so stage 1 repeats from run to run.
+    generator, which nothing seeds in the spawned processes of a ``--nproc`` run: with it, two such runs
+    trained different towers (measured), and now they repeat byte for byte.
     """
 
     def __init__(self, vision: VisionTransformer, seed: int, num_labels: int = len(PRESENCE_LABELS)):

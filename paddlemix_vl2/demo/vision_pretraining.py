@@ -106,19 +106,21 @@ class PresenceHead(nn.Layer):
 
     ``vision`` is the model's own tower (not a copy): training this layer trains the model's ViT. The
     scoring layer starts from ``seed`` (Xavier-uniform weights, zero bias), not from Paddle's global
-    generator, which nothing seeds in the spawned processes of a ``--nproc`` run: with it, two such runs
-    trained different towers (measured), and now they repeat byte for byte.
+    generator, which nothing seeds in the spawned processes of a ``--nproc`` run (two such runs trained
+    different towers).
     """
 
     def __init__(self, vision: VisionTransformer, seed: int, num_labels: int = len(PRESENCE_LABELS)):
         super().__init__()
         self.vision = vision
         width = vision.config.width
-        self.score = nn.Linear(width, num_labels)
         limit = np.sqrt(6.0 / (width + num_labels))
-        weight = np.random.default_rng(seed).uniform(-limit, limit, size=(width, num_labels))
-        self.score.weight.set_value(weight.astype(np.float32))
-        self.score.bias.set_value(np.zeros(num_labels, dtype=np.float32))
+        weight = np.random.default_rng(seed).uniform(-limit, limit, size=(width, num_labels)).astype(np.float32)
+        self.score = nn.Linear(
+            width, num_labels,
+            weight_attr=paddle.ParamAttr(initializer=nn.initializer.Assign(weight)),
+            bias_attr=paddle.ParamAttr(initializer=nn.initializer.Constant(0.0)),
+        )
 
     def forward(self, pixels: paddle.Tensor) -> paddle.Tensor:
         patch_scores = self.score(self.vision(pixels))  # [B, P, L]

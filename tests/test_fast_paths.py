@@ -66,7 +66,24 @@ def test_one_token_moe_equals_the_grouped_path():
     np.testing.assert_allclose(alone, grouped, atol=1e-6, rtol=0)
 
 
+def test_rms_norm_without_avx512_never_calls_the_fused_kernel(monkeypatch):
+    """Paddle's fused CPU kernel is AVX-512F only (SIGILL elsewhere): on such CPUs inference must take the
+    written-out norm."""
+    def no_fused_kernel(*args, **kwargs):
+        raise AssertionError("fused_rms_norm called on a CPU without AVX-512F")
+
+    monkeypatch.setattr(layers, "cpu_has_avx512f", lambda: False)
+    monkeypatch.setattr(layers, "fused_rms_norm", no_fused_kernel)
+    norm = DeepseekV2RMSNorm(64, eps=1e-6)
+    x = np.random.default_rng(4).standard_normal((2, 3, 64)).astype(np.float32)
+    with paddle.no_grad():
+        out = norm(paddle.to_tensor(x)).numpy()
+    expected = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
+
+
 def test_fused_rms_norm_equals_the_written_out_norm():
+    """On a CPU without AVX-512F both calls take the written-out path (see the test above)."""
     norm = DeepseekV2RMSNorm(64, eps=1e-6)
     rng = np.random.default_rng(3)
     norm.weight.set_value(rng.uniform(0.5, 1.5, 64).astype(np.float32))

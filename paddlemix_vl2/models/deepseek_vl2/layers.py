@@ -1,6 +1,7 @@
 """Building blocks shared by the towers: RMSNorm, the SiLU-gated MLP and softmax attention in heads-first layout."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import paddle
@@ -8,7 +9,9 @@ import paddle.nn.functional as F
 from paddle import nn
 from paddle.incubate.nn.functional import fused_rms_norm
 
-__all__ = ["DeepseekV2RMSNorm", "DeepseekV2MLP", "attend", "softmax_float32", "ACTIVATION_BLOCK_BYTES"]
+__all__ = [
+    "DeepseekV2RMSNorm", "DeepseekV2MLP", "attend", "softmax_float32", "cpu_has_avx512f", "ACTIVATION_BLOCK_BYTES",
+]
 
 # Largest activation the towers form at once during a forward. glibc serves allocations above 32 MiB
 # with fresh mmaps, and faulting those pages in (about 0.6 ms per MB on the KVM benchmark machine) costs
@@ -19,9 +22,11 @@ ACTIVATION_BLOCK_BYTES = 16 << 20
 class DeepseekV2RMSNorm(nn.Layer):
     """RMSNorm that normalises in float32, casts back, then scales (the official order).
 
-    Float32 inference runs Paddle's fused kernel: one op instead of eight, the same math up to
-    rounding (about 1e-6 relative). The kernel has no gradient on CPU, so training and half-precision
-    activations (where the cast-back order matters) take the written-out path.
+    Float32 inference on a CPU with AVX-512F runs Paddle's fused kernel: one op instead of eight, the same
+    math up to rounding (about 1e-6 relative). The kernel has no gradient on CPU and, in Paddle 3.3, no
+    code path without AVX-512F (it dies with SIGILL on an AVX2-only AMD EPYC, Zen 3), so training,
+    half-precision activations (where the cast-back order matters), other CPUs and GPUs (not measured)
+    take the written-out path.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -31,7 +36,10 @@ class DeepseekV2RMSNorm(nn.Layer):
 
     def forward(self, hidden_states: paddle.Tensor) -> paddle.Tensor:
         """hidden_states: [..., hidden_size] -> same shape and dtype."""
-        if hidden_states.dtype == paddle.float32 and not paddle.is_grad_enabled():
+        if (
+            hidden_states.dtype == paddle.float32 and not paddle.is_grad_enabled()
+            and hidden_states.place.is_cpu_place() and cpu_has_avx512f()
+        ):
             return fused_rms_norm(
                 hidden_states, self.weight, None, self.variance_epsilon, begin_norm_axis=hidden_states.ndim - 1
             )[0]
@@ -40,6 +48,12 @@ class DeepseekV2RMSNorm(nn.Layer):
         # x * x on some elements (torch's pow(2) is exact).
         x = x * paddle.rsqrt(paddle.square(x).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x.astype(hidden_states.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_avx512f() -> bool:
+    """Whether this CPU runs AVX-512F instructions (Paddle's own CPU-feature probe)."""
+    return bool(paddle.base.core.supports_avx512f())
 
 
 class DeepseekV2MLP(nn.Layer):
@@ -68,21 +82,22 @@ def attend(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mas
     key/value heads become that axis, a free reshape), so no block exceeds ``ACTIVATION_BLOCK_BYTES``.
 
     Args:
-        query: [B, nh, T, D]; keys, values: [B, kv_heads, S, D] with nh a multiple of kv_heads.
+        query: [B, nh, T, D]; keys: [B, kv_heads, S, D]; values: [B, kv_heads, S, Dv]; nh a multiple of
+            kv_heads.
         mask: additive [B, 1, T, S], or None for none.
 
     Returns:
-        [B, nh, T, D], heads-first like the inputs.
+        [B, nh, T, Dv], heads-first like the inputs.
     """
     bsz, heads, q_len, head_dim = query.shape
-    kv_heads, kv_len = keys.shape[1], keys.shape[2]
+    kv_heads, kv_len, value_dim = keys.shape[1], keys.shape[2], values.shape[3]
     if bsz == 1 and kv_heads > 1:
         out = attend(
             query.reshape([kv_heads, heads // kv_heads, q_len, head_dim]),
-            keys.reshape([kv_heads, 1, kv_len, head_dim]), values.reshape([kv_heads, 1, kv_len, head_dim]),
+            keys.reshape([kv_heads, 1, kv_len, head_dim]), values.reshape([kv_heads, 1, kv_len, value_dim]),
             mask, scale,
         )
-        return out.reshape([1, heads, q_len, head_dim])
+        return out.reshape([1, heads, q_len, value_dim])
     block = max(1, ACTIVATION_BLOCK_BYTES // (heads * q_len * kv_len * query.element_size()))
     if block >= bsz:
         return _attend_block(query, keys, values, mask, scale)
@@ -96,7 +111,8 @@ def attend(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mas
 
 def _attend_block(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mask: Optional[paddle.Tensor],
                   scale: float) -> paddle.Tensor:
-    """``attend`` on one block: query [b, nh, T, D], keys/values [b, kv_heads, S, D] -> [b, nh, T, D]."""
+    """``attend`` on one block: query [b, nh, T, D], keys [b, kv_heads, S, D], values [b, kv_heads, S, Dv]
+    -> [b, nh, T, Dv]."""
     bsz, heads, q_len, head_dim = query.shape
     kv_heads = keys.shape[1]
     rows = heads // kv_heads * q_len  # the query heads sharing one key/value head, folded into rows
@@ -105,7 +121,7 @@ def _attend_block(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tens
     if mask is not None:
         scores = scores + mask
     probs = softmax_float32(scores).reshape([bsz, kv_heads, rows, -1])
-    return paddle.matmul(probs, values).reshape([bsz, heads, q_len, head_dim])
+    return paddle.matmul(probs, values).reshape([bsz, heads, q_len, values.shape[3]])
 
 
 def softmax_float32(scores: paddle.Tensor) -> paddle.Tensor:

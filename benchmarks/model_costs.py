@@ -65,9 +65,9 @@ def _attention_projection_params(config) -> int:
         query = hidden * heads * config.q_head_dim
     else:
         query = hidden * config.q_lora_rank + config.q_lora_rank * heads * config.q_head_dim
-    # Absorbed MLA: kv_b_proj is applied as W_UK (folded into the query) and W_UV (on the output).
-    absorbed = heads * config.qk_nope_head_dim * latent + heads * latent * config.v_head_dim
-    return query + hidden * (latent + rope) + absorbed + heads * config.v_head_dim * hidden
+    # Prefill runs MLA expanded: kv_b_proj turns each position's latent into its keys and values.
+    expanded = latent * heads * (config.qk_nope_head_dim + config.v_head_dim)
+    return query + hidden * (latent + rope) + expanded + heads * config.v_head_dim * hidden
 
 
 def _attention_key_width(config) -> int:
@@ -75,8 +75,8 @@ def _attention_key_width(config) -> int:
     heads = config.num_attention_heads
     if not config.use_mla:
         return heads * 2 * config.head_dim
-    # Scores read the latent and the rope key, the output reads the latent once more.
-    return heads * (2 * config.kv_lora_rank + config.qk_rope_head_dim)
+    # Expanded MLA: scores over the nope and rope key dimensions, the output over the value dimension.
+    return heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
 
 
 def _mlp_params_per_token(config, layer_idx: int) -> int:

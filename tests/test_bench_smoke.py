@@ -160,7 +160,8 @@ class LinearFlops:
 
 def test_prefill_flops_equal_the_executed_matmuls():
     """lm_prefill_flops against the Linear calls a prefill really makes, plus the matmuls outside
-    Linear layers written out here: the router, MLA's absorbed kv_b_proj and the causal attention pairs."""
+    Linear layers written out here: the router, MLA's kv_b_proj expansion and the causal attention pairs
+    (the prefill runs MLA expanded, checked below)."""
     import paddle
 
     sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
@@ -180,13 +181,16 @@ def test_prefill_flops_equal_the_executed_matmuls():
                      for i in range(config.num_hidden_layers) if config.is_moe_layer(i))
         pairs = length * (length + 1) // 2
         if config.use_mla:
-            absorbed = sum(2 * length * int(layer.self_attn.kv_b_proj.weight.size) for layer in layers)
-            per_pair = config.num_attention_heads * (2 * config.kv_lora_rank + config.qk_rope_head_dim)
+            assert all(layer.self_attn.expanded_is_cheaper(length, length) for layer in layers), name
+            expansion = sum(2 * length * int(layer.self_attn.kv_b_proj.weight.size) for layer in layers)
+            per_pair = config.num_attention_heads * (
+                config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim
+            )
         else:
-            absorbed = 0
+            expansion = 0
             per_pair = config.num_attention_heads * 2 * config.head_dim
         attention = 2 * config.num_hidden_layers * per_pair * pairs
-        expected = counter.total + router + absorbed + attention
+        expected = counter.total + router + expansion + attention
         assert model_costs.lm_prefill_flops(config, [length]) == expected, name
 
 

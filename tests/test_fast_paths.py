@@ -94,3 +94,40 @@ def test_fused_rms_norm_equals_the_written_out_norm():
     written_out = norm(paddle.to_tensor(x)).numpy()  # grad enabled: the written-out path
     np.testing.assert_allclose(fused, expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(written_out, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["micro-small", "micro-full"])
+def test_mla_expanded_form_equals_the_absorbed_form(monkeypatch, name):
+    """Both MLA forms on one prompt, each forced: the logits and the gradient reaching kv_b_proj (the
+    training path) agree. The goldens run each form where it is chosen (prefill expanded, decode absorbed)."""
+    from paddlemix_vl2.models.deepseek_vl2.attention import DeepseekV2Attention
+
+    lm = load_lm(name)
+    ids = paddle.to_tensor(np.random.default_rng(5).integers(3, lm.config.vocab_size, size=(2, 29)))
+    kv_b_proj = lm.model.layers[0].self_attn.kv_b_proj.weight
+    results = {}
+    for expanded in (True, False):
+        monkeypatch.setattr(DeepseekV2Attention, "expanded_is_cheaper", lambda self, q_len, kv_len: expanded)
+        logits = lm(input_ids=ids).logits
+        logits.square().mean().backward()
+        results[expanded] = logits.numpy(), kv_b_proj.grad.numpy().copy()
+        lm.clear_gradients()
+    np.testing.assert_allclose(results[True][0], results[False][0], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(results[True][1], results[False][1], atol=1e-6, rtol=1e-4)
+
+
+def test_mla_form_choice_at_the_real_small_sizes():
+    """DeepSeek-VL2-small's widths: a 1037-token prefill expands (with or without 64 extra cache slots),
+    a decode step stays absorbed at any context."""
+    from paddlemix_vl2.models.deepseek_vl2.attention import DeepseekV2Attention
+    from paddlemix_vl2.models.deepseek_vl2.configuration_deepseek import DeepseekV2Config
+
+    config = DeepseekV2Config.from_dict({
+        "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2, "use_mla": True,
+        "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "q_lora_rank": None, "vocab_size": 16, "num_hidden_layers": 1,
+    })
+    attention = DeepseekV2Attention(config, 0)
+    assert attention.expanded_is_cheaper(1037, 1037)
+    assert attention.expanded_is_cheaper(1037, 1101)
+    assert not any(attention.expanded_is_cheaper(1, context) for context in (2, 256, 2048, 65536))

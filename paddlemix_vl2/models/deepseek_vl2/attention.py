@@ -113,6 +113,18 @@ class DeepseekV2Attention(nn.Layer):
             (self.layer_idx, "absorbed_kv_b_proj"), lambda: tuple(w.contiguous() for w in self._absorbed_weights())
         )
 
+    def expanded_is_cheaper(self, q_len: int, kv_len: int) -> bool:
+        """Whether expanding the S latents into per-head keys and values costs fewer multiply-adds than
+        the absorbed form for T queries.
+
+        Absorbed minus expanded, per head: ``C (Dn + Dv) (T - S)`` (the query/output folds against the
+        expansion) plus ``T S (2 C - Dn - Dv)`` (scores and output read the C-wide latent instead of Dn
+        and Dv). So prefill (T close to S) expands, as vLLM and the official flash path do, and a decode
+        step (T = 1) stays absorbed, reading only the compressed cache.
+        """
+        nope, value, latent = self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
+        return q_len * kv_len * (2 * latent - nope - value) > latent * (nope + value) * (kv_len - q_len)
+
     def forward(
         self,
         hidden_states: paddle.Tensor,
@@ -121,7 +133,8 @@ class DeepseekV2Attention(nn.Layer):
         cache: Optional[KVCache] = None,
         cache_start: int = 0,
     ) -> paddle.Tensor:
-        """hidden_states [B, T, H], position_ids [B, T] -> [B, T, H]."""
+        """hidden_states [B, T, H], position_ids [B, T] -> [B, T, H]. Runs the absorbed or the expanded
+        form, whichever is cheaper for T and S (``expanded_is_cheaper``); both read the same cache."""
         bsz, q_len, _ = hidden_states.shape
         nh, c = self.num_heads, self.kv_lora_rank
         if self.q_lora_rank is None:
@@ -142,25 +155,32 @@ class DeepseekV2Attention(nn.Layer):
             k_pe, compressed_kv = cache.store(self.layer_idx, cache_start, k_pe, compressed_kv)  # [B, S, R], [B, S, C]
         kv_len = k_pe.shape[1]
 
-        w_uk_t, w_uv_t = self._absorbed_weights_for(cache)
-        # Fold the key up-projection into the query: q_nope [nh, B*T, Dn] @ W_UK [nh, Dn, C] -> [nh, B*T, C].
-        q_nope = q_nope.transpose([2, 0, 1, 3]).reshape([nh, bsz * q_len, self.qk_nope_head_dim])
-        q_latent = paddle.matmul(q_nope, w_uk_t, transpose_y=True)
-        q_latent = q_latent.reshape([nh, bsz, q_len, c]).transpose([1, 0, 2, 3])  # [B, nh, T, C]
-        q_pe = q_pe.transpose([0, 2, 1, 3])  # [B, nh, T, R]
-
-        # The latent is shared by all heads: fold heads into rows so each matmul reads the cache once.
-        scores = paddle.matmul(q_pe.reshape([bsz, nh * q_len, -1]), k_pe, transpose_y=True) + paddle.matmul(
-            q_latent.reshape([bsz, nh * q_len, c]), compressed_kv, transpose_y=True
-        )  # [B, nh*T, S]
-        scores = scores.reshape([bsz, nh, q_len, kv_len]) * self.softmax_scale + mask
-        probs = softmax_float32(scores)
-        out_latent = paddle.matmul(probs.reshape([bsz, nh * q_len, kv_len]), compressed_kv)  # [B, nh*T, C]
-
-        # Unfold the value up-projection: [nh, B*T, C] @ W_UV^T [nh, C, Dv] -> [nh, B*T, Dv].
-        out_latent = out_latent.reshape([bsz, nh, q_len, c]).transpose([1, 0, 2, 3]).reshape([nh, bsz * q_len, c])
-        out = paddle.matmul(out_latent, w_uv_t)
-        out = out.reshape([nh, bsz, q_len, self.v_head_dim]).transpose([1, 2, 0, 3])  # [B, T, nh, Dv]
+        w_uk_t, w_uv_t = self._absorbed_weights_for(cache)  # [nh, C, Dn], [nh, C, Dv]
+        # The rope key is shared by all heads: fold heads into rows so the matmul reads it once.
+        scores = paddle.matmul(
+            q_pe.transpose([0, 2, 1, 3]).reshape([bsz, nh * q_len, -1]), k_pe, transpose_y=True
+        ).reshape([bsz, nh, q_len, kv_len])
+        if self.expanded_is_cheaper(q_len, kv_len):
+            # Equal ranks on both sides: Paddle's matmul gradient fails on a rank-3 weight broadcast to rank 4.
+            latent = compressed_kv.unsqueeze(1)  # [B, 1, S, C]
+            k_nope = paddle.matmul(latent, w_uk_t.unsqueeze(0))  # [B, nh, S, Dn]
+            values = paddle.matmul(latent, w_uv_t.unsqueeze(0))  # [B, nh, S, Dv]
+            scores = scores + paddle.matmul(q_nope.transpose([0, 2, 1, 3]), k_nope, transpose_y=True)
+            probs = softmax_float32(scores * self.softmax_scale + mask)
+            out = paddle.matmul(probs, values).transpose([0, 2, 1, 3])  # [B, T, nh, Dv]
+        else:
+            # Fold the key up-projection into the query: q_nope [nh, B*T, Dn] @ W_UK [nh, Dn, C] -> [nh, B*T, C].
+            q_nope = q_nope.transpose([2, 0, 1, 3]).reshape([nh, bsz * q_len, self.qk_nope_head_dim])
+            q_latent = paddle.matmul(q_nope, w_uk_t, transpose_y=True).reshape([nh, bsz, q_len, c])
+            scores = scores + paddle.matmul(
+                q_latent.transpose([1, 0, 2, 3]).reshape([bsz, nh * q_len, c]), compressed_kv, transpose_y=True
+            ).reshape([bsz, nh, q_len, kv_len])
+            probs = softmax_float32(scores * self.softmax_scale + mask)
+            out_latent = paddle.matmul(probs.reshape([bsz, nh * q_len, kv_len]), compressed_kv)  # [B, nh*T, C]
+            # Unfold the value up-projection: [nh, B*T, C] @ W_UV^T [nh, C, Dv] -> [nh, B*T, Dv].
+            out_latent = out_latent.reshape([bsz, nh, q_len, c]).transpose([1, 0, 2, 3]).reshape([nh, bsz * q_len, c])
+            out = paddle.matmul(out_latent, w_uv_t)
+            out = out.reshape([nh, bsz, q_len, self.v_head_dim]).transpose([1, 2, 0, 3])  # [B, T, nh, Dv]
         return self.o_proj(out.reshape([bsz, q_len, nh * self.v_head_dim]))
 
 

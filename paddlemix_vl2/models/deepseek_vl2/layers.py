@@ -82,22 +82,21 @@ def attend(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mas
     key/value heads become that axis, a free reshape), so no block exceeds ``ACTIVATION_BLOCK_BYTES``.
 
     Args:
-        query: [B, nh, T, D]; keys: [B, kv_heads, S, D]; values: [B, kv_heads, S, Dv]; nh a multiple of
-            kv_heads.
+        query: [B, nh, T, D]; keys, values: [B, kv_heads, S, D] with nh a multiple of kv_heads.
         mask: additive [B, 1, T, S], or None for none.
 
     Returns:
-        [B, nh, T, Dv], heads-first like the inputs.
+        [B, nh, T, D], heads-first like the inputs.
     """
     bsz, heads, q_len, head_dim = query.shape
-    kv_heads, kv_len, value_dim = keys.shape[1], keys.shape[2], values.shape[3]
+    kv_heads, kv_len = keys.shape[1], keys.shape[2]
     if bsz == 1 and kv_heads > 1:
         out = attend(
             query.reshape([kv_heads, heads // kv_heads, q_len, head_dim]),
-            keys.reshape([kv_heads, 1, kv_len, head_dim]), values.reshape([kv_heads, 1, kv_len, value_dim]),
+            keys.reshape([kv_heads, 1, kv_len, head_dim]), values.reshape([kv_heads, 1, kv_len, head_dim]),
             mask, scale,
         )
-        return out.reshape([1, heads, q_len, value_dim])
+        return out.reshape([1, heads, q_len, head_dim])
     block = max(1, ACTIVATION_BLOCK_BYTES // (heads * q_len * kv_len * query.element_size()))
     if block >= bsz:
         return _attend_block(query, keys, values, mask, scale)
@@ -111,8 +110,7 @@ def attend(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mas
 
 def _attend_block(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mask: Optional[paddle.Tensor],
                   scale: float) -> paddle.Tensor:
-    """``attend`` on one block: query [b, nh, T, D], keys [b, kv_heads, S, D], values [b, kv_heads, S, Dv]
-    -> [b, nh, T, Dv]."""
+    """``attend`` on one block: query [b, nh, T, D], keys/values [b, kv_heads, S, D] -> [b, nh, T, D]."""
     bsz, heads, q_len, head_dim = query.shape
     kv_heads = keys.shape[1]
     rows = heads // kv_heads * q_len  # the query heads sharing one key/value head, folded into rows
@@ -121,7 +119,7 @@ def _attend_block(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tens
     if mask is not None:
         scores = scores + mask
     probs = softmax_float32(scores).reshape([bsz, kv_heads, rows, -1])
-    return paddle.matmul(probs, values).reshape([bsz, heads, q_len, values.shape[3]])
+    return paddle.matmul(probs, values).reshape([bsz, heads, q_len, head_dim])
 
 
 def softmax_float32(scores: paddle.Tensor) -> paddle.Tensor:

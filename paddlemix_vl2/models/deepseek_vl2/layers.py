@@ -52,8 +52,10 @@ class DeepseekV2RMSNorm(nn.Layer):
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_avx512f() -> bool:
-    """Whether this CPU runs AVX-512F instructions (Paddle's own CPU-feature probe)."""
-    return bool(paddle.base.core.supports_avx512f())
+    """Whether this CPU runs AVX-512F instructions (Paddle's own CPU-feature probe; a Paddle without the
+    probe counts as no, which only costs the fused kernel)."""
+    probe = getattr(paddle.base.core, "supports_avx512f", None)
+    return bool(probe()) if probe is not None else False
 
 
 class DeepseekV2MLP(nn.Layer):

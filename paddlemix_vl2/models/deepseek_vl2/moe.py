@@ -186,8 +186,7 @@ class DeepseekV2MoE(nn.Layer):
             [self.experts[expert_id](block) for expert_id, block in zip(active, blocks)], axis=0
         )  # [N*K, H]
         y = paddle.gather(y_sorted, paddle.argsort(order))  # back to (token, k) order
-        y = (y.reshape([n, k, -1]).astype(paddle.float32) * topk_weight.unsqueeze(-1)).sum(axis=1)
-        return y.astype(x.dtype)
+        return _mix_expert_outputs(topk_weight, y.reshape([n, k, -1])).astype(x.dtype)
 
     def _one_token(self, x: paddle.Tensor, topk_idx: paddle.Tensor, topk_weight: paddle.Tensor) -> paddle.Tensor:
         """x [1, H]: each chosen expert runs on the token and one matmul mixes their outputs -> [1, H].
@@ -196,4 +195,14 @@ class DeepseekV2MoE(nn.Layer):
         noticeable share of a step.
         """
         outputs = paddle.concat([self.experts[e](x) for e in topk_idx.numpy()[0].tolist()])  # [K, H]
-        return paddle.matmul(topk_weight, outputs.astype(paddle.float32)).astype(x.dtype)  # [1, K] @ [K, H]
+        return _mix_expert_outputs(topk_weight, outputs.unsqueeze(0)).astype(x.dtype)
+
+
+def _mix_expert_outputs(topk_weight: paddle.Tensor, outputs: paddle.Tensor) -> paddle.Tensor:
+    """Each token's K expert outputs weighted and summed in float32: topk_weight [N, K] float32, outputs
+    [N, K, H] -> [N, H] float32.
+
+    One batched [1, K] @ [K, H] matmul per token: Paddle's CPU broadcasting multiply and sum took 33.5 ms
+    for N = 1037, K = 6, H = 1280 where the matmul takes 1.8 ms (same sums up to rounding, 1e-6).
+    """
+    return paddle.matmul(topk_weight.unsqueeze(1), outputs.astype(paddle.float32)).squeeze(1)

@@ -114,4 +114,9 @@ def apply_rotary_pos_emb(
         x = _deinterleave(x)
     if x.ndim == 4:
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        if x.shape[1] > 1:
+            # Paddle's CPU multiply is several times slower when it broadcasts over the heads axis
+            # ([1, 1037, 10, 128] * [1, 1037, 1, 128]: 23 ms, expand then multiply: 9 ms); for one decode
+            # token the two extra ops would cost more than they save.
+            cos, sin = cos.expand(x.shape), sin.expand(x.shape)
     return x * cos + _rotate_half(x) * sin

@@ -97,20 +97,21 @@ class DeepseekV2Attention(nn.Layer):
             mscale = yarn_get_mscale(scaling["factor"], scaling["mscale_all_dim"])
             self.softmax_scale *= mscale * mscale
 
-    def _absorbed_weights(self):
-        """W_UK^T [nh, C, Dn] and W_UV^T [nh, C, Dv] from ``kv_b_proj`` (stored [C, nh * (Dn + Dv)])."""
+    def _kv_b_proj_halves(self):
+        """W_UK^T [nh, C, Dn] and W_UV^T [nh, C, Dv] from ``kv_b_proj`` (stored [C, nh * (Dn + Dv)]): the
+        absorbed form folds them into the query and output, the expanded form applies them to the latents."""
         w = self.kv_b_proj.weight.reshape(
             [self.kv_lora_rank, self.num_heads, self.qk_nope_head_dim + self.v_head_dim]
         ).transpose([1, 0, 2])  # [nh, C, Dn + Dv]
         return w[:, :, : self.qk_nope_head_dim], w[:, :, self.qk_nope_head_dim:]
 
-    def _absorbed_weights_for(self, cache: Optional[KVCache]):
-        """The absorbed weights; during cached inference made contiguous once per generation, since
+    def _kv_b_proj_halves_for(self, cache: Optional[KVCache]):
+        """``_kv_b_proj_halves``; during cached inference made contiguous once per generation, since
         Paddle would otherwise copy the strided views element by element at every step."""
         if cache is None or paddle.is_grad_enabled():
-            return self._absorbed_weights()
+            return self._kv_b_proj_halves()
         return cache.memo(
-            (self.layer_idx, "absorbed_kv_b_proj"), lambda: tuple(w.contiguous() for w in self._absorbed_weights())
+            (self.layer_idx, "kv_b_proj_halves"), lambda: tuple(w.contiguous() for w in self._kv_b_proj_halves())
         )
 
     def expanded_is_cheaper(self, q_len: int, kv_len: int) -> bool:
@@ -155,7 +156,7 @@ class DeepseekV2Attention(nn.Layer):
             k_pe, compressed_kv = cache.store(self.layer_idx, cache_start, k_pe, compressed_kv)  # [B, S, R], [B, S, C]
         kv_len = k_pe.shape[1]
 
-        w_uk_t, w_uv_t = self._absorbed_weights_for(cache)  # [nh, C, Dn], [nh, C, Dv]
+        w_uk_t, w_uv_t = self._kv_b_proj_halves_for(cache)  # [nh, C, Dn], [nh, C, Dv]
         # The rope key is shared by all heads: fold heads into rows so the matmul reads it once.
         scores = paddle.matmul(
             q_pe.transpose([0, 2, 1, 3]).reshape([bsz, nh * q_len, -1]), k_pe, transpose_y=True

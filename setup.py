@@ -19,7 +19,8 @@ setup(
     version="0.1.0",
     description="DeepSeek-VL2 in PaddlePaddle: loads the official checkpoints as they are",
     packages=find_packages(include=["paddlemix_vl2", "paddlemix_vl2.*"]),
-    package_data={"paddlemix_vl2": ["demo/**/*"]},
+    # The few-row linear kernel's C source is compiled on the user's machine at first use (native.py).
+    package_data={"paddlemix_vl2": ["demo/**/*", "models/deepseek_vl2/*.c"]},
     include_package_data=True,
     python_requires=">=3.9",
     install_requires=INSTALL_REQUIRES,

@@ -135,22 +135,22 @@ def test_decode_weight_bytes_equal_the_parameters_a_step_touches():
 
 
 class LinearFlops:
-    """Sums 2 · rows · in · out over every nn.Linear call inside ``layer`` while active."""
+    """Sums 2 · rows · in · out over every Linear call inside ``layer`` while active."""
 
     def __init__(self, layer):
-        import paddle
+        from paddlemix_vl2.models.deepseek_vl2.layers import Linear
 
         self.total = 0
         self._hooks = [
             sub.register_forward_post_hook(self._count)
-            for sub in layer.sublayers(include_self=True) if isinstance(sub, paddle.nn.Linear)
+            for sub in layer.sublayers(include_self=True) if isinstance(sub, Linear)
         ]
 
     def _count(self, layer, inputs, output):
         rows = 1
         for dim in inputs[0].shape[:-1]:
             rows *= dim
-        fan_in, fan_out = layer.weight.shape
+        fan_out, fan_in = layer.weight.shape
         self.total += 2 * rows * fan_in * fan_out
 
     def remove(self):

@@ -33,11 +33,11 @@ def test_save_load_round_trip_is_exact(tmp_path, name):
     for (n1, p1), (n2, p2) in zip(lm.state_dict().items(), again.state_dict().items()):
         assert n1 == n2
         np.testing.assert_array_equal(p1.numpy(), p2.numpy())
-    # Torch orientation on disk: a Linear weight is [out, in].
+    # Torch orientation on disk and in the model: a Linear weight is [out, in].
     with safe_open(str(out / "model.safetensors"), framework="paddle") as f:
         assert f.get_slice("lm_head.weight").get_shape() == [1024, 64]
         np.testing.assert_array_equal(
-            f.get_tensor("lm_head.weight").astype("float32").numpy(), lm.lm_head.weight.numpy().T
+            f.get_tensor("lm_head.weight").astype("float32").numpy(), lm.lm_head.weight.numpy()
         )
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "staging folder left behind"
 

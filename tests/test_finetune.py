@@ -80,7 +80,7 @@ def test_training_forward_matches_golden(mask_prompt, aux_loss_alpha):
     np.testing.assert_allclose(aux_losses, run["aux_losses_per_moe_layer"], rtol=1e-5)
     params = dict(model.named_parameters())
     for name, expected_norm in run["grad_l2_norm"].items():
-        grad = _torch_layout(model, name, params[name].grad.numpy()).astype(np.float64)
+        grad = params[name].grad.numpy().astype(np.float64)
         np.testing.assert_allclose(np.linalg.norm(grad), expected_norm, rtol=1e-4, err_msg=name)
         if name.endswith("mlp.gate.weight"):
             # Exactly 0 in exact arithmetic (softmax is shift invariant): absolute tolerance only.
@@ -96,15 +96,9 @@ def test_training_forward_matches_golden(mask_prompt, aux_loss_alpha):
         tensors = load_file(os.path.join(TRAIN_GOLDEN, "micro-tiny.train.safetensors"))
         np.testing.assert_array_equal(batch["labels"].numpy(), tensors["labels"])
         for name in run["grad_l2_norm"]:
-            grad = _torch_layout(model, name, params[name].grad.numpy())
+            grad = params[name].grad.numpy()  # Linear weights are [out, in], as the official gradients
             expected = tensors[f"grad/{name}"]
             np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(), err_msg=name)
-
-
-def _torch_layout(model, name, grad):
-    """The official gradients are for torch's [out, in] Linear weights; ours are [in, out]."""
-    module = dict(model.named_sublayers()).get(name.rsplit(".", 1)[0])
-    return grad.T if isinstance(module, paddle.nn.Linear) else grad
 
 
 def test_model_returned_loss_matches_golden():

@@ -202,11 +202,11 @@ def build_projector(config, seed):
     paddle.seed(seed)
     projector = MlpProjector(config)
     rng = np.random.default_rng(seed)
-    weights = {}  # torch orientation, as in the checkpoint
+    weights = {}  # torch orientation, as in the checkpoint and the model
     for name, param in projector.named_parameters():
         value = rng.normal(0, 0.5, param.shape).astype("float32")
         param.set_value(value)
-        weights[name] = value.T if name.endswith("weight") else value
+        weights[name] = value
     return projector, weights
 
 

@@ -1,7 +1,7 @@
 """LoRA adapters for DeepSeek-VL2: wrap Linear layers chosen by name, merge them back, save and load them.
 
-A wrapped layer computes ``x @ W + b + dropout(x) @ A @ B * (alpha / r)`` with the base weight ``W``
-[in, out] frozen, ``A`` [in, r] Kaiming-uniform and ``B`` [r, out] zero, so a fresh adapter changes
+A wrapped layer computes ``x @ W.T + b + dropout(x) @ A @ B * (alpha / r)`` with the base weight ``W``
+[out, in] frozen, ``A`` [in, r] Kaiming-uniform and ``B`` [r, out] zero, so a fresh adapter changes
 nothing. The wrapper keeps the base ``weight``/``bias`` parameters under their own names, so the model's
 state names stay those of the official checkpoint and the adapters are ``<module>.lora_A``/``.lora_B``.
 
@@ -21,6 +21,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
+from ..models.deepseek_vl2.layers import Linear
 from .files import atomic_directory, load_named_tensors, save_named_tensors
 
 __all__ = [
@@ -101,11 +102,11 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Layer):
-    """A Linear layer plus a low-rank update; ``weight`` [in, out] and ``bias`` are the base parameters."""
+    """A Linear layer plus a low-rank update; ``weight`` [out, in] and ``bias`` are the base parameters."""
 
-    def __init__(self, base: nn.Linear, config: LoRAConfig):
+    def __init__(self, base: Linear, config: LoRAConfig):
         super().__init__()
-        in_features, out_features = base.weight.shape
+        out_features, in_features = base.weight.shape
         self.weight = base.weight
         self.bias = base.bias
         dtype = base.weight.dtype
@@ -124,16 +125,16 @@ class LoRALinear(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         """x [..., in] -> [..., out]."""
-        out = F.linear(x, self.weight, self.bias)
+        out = self._base_layer(x)
         h = F.dropout(x, p=self.dropout, training=self.training) if self.dropout > 0 else x
         return out + paddle.matmul(paddle.matmul(h, self.lora_A), self.lora_B) * self.scaling
 
     def delta_weight(self) -> paddle.Tensor:
-        """The update ``A @ B * scaling`` [in, out] that merging adds to ``weight``."""
-        return paddle.matmul(self.lora_A, self.lora_B) * self.scaling
+        """The update ``(A @ B).T * scaling`` [out, in] that merging adds to ``weight``."""
+        return paddle.matmul(self.lora_B, self.lora_A, transpose_x=True, transpose_y=True) * self.scaling
 
     def extra_repr(self) -> str:
-        in_features, out_features = self.weight.shape
+        out_features, in_features = self.weight.shape
         return f"in={in_features}, out={out_features}, r={self.lora_A.shape[1]}, scaling={self.scaling:g}"
 
 
@@ -152,7 +153,7 @@ def lora_layers(model: nn.Layer) -> Dict[str, LoRALinear]:
 
 
 def apply_lora(model: nn.Layer, config: LoRAConfig) -> List[str]:
-    """Wrap every ``nn.Linear`` whose module name fully matches one of ``config.target_modules``.
+    """Wrap every ``Linear`` whose module name fully matches one of ``config.target_modules``.
 
     Every base parameter is frozen (``stop_gradient``); only the new ``lora_A``/``lora_B`` train.
     Returns the wrapped module names; raises LoRAError when nothing matches or a match cannot take LoRA.
@@ -161,7 +162,7 @@ def apply_lora(model: nn.Layer, config: LoRAConfig) -> List[str]:
     targets = [
         name
         for name, layer in model.named_sublayers()
-        if isinstance(layer, nn.Linear) and any(p.fullmatch(name) for p in patterns)
+        if isinstance(layer, Linear) and any(p.fullmatch(name) for p in patterns)
     ]
     if not targets:
         raise LoRAError(

@@ -20,7 +20,7 @@ from paddle import nn
 
 from .configuration_deepseek import DeepseekV2Config
 from .kv_cache import KVCache
-from .layers import DeepseekV2RMSNorm, attend, masked_softmax
+from .layers import DeepseekV2RMSNorm, Linear, attend, masked_softmax
 from .rotary import DeepseekV2RotaryEmbedding, apply_rotary_pos_emb, yarn_get_mscale
 
 __all__ = ["DeepseekV2Attention", "DeepseekV2MHAAttention", "build_attention"]
@@ -34,10 +34,10 @@ class DeepseekV2MHAAttention(nn.Layer):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias_attr=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias_attr=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias_attr=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias_attr=bias)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias_attr=bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias_attr=bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias_attr=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias_attr=bias)
         self.rotary_emb = DeepseekV2RotaryEmbedding(self.head_dim, config)
 
     def forward(
@@ -78,17 +78,17 @@ class DeepseekV2Attention(nn.Layer):
         hidden, bias = config.hidden_size, config.attention_bias
 
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, self.num_heads * self.q_head_dim, bias_attr=False)
+            self.q_proj = Linear(hidden, self.num_heads * self.q_head_dim, bias_attr=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias_attr=bias)
+            self.q_a_proj = Linear(hidden, self.q_lora_rank, bias_attr=bias)
             self.q_a_layernorm = DeepseekV2RMSNorm(self.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.q_head_dim, bias_attr=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias_attr=bias)
+            self.q_b_proj = Linear(self.q_lora_rank, self.num_heads * self.q_head_dim, bias_attr=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias_attr=bias)
         self.kv_a_layernorm = DeepseekV2RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(
+        self.kv_b_proj = Linear(
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias_attr=False
         )
-        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias_attr=bias)
+        self.o_proj = Linear(self.num_heads * self.v_head_dim, hidden, bias_attr=bias)
         self.rotary_emb = DeepseekV2RotaryEmbedding(self.qk_rope_head_dim, config)
 
         self.softmax_scale = self.q_head_dim ** -0.5
@@ -98,11 +98,11 @@ class DeepseekV2Attention(nn.Layer):
             self.softmax_scale *= mscale * mscale
 
     def _kv_b_proj_halves(self):
-        """W_UK^T [nh, C, Dn] and W_UV^T [nh, C, Dv] from ``kv_b_proj`` (stored [C, nh * (Dn + Dv)]): the
+        """W_UK^T [nh, C, Dn] and W_UV^T [nh, C, Dv] from ``kv_b_proj`` (stored [nh * (Dn + Dv), C]): the
         absorbed form folds them into the query and output, the expanded form applies them to the latents."""
         w = self.kv_b_proj.weight.reshape(
-            [self.kv_lora_rank, self.num_heads, self.qk_nope_head_dim + self.v_head_dim]
-        ).transpose([1, 0, 2])  # [nh, C, Dn + Dv]
+            [self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank]
+        ).transpose([0, 2, 1])  # [nh, C, Dn + Dv]
         return w[:, :, : self.qk_nope_head_dim], w[:, :, self.qk_nope_head_dim:]
 
     def _kv_b_proj_halves_for(self, cache: Optional[KVCache]):

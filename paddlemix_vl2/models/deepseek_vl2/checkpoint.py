@@ -4,17 +4,15 @@ A checkpoint folder holds ``config.json`` and either ``model.safetensors`` or sh
 ``model.safetensors.index.json``. Loading streams one tensor at a time from the shards straight into the
 model's parameters, so peak memory is the model plus a few small read buffers.
 
-Module attribute names equal checkpoint names, so the only rules are:
+Module attribute names equal checkpoint names and every tensor keeps its checkpoint shape (the model's
+``Linear`` stores its weight ``[out, in]`` as torch does), so the only rules are:
 * a key prefix selects a subtree (``language.`` for the text-only model);
-* the 2-D ``weight`` of every ``nn.Linear`` is stored ``[out, in]`` by torch and ``[in, out]`` by Paddle,
-  so it is transposed on the way in and out;
 * tensors the official model creates but never uses (``SKIPPED_KEYS``) are skipped on purpose.
 
 How float32 parameters on the host are filled (the CPU path), and why:
 * shards are read with positioned reads into reused buffers, not mmap'd: mapped pages count in the
   process's resident set until the shard is closed, which would add up to a whole shard to the peak;
-* bf16 becomes float32 in NumPy (``uint16 << 16``), several times faster than Paddle's cast, and the
-  torch-to-Paddle transpose happens in the same pass, by panels of rows that stay in cache;
+* bf16 becomes float32 in NumPy (``uint16 << 16``), several times faster than Paddle's cast;
 * the values are written straight into the parameter's memory. ``build_and_load`` builds the model
   under ``paddle.LazyGuard``, so that memory is allocated (``paddle.empty``) just before it is
   written instead of being zero-filled first: faulting in fresh pages is most of the cost of a load;
@@ -35,7 +33,7 @@ import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -69,8 +67,6 @@ _DTYPES = {
 _STORAGE_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
 # Bytes read per call: large enough for sequential throughput, small enough to add little to the peak.
 _READ_CHUNK_BYTES = 32 << 20
-# Source rows converted per step of a transposing copy: 64 rows of any weight here fit in L2.
-_TRANSPOSE_PANEL_ROWS = 64
 # Threads filling parameters; beyond a few, memory bandwidth is the limit.
 _LOAD_THREADS = min(4, os.cpu_count() or 1)
 
@@ -216,8 +212,8 @@ def _write_rows(dst: np.ndarray, rows: np.ndarray) -> None:
 _thread_buffers = threading.local()
 
 
-def _fill_host_array(shard: _ShardReader, name: str, dst: np.ndarray, transpose: bool) -> None:
-    """Read ``name`` into the float32 array ``dst`` (``[in, out]`` when ``transpose``, else as stored).
+def _fill_host_array(shard: _ShardReader, name: str, dst: np.ndarray) -> None:
+    """Read ``name`` into the float32 array ``dst`` of its checkpoint shape.
 
     Runs on a loader thread; each thread reads through its own buffer.
     """
@@ -226,13 +222,6 @@ def _fill_host_array(shard: _ShardReader, name: str, dst: np.ndarray, transpose:
     if not hasattr(_thread_buffers, "buffer"):
         _thread_buffers.buffer = bytearray(_READ_CHUNK_BYTES)
     chunks = shard.read_chunks(name, _thread_buffers.buffer)
-    if transpose:
-        for first, rows in chunks:  # rows: [n, in] of the torch [out, in] weight
-            for panel in range(0, len(rows), _TRANSPOSE_PANEL_ROWS):
-                block = rows[panel:panel + _TRANSPOSE_PANEL_ROWS]
-                start = first + panel
-                _write_rows(dst[:, start:start + len(block)], block.T)
-        return
     flat = dst.reshape([dst.shape[0], -1]) if dst.ndim else dst.reshape([1, 1])
     for first, rows in chunks:
         _write_rows(flat[first:first + len(rows)], rows.reshape([len(rows), -1]))
@@ -246,12 +235,6 @@ def _host_float32_storage(param: paddle.Tensor) -> Optional[paddle.Tensor]:
     if not param._is_initialized():
         return paddle.empty(param.shape, dtype=paddle.float32) if paddle.get_device() == "cpu" else None
     return param.detach() if param.place.is_cpu_place() else None
-
-
-def _to_param_layout(tensor: paddle.Tensor, transpose: bool, dtype) -> paddle.Tensor:
-    if transpose:
-        tensor = tensor.transpose([1, 0])  # torch [out, in] -> paddle [in, out]
-    return tensor.astype(dtype) if tensor.dtype != dtype else tensor
 
 
 class _ParameterFiller:
@@ -273,16 +256,17 @@ class _ParameterFiller:
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def fill(self, param: paddle.Tensor, shard: _ShardReader, name: str, transpose: bool) -> None:
+    def fill(self, param: paddle.Tensor, shard: _ShardReader, name: str) -> None:
         storage = _host_float32_storage(param)
         if storage is None:
             if not param._is_initialized():
                 param.initialize()
-            param.set_value(_to_param_layout(shard.read_tensor(name), transpose, param.dtype))
+            tensor = shard.read_tensor(name)
+            param.set_value(tensor.astype(param.dtype) if tensor.dtype != param.dtype else tensor)
             self._on_done()
             return
         target = np.from_dlpack(storage)  # a writable view of the storage's memory
-        future = self._pool.submit(_fill_host_array, shard, name, target, transpose)
+        future = self._pool.submit(_fill_host_array, shard, name, target)
         self._pending.append((future, storage, param))
         # Bounded look-ahead keeps errors prompt; the arrays are the parameters' own memory anyway.
         while len(self._pending) > 2 * _LOAD_THREADS:
@@ -294,14 +278,6 @@ class _ParameterFiller:
         if not param._is_initialized():
             storage._share_buffer_to(param)  # zero-copy: the parameter takes over the filled memory
         self._on_done()
-
-
-def _linear_weight_names(layer: paddle.nn.Layer) -> Set[str]:
-    return {
-        f"{name}.weight" if name else "weight"
-        for name, sub in layer.named_sublayers(include_self=True)
-        if isinstance(sub, paddle.nn.Linear)
-    }
 
 
 class _Progress:
@@ -330,8 +306,7 @@ def load_weights(
 ) -> List[str]:
     """Stream the tensors under ``prefix`` from the checkpoint at ``path`` into ``layer``.
 
-    Each tensor is read from its shard, transposed if it is a Linear weight, converted to the parameter's
-    dtype and written into the parameter (see the module docstring for the host float32 path). Parameters
+    Each tensor is read from its shard, converted to the parameter's dtype and written into the parameter (see the module docstring for the host float32 path). Parameters
     of a layer built under ``paddle.LazyGuard`` get their memory here. Missing keys, unexpected keys and
     shape mismatches are collected and raised together as one ``CheckpointError``.
 
@@ -341,8 +316,6 @@ def load_weights(
     files = checkpoint_weight_map(path)
     params = dict(layer.named_parameters())
     params.update({n: b for n, b in layer.named_buffers() if n in layer.state_dict()})
-    transposed = _linear_weight_names(layer)
-
     wanted: Dict[str, List[str]] = {}
     unexpected: List[str] = []
     for ckpt_name, file in files.items():
@@ -371,12 +344,11 @@ def load_weights(
                 name = ckpt_name[len(prefix):]
                 param = params[name]
                 shape = shard.entries[ckpt_name]["shape"]
-                transpose = name in transposed and len(shape) == 2
-                expected = list(param.shape)[::-1] if transpose else list(param.shape)
+                expected = list(param.shape)
                 if shape != expected:
                     mismatched.append(f"{ckpt_name}: checkpoint {shape} vs model {expected}")
                     continue
-                filler.fill(param, shard, ckpt_name, transpose)
+                filler.fill(param, shard, ckpt_name)
                 loaded.append(ckpt_name)
 
     problems = []
@@ -395,10 +367,7 @@ def load_weights(
 
 
 def _iter_export(layer: paddle.nn.Layer, prefix: str, dtype) -> Iterator[Tuple[str, paddle.Tensor]]:
-    transposed = _linear_weight_names(layer)
     for name, tensor in layer.state_dict().items():
-        if name in transposed and tensor.ndim == 2:
-            tensor = tensor.transpose([1, 0])
         yield prefix + name, tensor.astype(dtype) if tensor.dtype != dtype else tensor
 
 

@@ -17,7 +17,7 @@ from .attention import build_attention
 from .checkpoint import build_and_load, save_weights
 from .configuration_deepseek import ConfigError, DeepseekV2Config, read_config_json
 from .kv_cache import KVCache
-from .layers import DeepseekV2MLP, DeepseekV2RMSNorm
+from .layers import DeepseekV2MLP, DeepseekV2RMSNorm, Linear
 from .moe import DeepseekV2MoE
 
 __all__ = [
@@ -136,7 +136,7 @@ class DeepseekV2ForCausalLM(nn.Layer):
         super().__init__()
         self.config = config
         self.model = DeepseekV2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias_attr=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias_attr=False)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

@@ -15,6 +15,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .configuration_deepseek import MlpProjectorConfig
+from .layers import Linear
 
 __all__ = ["MlpProjector", "DeepseekVLMlpProjector", "downsample_patches"]
 
@@ -71,19 +72,19 @@ class MlpProjector(nn.Layer):
                 )
             self.layers = nn.Identity()
         elif kind == "linear":
-            self.layers = nn.Linear(config.input_dim, config.n_embed)
+            self.layers = Linear(config.input_dim, config.n_embed)
         elif kind == "mlp_gelu":
-            modules = [nn.Linear(config.input_dim, config.n_embed)]
+            modules = [Linear(config.input_dim, config.n_embed)]
             for _ in range(1, config.depth):
-                modules += [nn.GELU(), nn.Linear(config.n_embed, config.n_embed)]
+                modules += [nn.GELU(), Linear(config.n_embed, config.n_embed)]
             self.layers = nn.Sequential(*modules)
         elif kind == "downsample_mlp_gelu":
             merged = config.input_dim * config.downsample_ratio ** 2
             hidden = config.n_embed * config.mlp_ratio
-            modules = [nn.Linear(merged, hidden)]
+            modules = [Linear(merged, hidden)]
             for _ in range(1, config.depth - 1):
-                modules += [nn.GELU(), nn.Linear(hidden, hidden)]
-            modules += [nn.GELU(), nn.Linear(hidden, config.n_embed)]
+                modules += [nn.GELU(), Linear(hidden, hidden)]
+            modules += [nn.GELU(), Linear(hidden, config.n_embed)]
             self.layers = nn.Sequential(*modules)
         else:
             raise ValueError(

@@ -14,7 +14,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .configuration_deepseek import VisionEncoderConfig
-from .layers import ACTIVATION_BLOCK_BYTES, attend
+from .layers import ACTIVATION_BLOCK_BYTES, Linear, attend
 
 __all__ = ["VisionTransformer", "SigLIPVisionTransformer"]
 
@@ -47,8 +47,8 @@ class Attention(nn.Layer):
             raise ValueError(f"vision_config.width={width} is not divisible by vision_config.heads={heads}")
         self.heads = heads
         self.head_dim = width // heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width)
+        self.proj = Linear(width, width)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         batch, seq, _ = x.shape
@@ -66,8 +66,8 @@ class Mlp(nn.Layer):
 
     def __init__(self, width: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = Linear(width, hidden)
+        self.fc2 = Linear(hidden, width)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         # SigLIP was trained with the tanh approximation of GELU (the projector uses the exact one).

@@ -1,0 +1,105 @@
+"""The few-row linear kernel and the torch-layout Linear that calls it.
+
+The kernel is compared with a float64 NumPy product at odd sizes (a reduction length that is not a
+multiple of the vector width, an output count that is not a multiple of the four-output tile, more rows
+than one pass takes); the Linear with the kernel against the same layer on Paddle's matmul. The goldens
+(test_lm_parity, test_vl_parity, test_generation) run the kernel in every no-grad forward of one to
+eight rows, so the decode steps there go through it too.
+"""
+import logging
+
+import numpy as np
+import paddle
+import pytest
+
+from paddlemix_vl2.models.deepseek_vl2 import layers, native
+from paddlemix_vl2.models.deepseek_vl2.layers import Linear
+
+
+@pytest.fixture
+def rebuilt_library(monkeypatch, tmp_path):
+    """A fresh library lookup with its own cache folder; the cached lookup is restored afterwards."""
+    monkeypatch.setenv(native.CACHE_VARIABLE, str(tmp_path))
+    native.few_rows_library.cache_clear()
+    yield tmp_path
+    native.few_rows_library.cache_clear()
+
+
+def test_the_kernel_builds_on_this_machine():
+    assert native.few_rows_library() is not None, "the few-row kernel did not build; see the logged reason"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("k_dim, n_dim", [(64, 1024), (37, 13), (96, 4)])
+def test_few_rows_linear_equals_numpy(rows, k_dim, n_dim):
+    rng = np.random.default_rng(rows * 1000 + k_dim)
+    x = rng.standard_normal((rows, k_dim)).astype(np.float32)
+    weight = rng.standard_normal((n_dim, k_dim)).astype(np.float32)
+    out = native.few_rows_linear(paddle.to_tensor(x), paddle.to_tensor(weight)).numpy()
+    expected = x.astype(np.float64) @ weight.astype(np.float64).T
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_few_rows_linear_reads_a_strided_input():
+    rng = np.random.default_rng(1)
+    wide = paddle.to_tensor(rng.standard_normal((3, 40)).astype(np.float32))
+    weight = paddle.to_tensor(rng.standard_normal((24, 20)).astype(np.float32))
+    x = wide[:, 10:30]  # a column slice: not contiguous
+    expected = x.numpy().astype(np.float64) @ weight.numpy().T.astype(np.float64)
+    np.testing.assert_allclose(native.few_rows_linear(x, weight).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [[1, 1, 48], [2, 3, 48], [4, 48], [3, 5, 48]])
+def test_linear_with_the_kernel_equals_the_matmul_path(monkeypatch, shape):
+    """Up to eight rows without gradient take the kernel (counted), more rows take Paddle's matmul; both
+    give the matmul path's result."""
+    paddle.seed(0)
+    layer = Linear(48, 40)
+    layer.bias.set_value(paddle.uniform([40]))
+    x = paddle.randn(shape)
+    calls = []
+    kernel = native.few_rows_linear
+    monkeypatch.setattr(layers, "few_rows_linear", lambda *args: calls.append(1) or kernel(*args))
+    with paddle.no_grad():
+        fast = layer(x)
+    expected = paddle.matmul(x, layer.weight, transpose_y=True) + layer.bias
+    np.testing.assert_allclose(fast.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+    assert fast.shape == shape[:-1] + [40]
+    assert len(calls) == (1 if np.prod(shape[:-1]) <= native.MAX_FEW_ROWS else 0)
+
+
+def test_linear_with_gradient_never_takes_the_kernel(monkeypatch):
+    layer = Linear(16, 8)
+    monkeypatch.setattr(layers, "few_rows_linear", lambda *args: pytest.fail("kernel called with gradient on"))
+    x = paddle.randn([2, 16])
+    x.stop_gradient = False
+    layer(x).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), np.tile(layer.weight.numpy().sum(0), (2, 1)), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_draws_the_weights_nn_linear_draws():
+    """A seeded model starts from the same weights as with Paddle's nn.Linear, transposed."""
+    paddle.seed(7)
+    reference = paddle.nn.Linear(24, 10)
+    paddle.seed(7)
+    layer = Linear(24, 10)
+    assert layer.weight.shape == [10, 24]
+    np.testing.assert_array_equal(layer.weight.numpy(), reference.weight.numpy().T)
+    np.testing.assert_array_equal(layer.bias.numpy(), reference.bias.numpy())
+
+
+def test_switched_off_by_the_environment(monkeypatch, rebuilt_library):
+    monkeypatch.setenv(native.NATIVE_VARIABLE, "0")
+    assert native.few_rows_library() is None
+    layer = Linear(8, 4)
+    with paddle.no_grad():
+        out = layer(paddle.ones([1, 8]))
+    np.testing.assert_allclose(out.numpy(), layer.weight.numpy().sum(1)[None] + layer.bias.numpy(), rtol=1e-5)
+
+
+def test_a_failed_build_falls_back_with_one_warning(monkeypatch, rebuilt_library, caplog):
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native.few_rows_library() is None
+    assert "could not build the few-row linear kernel" in caplog.text
+    assert list(rebuilt_library.iterdir()) == [], "a failed build left a file behind"

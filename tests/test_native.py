@@ -1,8 +1,8 @@
 """The few-row linear kernel and the torch-layout Linear that calls it.
 
-The kernel is compared with a float64 NumPy product at odd sizes (a reduction length that is not a
-multiple of the vector width, an output count that is not a multiple of the four-output tile, more rows
-than one pass takes); the Linear with the kernel against the same layer on Paddle's matmul. The goldens
+The kernels are compared with float64 NumPy at odd sizes (a reduction length that is not a multiple of
+the vector width, an output count that is not a multiple of the four-output tile, more rows than one pass
+takes); the Linear, the MLP and the one-token MoE with the kernels against the same layers without. The goldens
 (test_lm_parity, test_vl_parity, test_generation) run the kernel in every no-grad forward of one to
 eight rows, so the decode steps there go through it too.
 """
@@ -13,7 +13,8 @@ import paddle
 import pytest
 
 from paddlemix_vl2.models.deepseek_vl2 import layers, native
-from paddlemix_vl2.models.deepseek_vl2.layers import Linear
+from paddlemix_vl2.models.deepseek_vl2.layers import DeepseekV2MLP, Linear
+from paddlemix_vl2.models.deepseek_vl2.moe import DeepseekV2MoE
 
 
 @pytest.fixture
@@ -66,6 +67,48 @@ def test_linear_with_the_kernel_equals_the_matmul_path(monkeypatch, shape):
     np.testing.assert_allclose(fast.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
     assert fast.shape == shape[:-1] + [40]
     assert len(calls) == (1 if np.prod(shape[:-1]) <= native.MAX_FEW_ROWS else 0)
+
+
+def numpy_swiglu(x, gate, up, down):
+    gated = x @ gate.T
+    return (gated / (1 + np.exp(-gated)) * (x @ up.T)) @ down.T
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_swiglu_mlps_equals_numpy(rows):
+    """Several MLPs of different widths (a routed expert's, a shared one's), weighted, summed."""
+    rng = np.random.default_rng(rows)
+    hidden = 40
+    x = rng.standard_normal((rows, hidden)).astype(np.float32)
+    mlps = [tuple(rng.standard_normal(shape).astype(np.float32) * 0.3
+                  for shape in ((inter, hidden), (inter, hidden), (hidden, inter))) for inter in (24, 56, 9)]
+    scales = [0.6, 0.25, 1.0]
+    out = native.swiglu_mlps(paddle.to_tensor(x), [tuple(map(paddle.to_tensor, m)) for m in mlps], scales)
+    expected = sum(s * numpy_swiglu(x.astype(np.float64), *(w.astype(np.float64) for w in m))
+                   for s, m in zip(scales, mlps))
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_mlp_and_one_token_moe_with_the_kernel_equal_the_plain_path(monkeypatch):
+    """The dense MLP and a decode-step MoE (routed + shared experts in one kernel call) against the same
+    layers with the kernel switched off."""
+    from lm_golden import load_lm
+
+    lm = load_lm("micro-tiny")
+    moe_layer = next(layer for layer in lm.model.layers if isinstance(layer.mlp, DeepseekV2MoE))
+    dense_mlp = next(layer.mlp for layer in lm.model.layers if isinstance(layer.mlp, DeepseekV2MLP))
+    x = paddle.randn([1, 1, lm.config.hidden_size])
+    with paddle.no_grad():
+        fast_moe, fast_mlp = moe_layer.mlp(x), dense_mlp(x)
+        monkeypatch.setenv(native.NATIVE_VARIABLE, "0")
+        native.few_rows_library.cache_clear()
+        try:
+            plain_moe, plain_mlp = moe_layer.mlp(x), dense_mlp(x)
+        finally:
+            monkeypatch.delenv(native.NATIVE_VARIABLE)
+            native.few_rows_library.cache_clear()
+    np.testing.assert_allclose(fast_moe.numpy(), plain_moe.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fast_mlp.numpy(), plain_mlp.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_linear_with_gradient_never_takes_the_kernel(monkeypatch):

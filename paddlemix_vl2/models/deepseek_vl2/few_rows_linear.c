@@ -10,6 +10,7 @@
  * Built at first use by native.py with -O3 -march=native; float32 only; summation order differs from
  * MKL's (results agree to float32 rounding).
  */
+#include <math.h>
 #include <stddef.h>
 
 #if defined(__AVX512F__)
@@ -93,5 +94,28 @@ void few_rows_linear(const float *x, const float *w, float *y, long rows, long k
     for (long r0 = 0; r0 < rows; r0 += MAX_ROWS) {
         const long chunk = rows - r0 < MAX_ROWS ? rows - r0 : MAX_ROWS;
         few_rows_chunk(x + r0 * k_dim, w, y + r0 * n_dim, chunk, k_dim, n_dim);
+    }
+}
+
+/* out[R, H] = sum over m of scale[m] * down_m(silu(gate_m(x)) * up_m(x)) for x [R, H], R <= MAX_ROWS:
+ * the SiLU-gated MLPs of a decode step (the dense MLP, the shared experts, one token's routed experts
+ * weighted by the router) in one call. gate_m, up_m: [inter[m], H]; down_m: [H, inter[m]] (torch layout).
+ * scratch holds 3 * R * max(inter[m]) + R * H floats. */
+void swiglu_mlps(const float *x, long rows, long hidden, long n_mlps, const float *const *gate,
+                 const float *const *up, const float *const *down, const long *inter, const float *scale,
+                 float *out, float *scratch) {
+    long widest = 0;
+    for (long m = 0; m < n_mlps; ++m) widest = inter[m] > widest ? inter[m] : widest;
+    float *gated = scratch, *upped = scratch + rows * widest, *hidden_act = upped + rows * widest;
+    float *down_out = hidden_act + rows * widest;
+    for (long i = 0; i < rows * hidden; ++i) out[i] = 0.0f;
+    for (long m = 0; m < n_mlps; ++m) {
+        const long n_inter = inter[m];
+        few_rows_chunk(x, gate[m], gated, rows, hidden, n_inter);
+        few_rows_chunk(x, up[m], upped, rows, hidden, n_inter);
+        for (long i = 0; i < rows * n_inter; ++i)
+            hidden_act[i] = gated[i] / (1.0f + expf(-gated[i])) * upped[i];
+        few_rows_chunk(hidden_act, down[m], down_out, rows, n_inter, hidden);
+        for (long i = 0; i < rows * hidden; ++i) out[i] += scale[m] * down_out[i];
     }
 }

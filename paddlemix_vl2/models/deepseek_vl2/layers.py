@@ -13,7 +13,7 @@ from paddle.incubate.nn.functional import fused_rms_norm
 from paddle.base.initializer import _global_weight_initializer
 from paddle.nn.initializer.lazy_init import lazy_init_helper
 
-from .native import few_rows_applies, few_rows_linear
+from .native import MAX_MLP_ROWS, few_rows_applies, few_rows_linear, swiglu_mlps
 
 __all__ = [
     "Linear", "DeepseekV2RMSNorm", "DeepseekV2MLP", "attend", "masked_softmax", "softmax_float32", "cpu_has_avx512f",
@@ -63,10 +63,8 @@ class Linear(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         """x [..., in_features] -> [..., out_features]."""
-        rows = math.prod(x.shape[:-1])
-        if few_rows_applies(x, self.weight, rows):
-            y = few_rows_linear(x.reshape([rows, self.in_features]), self.weight)
-            y = y.reshape(x.shape[:-1] + [self.out_features])
+        if few_rows_applies(x, self.weight, math.prod(x.shape[:-1])):
+            y = few_rows_linear(x, self.weight)
         else:
             y = paddle.matmul(x, self.weight, transpose_y=True)
         return y if self.bias is None else y + self.bias
@@ -125,7 +123,18 @@ class DeepseekV2MLP(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         """x: [..., hidden_size] -> [..., hidden_size]."""
+        weights = self.native_weights()
+        if weights is not None and few_rows_applies(x, weights[0], math.prod(x.shape[:-1]), MAX_MLP_ROWS):
+            return swiglu_mlps(x, [weights], [1.0])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def native_weights(self):
+        """(gate [I, H], up [I, H], down [H, I]) as ``native.swiglu_mlps`` takes them, or None when a
+        projection is not a plain ``Linear`` (a LoRA wrapper: the kernel would leave its adapter out)."""
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        if not all(type(projection) is Linear for projection in projections):
+            return None
+        return tuple(projection.weight for projection in projections)
 
 
 def attend(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mask: Optional[paddle.Tensor],

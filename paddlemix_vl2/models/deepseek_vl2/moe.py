@@ -14,6 +14,7 @@ from paddle.autograd import PyLayer
 
 from .configuration_deepseek import DeepseekV2Config
 from .layers import DeepseekV2MLP
+from .native import few_rows_applies, swiglu_mlps
 
 __all__ = ["MoEGate", "DeepseekV2MoE", "AddAuxiliaryLoss", "route", "moe_aux_loss"]
 
@@ -156,7 +157,12 @@ class DeepseekV2MoE(nn.Layer):
         """hidden_states [B, T, H] -> [B, T, H]."""
         shape = hidden_states.shape
         topk_idx, topk_weight, aux_loss = self.gate(hidden_states)
-        y = self.moe_infer(hidden_states.reshape([-1, shape[-1]]), topk_idx, topk_weight).reshape(shape)
+        x = hidden_states.reshape([-1, shape[-1]])
+        if x.shape[0] == 1 and few_rows_applies(x, self.gate.weight, 1):
+            y = self._one_token_native(x, topk_idx, topk_weight)
+            if y is not None:
+                return y.reshape(shape)
+        y = self.moe_infer(x, topk_idx, topk_weight).reshape(shape)
         if aux_loss is not None:
             y = AddAuxiliaryLoss.apply(y, aux_loss)
         if self.shared_experts is not None:
@@ -196,6 +202,20 @@ class DeepseekV2MoE(nn.Layer):
         """
         outputs = paddle.concat([self.experts[e](x) for e in topk_idx.numpy()[0].tolist()])  # [K, H]
         return _mix_expert_outputs(topk_weight, outputs.unsqueeze(0)).astype(x.dtype)
+
+    def _one_token_native(
+        self, x: paddle.Tensor, topk_idx: paddle.Tensor, topk_weight: paddle.Tensor
+    ) -> Optional[paddle.Tensor]:
+        """x [1, H] -> routed and shared experts together [1, H], by one ``native.swiglu_mlps`` call; None
+        when an expert's projections are wrapped (LoRA), which the plain path handles."""
+        mlps = [self.experts[e].native_weights() for e in topk_idx.numpy()[0].tolist()]
+        scales = topk_weight.numpy()[0].tolist()
+        if self.shared_experts is not None:
+            mlps.append(self.shared_experts.native_weights())
+            scales.append(1.0)
+        if any(weights is None for weights in mlps):
+            return None
+        return swiglu_mlps(x, mlps, scales)
 
 
 def _mix_expert_outputs(topk_weight: paddle.Tensor, outputs: paddle.Tensor) -> paddle.Tensor:

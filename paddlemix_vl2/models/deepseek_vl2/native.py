@@ -21,16 +21,21 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import paddle
 
-__all__ = ["NATIVE_VARIABLE", "MAX_FEW_ROWS", "few_rows_library", "few_rows_applies", "few_rows_linear"]
+__all__ = [
+    "NATIVE_VARIABLE", "MAX_FEW_ROWS", "MAX_MLP_ROWS", "few_rows_library", "few_rows_applies", "few_rows_linear",
+    "swiglu_mlps",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +44,8 @@ CACHE_VARIABLE = "PADDLEMIX_VL2_CACHE"
 # Up to this many rows the kernel beats MKL's sgemm here (8 rows: two passes over the weight, 50 ms on
 # the lm_head against 58-87 ms); beyond it sgemm's packing pays for itself.
 MAX_FEW_ROWS = 8
+# swiglu_mlps takes one pass of four rows (the kernel's register tile).
+MAX_MLP_ROWS = 4
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "few_rows_linear.c")
 _COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-c"]
 
@@ -102,14 +109,16 @@ def few_rows_library() -> Optional[ctypes.CDLL]:
         return None
     library.few_rows_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
     library.few_rows_linear.restype = None
+    library.swiglu_mlps.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 7
+    library.swiglu_mlps.restype = None
     return library
 
 
-def few_rows_applies(x: paddle.Tensor, weight: paddle.Tensor, rows: int) -> bool:
-    """Whether ``few_rows_linear`` serves this call: inference (no gradient), float32 on the CPU, at most
-    ``MAX_FEW_ROWS`` rows, and the kernel available."""
+def few_rows_applies(x: paddle.Tensor, weight: paddle.Tensor, rows: int, max_rows: int = MAX_FEW_ROWS) -> bool:
+    """Whether the kernels serve this call: inference (no gradient), float32 on the CPU, at most
+    ``max_rows`` rows, and the kernel available."""
     return (
-        rows <= MAX_FEW_ROWS
+        rows <= max_rows
         and not paddle.is_grad_enabled()
         and x.dtype == paddle.float32
         and weight.dtype == paddle.float32
@@ -119,11 +128,35 @@ def few_rows_applies(x: paddle.Tensor, weight: paddle.Tensor, rows: int) -> bool
 
 
 def few_rows_linear(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
-    """``x @ weight.T`` by the kernel: x [R, K] float32, weight [N, K] float32 -> [R, N] float32 (CPU)."""
-    rows, k_dim = x.shape
+    """``x @ weight.T`` by the kernel: x [..., K] float32 (R rows), weight [N, K] float32 -> [..., N] (CPU)."""
+    *lead, k_dim = x.shape
     n_dim = weight.shape[0]
-    if not x.is_contiguous():
-        x = x.contiguous()
-    out = paddle.empty([rows, n_dim], dtype=paddle.float32)
-    few_rows_library().few_rows_linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, k_dim, n_dim)
+    x = x if x.is_contiguous() else x.contiguous()
+    out = paddle.empty(lead + [n_dim], dtype=paddle.float32)
+    few_rows_library().few_rows_linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), math.prod(lead), k_dim, n_dim)
+    return out
+
+
+def swiglu_mlps(
+    x: paddle.Tensor, mlps: Sequence[Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]], scales: Sequence[float]
+) -> paddle.Tensor:
+    """``sum_m scales[m] * down_m(silu(gate_m(x)) * up_m(x))`` by the kernel, in one call.
+
+    x [..., H] float32 with at most ``MAX_MLP_ROWS`` rows; ``mlps`` holds each MLP's (gate [I_m, H], up
+    [I_m, H], down [H, I_m]) float32 weights. Returns [..., H]. A decode step's MLPs (the dense one, the
+    shared experts, a token's routed experts with their router weights) each cost a dozen Paddle ops and
+    Python layer calls this way replaces.
+    """
+    *lead, hidden = x.shape
+    rows = math.prod(lead)
+    x = x if x.is_contiguous() else x.contiguous()
+    n = len(mlps)
+    inter = [int(gate.shape[0]) for gate, _, _ in mlps]
+    pointers = [(ctypes.c_void_p * n)(*(mlp[i].data_ptr() for mlp in mlps)) for i in range(3)]
+    scratch = np.empty(rows * (3 * max(inter) + hidden), dtype=np.float32)
+    out = paddle.empty(lead + [hidden], dtype=paddle.float32)
+    few_rows_library().swiglu_mlps(
+        x.data_ptr(), rows, hidden, n, *pointers, (ctypes.c_long * n)(*inter), (ctypes.c_float * n)(*scales),
+        out.data_ptr(), scratch.ctypes.data,
+    )
     return out

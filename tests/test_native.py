@@ -1,4 +1,4 @@
-"""The few-row linear kernel and the torch-layout Linear that calls it.
+"""The CPU kernels (cpu_kernels.c through native.py) and the layers that call them.
 
 The kernels are compared with float64 NumPy at odd sizes (a reduction length that is not a multiple of
 the vector width, an output count that is not a multiple of the four-output tile, more rows than one pass
@@ -144,5 +144,59 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, rebuilt_library
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
     with caplog.at_level(logging.WARNING, logger=native.__name__):
         assert native.few_rows_library() is None
-    assert "could not build the few-row linear kernel" in caplog.text
+    assert "could not build the CPU kernels" in caplog.text
     assert list(rebuilt_library.iterdir()) == [], "a failed build left a file behind"
+
+
+@pytest.mark.parametrize("length", [1, 16, 729, 1037])
+def test_softmax_equals_numpy(length):
+    """Rows of the ViT's and a prompt's attention lengths, with masked (-inf and dtype-minimum) entries."""
+    if not _vector_kernels_built():
+        pytest.skip("the native softmax is built for AVX-512 only")
+    rng = np.random.default_rng(length)
+    scores = (rng.standard_normal((3, 5, length)) * 8).astype(np.float32)
+    scores[0, :, length // 2 + 1:] = -np.inf
+    scores[1, :, : length // 3] = np.finfo(np.float32).min
+    with paddle.no_grad():
+        out = native.softmax_last_axis(paddle.to_tensor(scores)).numpy()
+        scratch = paddle.to_tensor(scores)
+        in_place = native.softmax_last_axis(scratch, overwrite=True)
+    np.testing.assert_array_equal(in_place.numpy(), out)
+    np.testing.assert_array_equal(scratch.numpy(), out)
+    shifted = np.exp(scores.astype(np.float64) - scores.max(-1, keepdims=True))
+    expected = shifted / shifted.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, expected, rtol=2e-6, atol=1e-7)
+
+
+def test_attention_softmax_takes_the_kernel_only_without_gradient(monkeypatch):
+    calls = []
+    kernel = native.softmax_last_axis
+    monkeypatch.setattr(layers, "softmax_last_axis", lambda *args: calls.append(1) or kernel(*args))
+    scores = paddle.randn([2, 3, 7])
+    with paddle.no_grad():
+        fast = layers.softmax_float32(scores)
+    scores.stop_gradient = False
+    plain = layers.softmax_float32(scores)
+    np.testing.assert_allclose(fast.numpy(), plain.numpy(), rtol=2e-6, atol=1e-7)
+    assert len(calls) == (1 if _vector_kernels_built() else 0)
+
+
+def _vector_kernels_built():
+    library = native.few_rows_library()
+    return library is not None and library.vector_lanes() == 16
+
+
+def test_gelu_tanh_equals_numpy_and_paddle():
+    """Large and small values of both signs, and a length that is not a multiple of the vector width."""
+    if not _vector_kernels_built():
+        pytest.skip("the elementwise kernels are built for AVX-512 only")
+    x = np.concatenate([np.linspace(-12, 12, 4001), [-100.0, -30.0, 0.0, 30.0, 100.0]]).astype(np.float32)
+    u = np.sqrt(2 / np.pi) * (x.astype(np.float64) + 0.044715 * x.astype(np.float64) ** 3)
+    expected = 0.5 * x * (1 + np.tanh(u))
+    with paddle.no_grad():
+        scratch = paddle.to_tensor(x)
+        out = layers.gelu_tanh(scratch, overwrite=True)
+        plain = layers.gelu_tanh(paddle.to_tensor(x))
+    np.testing.assert_allclose(out.numpy(), expected, rtol=2e-6, atol=1e-7)
+    np.testing.assert_array_equal(scratch.numpy(), out.numpy())
+    np.testing.assert_allclose(out.numpy(), plain.numpy(), rtol=2e-6, atol=1e-6)

@@ -167,7 +167,7 @@ class DeepseekV2Attention(nn.Layer):
             k_nope = paddle.matmul(latent, w_uk_t.unsqueeze(0))  # [B, nh, S, Dn]
             values = paddle.matmul(latent, w_uv_t.unsqueeze(0))  # [B, nh, S, Dv]
             scores = scores + paddle.matmul(q_nope.transpose([0, 2, 1, 3]), k_nope, transpose_y=True)
-            probs = masked_softmax(scores * self.softmax_scale, mask)
+            probs = masked_softmax(scores * self.softmax_scale, mask, overwrite=True)
             out = paddle.matmul(probs, values).transpose([0, 2, 1, 3])  # [B, T, nh, Dv]
         else:
             # Fold the key up-projection into the query: q_nope [nh, B*T, Dn] @ W_UK [nh, Dn, C] -> [nh, B*T, C].
@@ -176,7 +176,7 @@ class DeepseekV2Attention(nn.Layer):
             scores = scores + paddle.matmul(
                 q_latent.transpose([1, 0, 2, 3]).reshape([bsz, nh * q_len, c]), compressed_kv, transpose_y=True
             ).reshape([bsz, nh, q_len, kv_len])
-            probs = masked_softmax(scores * self.softmax_scale, mask)
+            probs = masked_softmax(scores * self.softmax_scale, mask, overwrite=True)
             out_latent = paddle.matmul(probs.reshape([bsz, nh * q_len, kv_len]), compressed_kv)  # [B, nh*T, C]
             # Unfold the value up-projection: [nh, B*T, C] @ W_UV^T [nh, C, Dv] -> [nh, B*T, Dv].
             out_latent = out_latent.reshape([bsz, nh, q_len, c]).transpose([1, 0, 2, 3]).reshape([nh, bsz * q_len, c])

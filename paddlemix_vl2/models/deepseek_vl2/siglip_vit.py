@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 
 from .configuration_deepseek import VisionEncoderConfig
-from .layers import ACTIVATION_BLOCK_BYTES, Linear, attend
+from .layers import ACTIVATION_BLOCK_BYTES, Linear, attend, gelu_tanh
 
 __all__ = ["VisionTransformer", "SigLIPVisionTransformer"]
 
@@ -71,7 +70,7 @@ class Mlp(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         # SigLIP was trained with the tanh approximation of GELU (the projector uses the exact one).
-        return self.fc2(F.gelu(self.fc1(x), approximate=True))
+        return self.fc2(gelu_tanh(self.fc1(x), overwrite=True))
 
 
 class Block(nn.Layer):

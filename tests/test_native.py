@@ -168,16 +168,26 @@ def test_softmax_equals_numpy(length):
     np.testing.assert_allclose(out, expected, rtol=2e-6, atol=1e-7)
 
 
-def test_attention_softmax_takes_the_kernel_only_without_gradient(monkeypatch):
+@pytest.mark.parametrize("mask_batches", [1, 2])
+def test_masked_softmax_takes_the_kernel_only_without_gradient(monkeypatch, mask_batches):
+    """The kernel adds a [B or 1, 1, T, S] mask row by row; the Paddle path (with gradient) agrees."""
     calls = []
     kernel = native.softmax_last_axis
     monkeypatch.setattr(layers, "softmax_last_axis", lambda *args: calls.append(1) or kernel(*args))
-    scores = paddle.randn([2, 3, 7])
+    rng = np.random.default_rng(mask_batches)
+    scores = paddle.to_tensor(rng.standard_normal((2, 3, 5, 21)).astype(np.float32))
+    mask = np.triu(np.full((5, 21), np.finfo(np.float32).min, dtype=np.float32), k=17)
+    mask = np.broadcast_to(mask, (mask_batches, 1, 5, 21)).copy()
+    mask[-1, 0, :, :3] = np.finfo(np.float32).min  # the last row's padding
     with paddle.no_grad():
-        fast = layers.softmax_float32(scores)
+        fast = layers.masked_softmax(scores, paddle.to_tensor(mask))
     scores.stop_gradient = False
-    plain = layers.softmax_float32(scores)
-    np.testing.assert_allclose(fast.numpy(), plain.numpy(), rtol=2e-6, atol=1e-7)
+    plain = layers.masked_softmax(scores, paddle.to_tensor(mask))
+    shifted = scores.numpy().astype(np.float64) + mask
+    expected = np.exp(shifted - shifted.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    np.testing.assert_allclose(fast.numpy(), expected, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(plain.numpy(), expected, rtol=2e-6, atol=1e-7)
     assert len(calls) == (1 if _vector_kernels_built() else 0)
 
 

@@ -145,10 +145,14 @@ static inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* out[r, :] = softmax(x[r, :]) over rows of length n (AVX-512 only; vector_lanes() says which build this
- * is). Paddle's CPU softmax runs at about 0.26 G elements/s on two threads; the ViT's 729 x 729 attention
- * scores make it a fifth of the vision tower's time. */
-void softmax_rows(const float *x, float *out, long rows, long n) {
+/* out[r, :] = softmax(x[r, :] + mask row) over rows of length n (AVX-512 only; vector_lanes() says which
+ * build this is); out may be x. Rows are attention scores [B, heads, q_len, n] in order; mask, when not
+ * NULL, is additive [mask_batches, 1, q_len, n] (mask_batches 1 or B), added here instead of in a
+ * broadcast copy of the scores' size (at a 1037-token prefill, two 43 MB buffers per layer, mostly page
+ * faults). Paddle's CPU softmax runs at about 0.26 G elements/s on two threads; the ViT's 729 x 729
+ * attention scores made it a fifth of the vision tower's time. */
+void softmax_rows(const float *x, const float *mask, float *out, long rows, long n, long heads, long q_len,
+                  long mask_batches) {
     const long n_main = n / 16 * 16;
     const __mmask16 tail = (__mmask16)((1u << (n - n_main)) - 1u);
 #pragma omp parallel for schedule(static)
@@ -156,8 +160,25 @@ void softmax_rows(const float *x, float *out, long rows, long n) {
         const float *in = x + row * n;
         float *o = out + row * n;
         __m512 vmax = _mm512_set1_ps(-INFINITY);
-        for (long i = 0; i < n_main; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(in + i));
-        if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, in + n_main));
+        if (mask) {
+            const long batch = mask_batches == 1 ? 0 : row / (heads * q_len);
+            const float *m = mask + (batch * q_len + row % q_len) * n;
+            for (long i = 0; i < n_main; i += 16) {
+                const __m512 v = _mm512_add_ps(_mm512_loadu_ps(in + i), _mm512_loadu_ps(m + i));
+                _mm512_storeu_ps(o + i, v);
+                vmax = _mm512_max_ps(vmax, v);
+            }
+            if (tail) {
+                const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(tail, in + n_main),
+                                               _mm512_maskz_loadu_ps(tail, m + n_main));
+                _mm512_mask_storeu_ps(o + n_main, tail, v);
+                vmax = _mm512_mask_max_ps(vmax, tail, vmax, v);
+            }
+            in = o;
+        } else {
+            for (long i = 0; i < n_main; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(in + i));
+            if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, in + n_main));
+        }
         const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
         __m512 vsum = _mm512_setzero_ps();
         for (long i = 0; i < n_main; i += 16) {

@@ -195,21 +195,20 @@ def masked_softmax(scores: paddle.Tensor, mask: Optional[paddle.Tensor], overwri
     """``softmax_float32(scores + mask)``; scores [B, nh, T, S], mask additive [B or 1, 1, T, S] or None.
     ``overwrite``: the scores are the caller's scratch and may hold the result.
 
-    The mask is expanded to the scores' shape before the add: Paddle's CPU add is several times slower
-    when it broadcasts (a [10, 1, 1037, 1037] + [1, 1, 1037, 1037] add: 118 ms, expand then add: 61 ms;
-    [4, 4, 241, 241] + [4, 1, 241, 241]: 7.6 against 0.5 ms), and the sums are the same.
+    In inference on an AVX-512 CPU the native kernel adds the mask row by row and normalises in place.
+    Otherwise the mask is expanded to the scores' shape before the add: Paddle's CPU add is several times
+    slower when it broadcasts (a [10, 1, 1037, 1037] + [1, 1, 1037, 1037] add: 118 ms, expand then add:
+    61 ms; [4, 4, 241, 241] + [4, 1, 241, 241]: 7.6 against 0.5 ms), and the sums are the same.
     """
+    if vector_kernels_apply(scores) and (mask is None or mask.dtype == paddle.float32):
+        return softmax_last_axis(scores, overwrite, mask)
     if mask is not None:
         scores = scores + (mask if mask.shape == scores.shape else mask.expand(scores.shape))
-        overwrite = True  # the sum is this function's own
-    return softmax_float32(scores, overwrite)
+    return softmax_float32(scores)
 
 
-def softmax_float32(scores: paddle.Tensor, overwrite: bool = False) -> paddle.Tensor:
-    """Softmax over the last axis, computed in float32 whatever the activation dtype. ``overwrite``: the
-    scores are the caller's scratch, and the native kernel (inference, AVX-512) writes the result there."""
-    if vector_kernels_apply(scores):
-        return softmax_last_axis(scores, overwrite)
+def softmax_float32(scores: paddle.Tensor) -> paddle.Tensor:
+    """Softmax over the last axis, computed in float32 whatever the activation dtype."""
     if scores.dtype == paddle.float32:
         return F.softmax(scores, axis=-1)
     return F.softmax(scores.astype(paddle.float32), axis=-1).astype(scores.dtype)

@@ -116,7 +116,7 @@ def few_rows_library() -> Optional[ctypes.CDLL]:
     library.swiglu_mlps.restype = None
     library.vector_lanes.restype = ctypes.c_int
     if library.vector_lanes() == 16:
-        library.softmax_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2
+        library.softmax_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 5
         library.softmax_rows.restype = None
         library.gelu_tanh_inplace.argtypes = [ctypes.c_void_p, ctypes.c_long]
         library.gelu_tanh_inplace.restype = None
@@ -180,19 +180,31 @@ def vector_kernels_apply(x: paddle.Tensor) -> bool:
     return library is not None and library.vector_lanes() == 16
 
 
-def softmax_last_axis(scores: paddle.Tensor, overwrite: bool = False) -> paddle.Tensor:
-    """Softmax over the last axis by the kernel: scores [..., S] float32 (CPU) -> [..., S].
+def softmax_last_axis(
+    scores: paddle.Tensor, overwrite: bool = False, mask: Optional[paddle.Tensor] = None
+) -> paddle.Tensor:
+    """``softmax(scores + mask)`` over the last axis by the kernel: scores float32 on the CPU, [..., S], or
+    [B, nh, T, S] with an additive float32 ``mask`` [B or 1, 1, T, S]. Returns the scores' shape.
 
     ``overwrite`` writes the result into ``scores`` (the caller's scratch): a fresh output of attention
     size is mostly page faults here (a [4, 729, 729] block: 3.1 ms into new memory, 0.8 ms in place,
-    6.4 ms through Paddle's softmax). The exponential is a degree-7 polynomial after range reduction
-    (about 1e-7 relative).
+    6.4 ms through Paddle's softmax). The mask is added row by row inside the kernel. The exponential is
+    a degree-7 polynomial after range reduction (about 1e-7 relative).
     """
     if not scores.is_contiguous():
         scores = scores.contiguous()
     out = scores if overwrite else paddle.empty(scores.shape, dtype=paddle.float32)
-    n = scores.shape[-1]
-    few_rows_library().softmax_rows(scores.data_ptr(), out.data_ptr(), math.prod(scores.shape[:-1]), n)
+    rows, n = math.prod(scores.shape[:-1]), scores.shape[-1]
+    if mask is None:
+        few_rows_library().softmax_rows(scores.data_ptr(), None, out.data_ptr(), rows, n, 1, 1, 1)
+        return out
+    batch, heads, q_len, _ = scores.shape
+    if mask.dtype != paddle.float32 or list(mask.shape) not in ([batch, 1, q_len, n], [1, 1, q_len, n]):
+        raise ValueError(f"mask {list(mask.shape)} {mask.dtype} does not fit scores {list(scores.shape)}")
+    mask = mask if mask.is_contiguous() else mask.contiguous()
+    few_rows_library().softmax_rows(
+        scores.data_ptr(), mask.data_ptr(), out.data_ptr(), rows, n, heads, q_len, mask.shape[0]
+    )
     return out
 
 

@@ -74,30 +74,34 @@ def numpy_swiglu(x, gate, up, down):
     return (gated / (1 + np.exp(-gated)) * (x @ up.T)) @ down.T
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("rows", [1, 3, 6])
 def test_swiglu_mlps_equals_numpy(rows):
-    """Several MLPs of different widths (a routed expert's, a shared one's), weighted, summed."""
+    """MLPs of different widths, one over every row (a shared expert), the others over subsets with
+    their own weights (routed experts), six rows taking two passes of four."""
     rng = np.random.default_rng(rows)
     hidden = 40
     x = rng.standard_normal((rows, hidden)).astype(np.float32)
     mlps = [tuple(rng.standard_normal(shape).astype(np.float32) * 0.3
                   for shape in ((inter, hidden), (inter, hidden), (hidden, inter))) for inter in (24, 56, 9)]
-    scales = [0.6, 0.25, 1.0]
-    out = native.swiglu_mlps(paddle.to_tensor(x), [tuple(map(paddle.to_tensor, m)) for m in mlps], scales)
-    expected = sum(s * numpy_swiglu(x.astype(np.float64), *(w.astype(np.float64) for w in m))
-                   for s, m in zip(scales, mlps))
+    assignments = [(list(range(rows)), [1.0] * rows), ([rows - 1], [0.6]), (list(range(0, rows, 2)), [0.25, 0.5, 0.75][: (rows + 1) // 2])]
+    out = native.swiglu_mlps(paddle.to_tensor(x), [tuple(map(paddle.to_tensor, m)) for m in mlps], assignments)
+    expected = np.zeros((rows, hidden))
+    for m, (taken, scales) in zip(mlps, assignments):
+        for row, scale in zip(taken, scales):
+            expected[row] += scale * numpy_swiglu(x[row].astype(np.float64), *(w.astype(np.float64) for w in m))
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
-def test_mlp_and_one_token_moe_with_the_kernel_equal_the_plain_path(monkeypatch):
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_mlp_and_few_token_moe_with_the_kernel_equal_the_plain_path(monkeypatch, tokens):
     """The dense MLP and a decode-step MoE (routed + shared experts in one kernel call) against the same
-    layers with the kernel switched off."""
+    layers with the kernel switched off (the one-token path and the grouped path)."""
     from lm_golden import load_lm
 
     lm = load_lm("micro-tiny")
     moe_layer = next(layer for layer in lm.model.layers if isinstance(layer.mlp, DeepseekV2MoE))
     dense_mlp = next(layer.mlp for layer in lm.model.layers if isinstance(layer.mlp, DeepseekV2MLP))
-    x = paddle.randn([1, 1, lm.config.hidden_size])
+    x = paddle.randn([tokens, 1, lm.config.hidden_size])
     with paddle.no_grad():
         fast_moe, fast_mlp = moe_layer.mlp(x), dense_mlp(x)
         monkeypatch.setenv(native.NATIVE_VARIABLE, "0")

@@ -98,26 +98,40 @@ void few_rows_linear(const float *x, const float *w, float *y, long rows, long k
     }
 }
 
-/* out[R, H] = sum over m of scale[m] * down_m(silu(gate_m(x)) * up_m(x)) for x [R, H], R <= MAX_ROWS:
- * the SiLU-gated MLPs of a decode step (the dense MLP, the shared experts, one token's routed experts
- * weighted by the router) in one call. gate_m, up_m: [inter[m], H]; down_m: [H, inter[m]] (torch layout).
- * scratch holds 3 * R * max(inter[m]) + R * H floats. */
+/* The SiLU-gated MLPs of a decode step in one call: for each MLP m and each of its rows (row_counts[m] ids
+ * from row_ids, each with a weight from row_scales, both laid out MLP after MLP),
+ *     out[row] += scale * down_m(silu(gate_m(x[row])) * up_m(x[row])).
+ * This covers the dense MLP (every row, weight 1), the shared experts (the same) and the routed experts
+ * (each with the tokens that chose it, weighted by the router). gate_m, up_m: [inter[m], hidden]; down_m:
+ * [hidden, inter[m]] (torch layout). An MLP's rows are gathered and run MAX_ROWS at a time, so its weights
+ * stream once per four rows. scratch holds MAX_ROWS * (2 * hidden + 3 * max(inter)) floats. */
 void swiglu_mlps(const float *x, long rows, long hidden, long n_mlps, const float *const *gate,
-                 const float *const *up, const float *const *down, const long *inter, const float *scale,
-                 float *out, float *scratch) {
+                 const float *const *up, const float *const *down, const long *inter, const long *row_counts,
+                 const long *row_ids, const float *row_scales, float *out, float *scratch) {
     long widest = 0;
     for (long m = 0; m < n_mlps; ++m) widest = inter[m] > widest ? inter[m] : widest;
-    float *gated = scratch, *upped = scratch + rows * widest, *hidden_act = upped + rows * widest;
-    float *down_out = hidden_act + rows * widest;
+    float *gathered = scratch, *down_out = scratch + MAX_ROWS * hidden;
+    float *gated = down_out + MAX_ROWS * hidden, *upped = gated + MAX_ROWS * widest;
+    float *hidden_act = upped + MAX_ROWS * widest;
     for (long i = 0; i < rows * hidden; ++i) out[i] = 0.0f;
+    long offset = 0;
     for (long m = 0; m < n_mlps; ++m) {
         const long n_inter = inter[m];
-        few_rows_chunk(x, gate[m], gated, rows, hidden, n_inter);
-        few_rows_chunk(x, up[m], upped, rows, hidden, n_inter);
-        for (long i = 0; i < rows * n_inter; ++i)
-            hidden_act[i] = gated[i] / (1.0f + expf(-gated[i])) * upped[i];
-        few_rows_chunk(hidden_act, down[m], down_out, rows, n_inter, hidden);
-        for (long i = 0; i < rows * hidden; ++i) out[i] += scale[m] * down_out[i];
+        for (long first = 0; first < row_counts[m]; first += MAX_ROWS) {
+            const long chunk = row_counts[m] - first < MAX_ROWS ? row_counts[m] - first : MAX_ROWS;
+            const long *ids = row_ids + offset + first;
+            const float *scales = row_scales + offset + first;
+            for (long r = 0; r < chunk; ++r)
+                for (long i = 0; i < hidden; ++i) gathered[r * hidden + i] = x[ids[r] * hidden + i];
+            few_rows_chunk(gathered, gate[m], gated, chunk, hidden, n_inter);
+            few_rows_chunk(gathered, up[m], upped, chunk, hidden, n_inter);
+            for (long i = 0; i < chunk * n_inter; ++i)
+                hidden_act[i] = gated[i] / (1.0f + expf(-gated[i])) * upped[i];
+            few_rows_chunk(hidden_act, down[m], down_out, chunk, n_inter, hidden);
+            for (long r = 0; r < chunk; ++r)
+                for (long i = 0; i < hidden; ++i) out[ids[r] * hidden + i] += scales[r] * down_out[r * hidden + i];
+        }
+        offset += row_counts[m];
     }
 }
 

@@ -14,7 +14,7 @@ from paddle.base.initializer import _global_weight_initializer
 from paddle.nn.initializer.lazy_init import lazy_init_helper
 
 from .native import (
-    MAX_MLP_ROWS, few_rows_applies, few_rows_linear, gelu_tanh_, softmax_last_axis, swiglu_mlps,
+    few_rows_applies, few_rows_linear, gelu_tanh_, softmax_last_axis, swiglu_mlps,
     vector_kernels_apply,
 )
 
@@ -127,9 +127,9 @@ class DeepseekV2MLP(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         """x: [..., hidden_size] -> [..., hidden_size]."""
-        weights = self.native_weights()
-        if weights is not None and few_rows_applies(x, weights[0], math.prod(x.shape[:-1]), MAX_MLP_ROWS):
-            return swiglu_mlps(x, [weights], [1.0])
+        weights, rows = self.native_weights(), math.prod(x.shape[:-1])
+        if weights is not None and few_rows_applies(x, weights[0], rows):
+            return swiglu_mlps(x, [weights], [(range(rows), [1.0] * rows)])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def native_weights(self):

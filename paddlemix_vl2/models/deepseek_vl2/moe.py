@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
@@ -158,8 +159,8 @@ class DeepseekV2MoE(nn.Layer):
         shape = hidden_states.shape
         topk_idx, topk_weight, aux_loss = self.gate(hidden_states)
         x = hidden_states.reshape([-1, shape[-1]])
-        if x.shape[0] == 1 and few_rows_applies(x, self.gate.weight, 1):
-            y = self._one_token_native(x, topk_idx, topk_weight)
+        if few_rows_applies(x, self.gate.weight, x.shape[0]):
+            y = self._few_tokens_native(x, topk_idx, topk_weight)
             if y is not None:
                 return y.reshape(shape)
         y = self.moe_infer(x, topk_idx, topk_weight).reshape(shape)
@@ -203,19 +204,24 @@ class DeepseekV2MoE(nn.Layer):
         outputs = paddle.concat([self.experts[e](x) for e in topk_idx.numpy()[0].tolist()])  # [K, H]
         return _mix_expert_outputs(topk_weight, outputs.unsqueeze(0)).astype(x.dtype)
 
-    def _one_token_native(
+    def _few_tokens_native(
         self, x: paddle.Tensor, topk_idx: paddle.Tensor, topk_weight: paddle.Tensor
     ) -> Optional[paddle.Tensor]:
-        """x [1, H] -> routed and shared experts together [1, H], by one ``native.swiglu_mlps`` call; None
-        when an expert's projections are wrapped (LoRA), which the plain path handles."""
-        mlps = [self.experts[e].native_weights() for e in topk_idx.numpy()[0].tolist()]
-        scales = topk_weight.numpy()[0].tolist()
+        """x [N, H] (decode, N <= native.MAX_FEW_ROWS) -> routed and shared experts together [N, H], by one
+        ``native.swiglu_mlps`` call: each chosen expert takes the tokens that chose it, with their router
+        weights. None when an expert's projections are wrapped (LoRA), which the plain path handles."""
+        chosen, weights = topk_idx.numpy(), topk_weight.numpy()
+        mlps, assignments = [], []
+        for expert_id in np.unique(chosen).tolist():
+            tokens, slots = np.nonzero(chosen == expert_id)
+            mlps.append(self.experts[expert_id].native_weights())
+            assignments.append((tokens.tolist(), weights[tokens, slots].tolist()))
         if self.shared_experts is not None:
             mlps.append(self.shared_experts.native_weights())
-            scales.append(1.0)
-        if any(weights is None for weights in mlps):
+            assignments.append((range(len(chosen)), [1.0] * len(chosen)))
+        if any(expert_weights is None for expert_weights in mlps):
             return None
-        return swiglu_mlps(x, mlps, scales)
+        return swiglu_mlps(x, mlps, assignments)
 
 
 def _mix_expert_outputs(topk_weight: paddle.Tensor, outputs: paddle.Tensor) -> paddle.Tensor:

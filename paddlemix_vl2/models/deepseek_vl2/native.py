@@ -5,7 +5,8 @@
   with two or more rows (the 1280 x 129280 lm_head: 20 ms for 1 row, 70 ms for 4), so a batch of four
   cost nearly four single steps. The kernel streams each weight once for up to four rows (25 ms for 4
   rows on the same matrix) and runs one row about as fast as MKL.
-* ``swiglu_mlps``: a decode step's SiLU-gated MLPs in one call each (see its docstring).
+* ``swiglu_mlps``: a decode step's SiLU-gated MLPs (a layer's routed and shared experts, or its dense MLP)
+  in one call.
 * ``softmax_last_axis`` and ``gelu_tanh_`` (AVX-512 builds): the ViT's attention normalisation and GELU,
   which Paddle's CPU kernels run at about 0.3 G values/s (a fifth of the tower's time together).
 
@@ -36,7 +37,7 @@ import numpy as np
 import paddle
 
 __all__ = [
-    "NATIVE_VARIABLE", "MAX_FEW_ROWS", "MAX_MLP_ROWS", "few_rows_library", "few_rows_applies", "few_rows_linear",
+    "NATIVE_VARIABLE", "MAX_FEW_ROWS", "few_rows_library", "few_rows_applies", "few_rows_linear",
     "swiglu_mlps", "vector_kernels_apply", "softmax_last_axis", "gelu_tanh_",
 ]
 
@@ -47,8 +48,6 @@ CACHE_VARIABLE = "PADDLEMIX_VL2_CACHE"
 # Up to this many rows the kernel beats MKL's sgemm here (8 rows: two passes over the weight, 50 ms on
 # the lm_head against 58-87 ms); beyond it sgemm's packing pays for itself.
 MAX_FEW_ROWS = 8
-# swiglu_mlps takes one pass of four rows (the kernel's register tile).
-MAX_MLP_ROWS = 4
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
 _COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-c"]
 
@@ -112,7 +111,7 @@ def few_rows_library() -> Optional[ctypes.CDLL]:
         return None
     library.few_rows_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
     library.few_rows_linear.restype = None
-    library.swiglu_mlps.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 7
+    library.swiglu_mlps.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 9
     library.swiglu_mlps.restype = None
     library.vector_lanes.restype = ctypes.c_int
     if library.vector_lanes() == 16:
@@ -123,11 +122,11 @@ def few_rows_library() -> Optional[ctypes.CDLL]:
     return library
 
 
-def few_rows_applies(x: paddle.Tensor, weight: paddle.Tensor, rows: int, max_rows: int = MAX_FEW_ROWS) -> bool:
-    """Whether the kernels serve this call: inference (no gradient), float32 on the CPU, at most
-    ``max_rows`` rows, and the kernel available."""
+def few_rows_applies(x: paddle.Tensor, weight: paddle.Tensor, rows: int) -> bool:
+    """Whether the few-row kernels serve this call: inference (no gradient), float32 on the CPU, at most
+    ``MAX_FEW_ROWS`` rows, and the kernel available."""
     return (
-        rows <= max_rows
+        rows <= MAX_FEW_ROWS
         and not paddle.is_grad_enabled()
         and x.dtype == paddle.float32
         and weight.dtype == paddle.float32
@@ -147,25 +146,38 @@ def few_rows_linear(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
 
 
 def swiglu_mlps(
-    x: paddle.Tensor, mlps: Sequence[Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]], scales: Sequence[float]
+    x: paddle.Tensor,
+    mlps: Sequence[Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]],
+    assignments: Sequence[Tuple[Sequence[int], Sequence[float]]],
 ) -> paddle.Tensor:
-    """``sum_m scales[m] * down_m(silu(gate_m(x)) * up_m(x))`` by the kernel, in one call.
+    """Several SiLU-gated MLPs over a few rows by the kernel, in one call.
 
-    x [..., H] float32 with at most ``MAX_MLP_ROWS`` rows; ``mlps`` holds each MLP's (gate [I_m, H], up
-    [I_m, H], down [H, I_m]) float32 weights. Returns [..., H]. A decode step's MLPs (the dense one, the
-    shared experts, a token's routed experts with their router weights) each cost a dozen Paddle ops and
-    Python layer calls this way replaces.
+    ``out[row] = sum over the MLPs m that take row of scale * down_m(silu(gate_m(x[row])) * up_m(x[row]))``.
+
+    Args:
+        x: [..., H] float32 on the CPU, at most ``MAX_FEW_ROWS`` rows.
+        mlps: each MLP's (gate [I_m, H], up [I_m, H], down [H, I_m]) float32 weights.
+        assignments: for each MLP, (the rows it takes, one weight per row): every row with weight 1 for a
+            dense MLP or the shared experts, the tokens that chose it with their router weights for a
+            routed expert.
+    Returns:
+        [..., H] float32.
+
+    A decode step's MLPs each cost a dozen Paddle ops and layer calls otherwise, and a batch's MoE a sort,
+    gathers and a split on top; here an expert's weights stream once for up to four of its rows.
     """
     *lead, hidden = x.shape
-    rows = math.prod(lead)
     x = x if x.is_contiguous() else x.contiguous()
     n = len(mlps)
     inter = [int(gate.shape[0]) for gate, _, _ in mlps]
     pointers = [(ctypes.c_void_p * n)(*(mlp[i].data_ptr() for mlp in mlps)) for i in range(3)]
-    scratch = np.empty(rows * (3 * max(inter) + hidden), dtype=np.float32)
+    row_ids = np.array([row for rows, _ in assignments for row in rows], dtype=np.int64)
+    row_scales = np.array([scale for _, scales in assignments for scale in scales], dtype=np.float32)
+    scratch = np.empty(4 * (2 * hidden + 3 * max(inter)), dtype=np.float32)
     out = paddle.empty(lead + [hidden], dtype=paddle.float32)
     few_rows_library().swiglu_mlps(
-        x.data_ptr(), rows, hidden, n, *pointers, (ctypes.c_long * n)(*inter), (ctypes.c_float * n)(*scales),
+        x.data_ptr(), math.prod(lead), hidden, n, *pointers, (ctypes.c_long * n)(*inter),
+        (ctypes.c_long * n)(*(len(rows) for rows, _ in assignments)), row_ids.ctypes.data, row_scales.ctypes.data,
         out.data_ptr(), scratch.ctypes.data,
     )
     return out

@@ -214,3 +214,18 @@ def test_gelu_tanh_equals_numpy_and_paddle():
     np.testing.assert_allclose(out.numpy(), expected, rtol=2e-6, atol=1e-7)
     np.testing.assert_array_equal(scratch.numpy(), out.numpy())
     np.testing.assert_allclose(out.numpy(), plain.numpy(), rtol=2e-6, atol=1e-6)
+
+
+def test_linear_bias_added_in_place_equals_the_broadcast_add(monkeypatch):
+    paddle.seed(3)
+    layer = Linear(24, 37)
+    layer.bias.set_value(paddle.uniform([37]))
+    x = paddle.randn([2, 11, 24])  # 22 rows: the matmul path, then the bias kernel
+    calls = []
+    kernel = native.add_bias_
+    monkeypatch.setattr(layers, "add_bias_", lambda *args: calls.append(1) or kernel(*args))
+    with paddle.no_grad():
+        fast = layer(x)
+    expected = x.numpy().astype(np.float64) @ layer.weight.numpy().T.astype(np.float64) + layer.bias.numpy()
+    np.testing.assert_allclose(fast.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1

@@ -135,6 +135,18 @@ void swiglu_mlps(const float *x, long rows, long hidden, long n_mlps, const floa
     }
 }
 
+/* y[r, :] += bias for rows of length n, in place. Paddle's CPU add broadcasts the bias at about a tenth of
+ * this speed ([729, 4304] + [4304]: 5.4 ms against 0.5 ms in place), which cost the ViT's Linear layers
+ * about 1.4 s for five tiles. */
+void add_bias_rows(float *y, const float *bias, long rows, long n) {
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < rows; ++r) {
+        float *row = y + r * n;
+#pragma omp simd
+        for (long i = 0; i < n; ++i) row[i] += bias[i];
+    }
+}
+
 /* The vector width the kernels were built with: 16 on AVX-512, 8 on AVX2, 1 otherwise. */
 int vector_lanes(void) { return LANES; }
 

@@ -14,8 +14,8 @@ from paddle.base.initializer import _global_weight_initializer
 from paddle.nn.initializer.lazy_init import lazy_init_helper
 
 from .native import (
-    few_rows_applies, few_rows_linear, gelu_tanh_, softmax_last_axis, swiglu_mlps,
-    vector_kernels_apply,
+    add_bias_, few_rows_applies, few_rows_linear, gelu_tanh_, inference_kernels_apply, softmax_last_axis,
+    swiglu_mlps, vector_kernels_apply,
 )
 
 __all__ = [
@@ -71,7 +71,11 @@ class Linear(nn.Layer):
             y = few_rows_linear(x, self.weight)
         else:
             y = paddle.matmul(x, self.weight, transpose_y=True)
-        return y if self.bias is None else y + self.bias
+        if self.bias is None:
+            return y
+        if inference_kernels_apply(y) and self.bias.dtype == paddle.float32 and y.is_contiguous():
+            return add_bias_(y, self.bias)  # y is this call's own output
+        return y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -38,7 +38,8 @@ import paddle
 
 __all__ = [
     "NATIVE_VARIABLE", "MAX_FEW_ROWS", "few_rows_library", "few_rows_applies", "few_rows_linear",
-    "swiglu_mlps", "vector_kernels_apply", "softmax_last_axis", "gelu_tanh_",
+    "swiglu_mlps", "inference_kernels_apply", "add_bias_", "vector_kernels_apply", "softmax_last_axis",
+    "gelu_tanh_",
 ]
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ def few_rows_library() -> Optional[ctypes.CDLL]:
     library.few_rows_linear.restype = None
     library.swiglu_mlps.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 9
     library.swiglu_mlps.restype = None
+    library.add_bias_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2
+    library.add_bias_rows.restype = None
     library.vector_lanes.restype = ctypes.c_int
     if library.vector_lanes() == 16:
         library.softmax_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 5
@@ -122,17 +125,28 @@ def few_rows_library() -> Optional[ctypes.CDLL]:
     return library
 
 
-def few_rows_applies(x: paddle.Tensor, weight: paddle.Tensor, rows: int) -> bool:
-    """Whether the few-row kernels serve this call: inference (no gradient), float32 on the CPU, at most
-    ``MAX_FEW_ROWS`` rows, and the kernel available."""
+def inference_kernels_apply(x: paddle.Tensor) -> bool:
+    """Whether the kernels may serve ``x``: inference (no gradient), float32 on the CPU, library built."""
     return (
-        rows <= MAX_FEW_ROWS
-        and not paddle.is_grad_enabled()
+        not paddle.is_grad_enabled()
         and x.dtype == paddle.float32
-        and weight.dtype == paddle.float32
         and x.place.is_cpu_place()
         and few_rows_library() is not None
     )
+
+
+def few_rows_applies(x: paddle.Tensor, weight: paddle.Tensor, rows: int) -> bool:
+    """Whether the few-row kernels serve this call: at most ``MAX_FEW_ROWS`` rows, a float32 weight, and
+    ``inference_kernels_apply(x)``."""
+    return rows <= MAX_FEW_ROWS and weight.dtype == paddle.float32 and inference_kernels_apply(x)
+
+
+def add_bias_(y: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
+    """``y += bias`` in place over the last axis by the kernel: y [..., N] float32 contiguous (the caller's
+    own output), bias [N] float32, both on the CPU (``inference_kernels_apply``). Returns ``y``."""
+    n = y.shape[-1]
+    few_rows_library().add_bias_rows(y.data_ptr(), bias.data_ptr(), math.prod(y.shape[:-1]), n)
+    return y
 
 
 def few_rows_linear(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
@@ -184,12 +198,10 @@ def swiglu_mlps(
 
 
 def vector_kernels_apply(x: paddle.Tensor) -> bool:
-    """Whether the elementwise kernels (``softmax_last_axis``, ``gelu_tanh_``) serve ``x``: inference,
-    float32 on the CPU, and the library built with AVX-512 (its exponential is written for that width)."""
-    if paddle.is_grad_enabled() or x.dtype != paddle.float32 or not x.place.is_cpu_place():
-        return False
-    library = few_rows_library()
-    return library is not None and library.vector_lanes() == 16
+    """Whether the elementwise kernels (``softmax_last_axis``, ``gelu_tanh_``) serve ``x``:
+    ``inference_kernels_apply(x)`` and the library built with AVX-512 (its exponential is written for
+    that width)."""
+    return inference_kernels_apply(x) and few_rows_library().vector_lanes() == 16
 
 
 def softmax_last_axis(

@@ -306,8 +306,9 @@ def load_weights(
 ) -> List[str]:
     """Stream the tensors under ``prefix`` from the checkpoint at ``path`` into ``layer``.
 
-    Each tensor is read from its shard, converted to the parameter's dtype and written into the parameter (see the module docstring for the host float32 path). Parameters
-    of a layer built under ``paddle.LazyGuard`` get their memory here. Missing keys, unexpected keys and
+    Each tensor is read from its shard, converted to the parameter's dtype and written into the parameter
+    (see the module docstring for the host float32 path). Parameters of a layer built under
+    ``paddle.LazyGuard`` get their memory here. Missing keys, unexpected keys and
     shape mismatches are collected and raised together as one ``CheckpointError``.
 
     Returns:

@@ -1,7 +1,8 @@
 /* CPU kernels for inference, float32, called through ctypes by native.py (which builds this file at first
- * use with -O3 -march=native): few_rows_linear and swiglu_mlps for decode, softmax_rows and
- * gelu_tanh_inplace (AVX-512 builds) for the vision tower. Summation orders differ from MKL's and the
- * exponential is a polynomial: results agree with Paddle's kernels to float32 rounding.
+ * use with -O3 -march=native): few_rows_linear and swiglu_mlps for decode, add_bias_rows for every
+ * Linear, softmax_rows (attention) and gelu_tanh_inplace (the vision tower) in AVX-512 builds. Summation
+ * orders differ from MKL's and the exponential is a polynomial: results agree with Paddle's kernels to
+ * float32 rounding.
  *
  * few_rows_linear, y[R, N] = x[R, K] @ w[N, K]^T for a few rows R: decode multiplies one to a few
  * activation rows by every weight matrix, so a step is bound by how fast the weights stream from memory.
@@ -219,7 +220,8 @@ void softmax_rows(const float *x, const float *mask, float *out, long rows, long
         }
         const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
         for (long i = 0; i < n_main; i += 16) _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_loadu_ps(o + i), inv));
-        if (tail) _mm512_mask_storeu_ps(o + n_main, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, o + n_main), inv));
+        if (tail)
+            _mm512_mask_storeu_ps(o + n_main, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, o + n_main), inv));
     }
 }
 

@@ -7,8 +7,11 @@
   rows on the same matrix) and runs one row about as fast as MKL.
 * ``swiglu_mlps``: a decode step's SiLU-gated MLPs (a layer's routed and shared experts, or its dense MLP)
   in one call.
-* ``softmax_last_axis`` and ``gelu_tanh_`` (AVX-512 builds): the ViT's attention normalisation and GELU,
-  which Paddle's CPU kernels run at about 0.3 G values/s (a fifth of the tower's time together).
+* ``add_bias_``: a Linear's bias added in place into its own output (Paddle's broadcasting add runs at
+  about a tenth of that speed).
+* ``softmax_last_axis`` and ``gelu_tanh_`` (AVX-512 builds): the attention normalisation (with its mask)
+  and the ViT's GELU, which Paddle's CPU kernels run at about 0.3 G values/s (a fifth of the tower's time
+  together).
 
 The shared library is built with the system C compiler (``$CC``, else ``cc``) and ``-O3 -march=native
 -fopenmp`` into ``$PADDLEMIX_VL2_CACHE`` (default ``~/.cache/paddlemix_vl2``), named by a hash of the
@@ -37,7 +40,7 @@ import numpy as np
 import paddle
 
 __all__ = [
-    "NATIVE_VARIABLE", "MAX_FEW_ROWS", "few_rows_library", "few_rows_applies", "few_rows_linear",
+    "NATIVE_VARIABLE", "MAX_FEW_ROWS", "kernel_library", "few_rows_applies", "few_rows_linear",
     "swiglu_mlps", "inference_kernels_apply", "add_bias_", "vector_kernels_apply", "softmax_last_axis",
     "gelu_tanh_",
 ]
@@ -73,16 +76,17 @@ def _build(compiler: str, link_flags: List[str], target: str) -> None:
     """Compile the kernel to ``target`` through temporary files, so no half-written library is ever loaded."""
     directory = os.path.dirname(target)
     os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".few_rows-", dir=directory) as scratch:
-        obj, partial = os.path.join(scratch, "kernel.o"), os.path.join(scratch, "kernel.so")
-        for command in ([compiler, *_COMPILE_FLAGS, _SOURCE, "-o", obj], [compiler, obj, "-o", partial, *link_flags]):
+    with tempfile.TemporaryDirectory(prefix=".cpu_kernels-", dir=directory) as scratch:
+        obj, partial = os.path.join(scratch, "kernels.o"), os.path.join(scratch, "kernels.so")
+        compile_command = [compiler, *_COMPILE_FLAGS, _SOURCE, "-o", obj]
+        for command in (compile_command, [compiler, obj, "-o", partial, *link_flags]):
             subprocess.run(command, check=True, capture_output=True, timeout=300)
         os.replace(partial, target)
 
 
 @functools.lru_cache(maxsize=None)
-def few_rows_library() -> Optional[ctypes.CDLL]:
-    """The loaded kernel library, or None when it is switched off or cannot be built here."""
+def kernel_library() -> Optional[ctypes.CDLL]:
+    """The loaded ``cpu_kernels.c`` library, or None when it is switched off or cannot be built here."""
     if os.environ.get(NATIVE_VARIABLE) == "0":
         return None
     if platform.system() != "Linux":
@@ -131,7 +135,7 @@ def inference_kernels_apply(x: paddle.Tensor) -> bool:
         not paddle.is_grad_enabled()
         and x.dtype == paddle.float32
         and x.place.is_cpu_place()
-        and few_rows_library() is not None
+        and kernel_library() is not None
     )
 
 
@@ -145,7 +149,7 @@ def add_bias_(y: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
     """``y += bias`` in place over the last axis by the kernel: y [..., N] float32 contiguous (the caller's
     own output), bias [N] float32, both on the CPU (``inference_kernels_apply``). Returns ``y``."""
     n = y.shape[-1]
-    few_rows_library().add_bias_rows(y.data_ptr(), bias.data_ptr(), math.prod(y.shape[:-1]), n)
+    kernel_library().add_bias_rows(y.data_ptr(), bias.data_ptr(), math.prod(y.shape[:-1]), n)
     return y
 
 
@@ -155,7 +159,9 @@ def few_rows_linear(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
     n_dim = weight.shape[0]
     x = x if x.is_contiguous() else x.contiguous()
     out = paddle.empty(lead + [n_dim], dtype=paddle.float32)
-    few_rows_library().few_rows_linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), math.prod(lead), k_dim, n_dim)
+    kernel_library().few_rows_linear(
+        x.data_ptr(), weight.data_ptr(), out.data_ptr(), math.prod(lead), k_dim, n_dim
+    )
     return out
 
 
@@ -189,7 +195,7 @@ def swiglu_mlps(
     row_scales = np.array([scale for _, scales in assignments for scale in scales], dtype=np.float32)
     scratch = np.empty(4 * (2 * hidden + 3 * max(inter)), dtype=np.float32)
     out = paddle.empty(lead + [hidden], dtype=paddle.float32)
-    few_rows_library().swiglu_mlps(
+    kernel_library().swiglu_mlps(
         x.data_ptr(), math.prod(lead), hidden, n, *pointers, (ctypes.c_long * n)(*inter),
         (ctypes.c_long * n)(*(len(rows) for rows, _ in assignments)), row_ids.ctypes.data, row_scales.ctypes.data,
         out.data_ptr(), scratch.ctypes.data,
@@ -201,7 +207,7 @@ def vector_kernels_apply(x: paddle.Tensor) -> bool:
     """Whether the elementwise kernels (``softmax_last_axis``, ``gelu_tanh_``) serve ``x``:
     ``inference_kernels_apply(x)`` and the library built with AVX-512 (its exponential is written for
     that width)."""
-    return inference_kernels_apply(x) and few_rows_library().vector_lanes() == 16
+    return inference_kernels_apply(x) and kernel_library().vector_lanes() == 16
 
 
 def softmax_last_axis(
@@ -220,13 +226,13 @@ def softmax_last_axis(
     out = scores if overwrite else paddle.empty(scores.shape, dtype=paddle.float32)
     rows, n = math.prod(scores.shape[:-1]), scores.shape[-1]
     if mask is None:
-        few_rows_library().softmax_rows(scores.data_ptr(), None, out.data_ptr(), rows, n, 1, 1, 1)
+        kernel_library().softmax_rows(scores.data_ptr(), None, out.data_ptr(), rows, n, 1, 1, 1)
         return out
     batch, heads, q_len, _ = scores.shape
     if mask.dtype != paddle.float32 or list(mask.shape) not in ([batch, 1, q_len, n], [1, 1, q_len, n]):
         raise ValueError(f"mask {list(mask.shape)} {mask.dtype} does not fit scores {list(scores.shape)}")
     mask = mask if mask.is_contiguous() else mask.contiguous()
-    few_rows_library().softmax_rows(
+    kernel_library().softmax_rows(
         scores.data_ptr(), mask.data_ptr(), out.data_ptr(), rows, n, heads, q_len, mask.shape[0]
     )
     return out
@@ -237,5 +243,5 @@ def gelu_tanh_(x: paddle.Tensor) -> paddle.Tensor:
     ``x``. float32 on the CPU (``vector_kernels_apply(x)``)."""
     if not x.is_contiguous():
         x = x.contiguous()
-    few_rows_library().gelu_tanh_inplace(x.data_ptr(), math.prod(x.shape))
+    kernel_library().gelu_tanh_inplace(x.data_ptr(), math.prod(x.shape))
     return x

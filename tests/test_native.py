@@ -52,21 +52,23 @@ def test_few_rows_linear_reads_a_strided_input():
 
 @pytest.mark.parametrize("shape", [[1, 1, 48], [2, 3, 48], [4, 48], [3, 5, 48]])
 def test_linear_with_the_kernel_equals_the_matmul_path(monkeypatch, shape):
-    """Up to eight rows without gradient take the kernel (counted), more rows take Paddle's matmul; both
-    give the matmul path's result."""
+    """Up to eight rows without gradient take the few-row kernel, more rows the GEMM (AVX-512 builds; calls
+    counted); both give the matmul path's result."""
     paddle.seed(0)
     layer = Linear(48, 40)
     layer.bias.set_value(paddle.uniform([40]))
     x = paddle.randn(shape)
     calls = []
-    kernel = native.few_rows_linear
-    monkeypatch.setattr(layers, "few_rows_linear", lambda *args: calls.append(1) or kernel(*args))
+    for name in ("few_rows_linear", "linear"):
+        kernel = getattr(native, name)
+        monkeypatch.setattr(layers, name, lambda *args, name=name, kernel=kernel: calls.append(name) or kernel(*args))
     with paddle.no_grad():
         fast = layer(x)
     expected = paddle.matmul(x, layer.weight, transpose_y=True) + layer.bias
     np.testing.assert_allclose(fast.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
     assert fast.shape == shape[:-1] + [40]
-    assert len(calls) == (1 if np.prod(shape[:-1]) <= native.MAX_FEW_ROWS else 0)
+    few_rows = np.prod(shape[:-1]) <= native.MAX_FEW_ROWS
+    assert calls == (["few_rows_linear"] if few_rows else ["linear"] if _vector_kernels_built() else [])
 
 
 def numpy_swiglu(x, gate, up, down):
@@ -74,18 +76,28 @@ def numpy_swiglu(x, gate, up, down):
     return (gated / (1 + np.exp(-gated)) * (x @ up.T)) @ down.T
 
 
-@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("rows", [1, 3, 6, 29, 400])
 def test_swiglu_mlps_equals_numpy(rows):
     """MLPs of different widths, one over every row (a shared expert), the others over subsets with
-    their own weights (routed experts), six rows taking two passes of four."""
+    their own weights (routed experts): six rows take two passes of four, 29 rows the GEMM for the MLPs
+    with more than eight, 400 rows two of the GEMM's 384-row chunks."""
+    if rows > native.MAX_FEW_ROWS and not _vector_kernels_built():
+        pytest.skip("no AVX-512 build of the CPU kernels here: MLPs over more than eight rows use Paddle's "
+                    "matmuls, which test_mlp_and_moe_with_the_kernels_equal_the_plain_path checks")
     rng = np.random.default_rng(rows)
     hidden = 40
     x = rng.standard_normal((rows, hidden)).astype(np.float32)
     mlps = [tuple(rng.standard_normal(shape).astype(np.float32) * 0.3
                   for shape in ((inter, hidden), (inter, hidden), (hidden, inter))) for inter in (24, 56, 9)]
-    every_other = list(range(0, rows, 2))
-    assignments = [(list(range(rows)), [1.0] * rows), ([rows - 1], [0.6]), (every_other, [0.25, 0.5, 0.75][: len(every_other)])]
-    out = native.swiglu_mlps(paddle.to_tensor(x), [tuple(map(paddle.to_tensor, m)) for m in mlps], assignments)
+    every_other = np.arange(0, rows, 2)
+    assignments = [
+        (np.arange(rows), np.ones(rows)), (np.array([rows - 1]), np.array([0.6])),
+        (every_other[::-1], rng.uniform(0.1, 1.0, len(every_other))),
+    ]
+    out = native.swiglu_mlps(
+        paddle.to_tensor(x), [tuple(map(paddle.to_tensor, m)) for m in mlps], [len(ids) for ids, _ in assignments],
+        np.concatenate([ids for ids, _ in assignments]), np.concatenate([scales for _, scales in assignments]),
+    )
     expected = np.zeros((rows, hidden))
     for m, (taken, scales) in zip(mlps, assignments):
         for row, scale in zip(taken, scales):
@@ -93,10 +105,30 @@ def test_swiglu_mlps_equals_numpy(rows):
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("tokens", [1, 3])
-def test_mlp_and_few_token_moe_with_the_kernel_equal_the_plain_path(monkeypatch, tokens):
-    """The dense MLP and a decode-step MoE (routed + shared experts in one kernel call) against the same
-    layers with the kernel switched off (the one-token path and the grouped path)."""
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("m, k, n", [(9, 1, 1), (13, 17, 33), (100, 385, 15), (31, 800, 770), (400, 64, 100)])
+def test_gemm_equals_numpy(m, k, n, with_bias):
+    """Row counts that leave part of a 12-row sliver, reduction lengths across the 384 block and below the
+    16-wide transpose, output counts that leave part of a 32-column panel and cross a 768-column chunk."""
+    if not _vector_kernels_built():
+        pytest.skip("no AVX-512 build of the CPU kernels here: Linear layers over more than eight rows use "
+                    "Paddle's matmul")
+    rng = np.random.default_rng(m * k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    weight = rng.standard_normal((n, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    with paddle.no_grad():
+        out = native.linear(paddle.to_tensor(x), paddle.to_tensor(weight),
+                            None if bias is None else paddle.to_tensor(bias)).numpy()
+    expected = x.astype(np.float64) @ weight.T.astype(np.float64) + (0.0 if bias is None else bias)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_mlp_and_moe_with_the_kernels_equal_the_plain_path(monkeypatch, tokens):
+    """The dense MLP and a MoE (routed + shared experts in one kernel call: decode steps of one and three
+    tokens, a 40-token prefill through the GEMM) against the same layers with the kernels switched off
+    (the one-token path and the grouped path)."""
     from lm_golden import load_lm
 
     lm = load_lm("micro-tiny")
@@ -118,7 +150,8 @@ def test_mlp_and_few_token_moe_with_the_kernel_equal_the_plain_path(monkeypatch,
 
 def test_linear_with_gradient_never_takes_the_kernel(monkeypatch):
     layer = Linear(16, 8)
-    monkeypatch.setattr(layers, "few_rows_linear", lambda *args: pytest.fail("kernel called with gradient on"))
+    for kernel in ("few_rows_linear", "linear"):
+        monkeypatch.setattr(layers, kernel, lambda *args: pytest.fail("kernel called with gradient on"))
     x = paddle.randn([2, 16])
     x.stop_gradient = False
     layer(x).sum().backward()
@@ -223,7 +256,7 @@ def test_linear_bias_added_in_place_equals_the_broadcast_add(monkeypatch):
     paddle.seed(3)
     layer = Linear(24, 37)
     layer.bias.set_value(paddle.uniform([37]))
-    x = paddle.randn([2, 11, 24])  # 22 rows: the matmul path, then the bias kernel
+    x = paddle.randn([2, 3, 24])  # 6 rows: the few-row kernel, then the bias kernel
     calls = []
     kernel = native.add_bias_
     monkeypatch.setattr(layers, "add_bias_", lambda *args: calls.append(1) or kernel(*args))

@@ -6,6 +6,7 @@ import functools
 import math
 from typing import Optional
 
+import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
@@ -14,8 +15,8 @@ from paddle.base.initializer import _global_weight_initializer
 from paddle.nn.initializer.lazy_init import lazy_init_helper
 
 from .native import (
-    add_bias_, few_rows_applies, few_rows_linear, gelu_tanh_, inference_kernels_apply, softmax_last_axis,
-    swiglu_mlps, vector_kernels_apply,
+    add_bias_, few_rows_applies, few_rows_linear, gelu_tanh_, gemm_applies, inference_kernels_apply, linear,
+    mlp_kernels_apply, softmax_last_axis, swiglu_mlps, vector_kernels_apply,
 )
 
 __all__ = [
@@ -67,7 +68,10 @@ class Linear(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         """x [..., in_features] -> [..., out_features]."""
-        if few_rows_applies(x, self.weight, math.prod(x.shape[:-1])):
+        rows = math.prod(x.shape[:-1])
+        if gemm_applies(x, self.weight, rows) and (self.bias is None or self.bias.dtype == paddle.float32):
+            return linear(x, self.weight, self.bias)
+        if few_rows_applies(x, self.weight, rows):
             y = few_rows_linear(x, self.weight)
         else:
             y = paddle.matmul(x, self.weight, transpose_y=True)
@@ -132,8 +136,8 @@ class DeepseekV2MLP(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         """x: [..., hidden_size] -> [..., hidden_size]."""
         weights, rows = self.native_weights(), math.prod(x.shape[:-1])
-        if weights is not None and few_rows_applies(x, weights[0], rows):
-            return swiglu_mlps(x, [weights], [(range(rows), [1.0] * rows)])
+        if weights is not None and mlp_kernels_apply(x, weights[0], rows):
+            return swiglu_mlps(x, [weights], [rows], np.arange(rows), np.ones(rows, dtype=np.float32))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def native_weights(self):

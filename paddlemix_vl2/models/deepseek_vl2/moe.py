@@ -15,7 +15,7 @@ from paddle.autograd import PyLayer
 
 from .configuration_deepseek import DeepseekV2Config
 from .layers import DeepseekV2MLP
-from .native import few_rows_applies, swiglu_mlps
+from .native import mlp_kernels_apply, swiglu_mlps
 
 __all__ = ["MoEGate", "DeepseekV2MoE", "AddAuxiliaryLoss", "route", "moe_aux_loss"]
 
@@ -159,8 +159,8 @@ class DeepseekV2MoE(nn.Layer):
         shape = hidden_states.shape
         topk_idx, topk_weight, aux_loss = self.gate(hidden_states)
         x = hidden_states.reshape([-1, shape[-1]])
-        if few_rows_applies(x, self.gate.weight, x.shape[0]):
-            y = self._few_tokens_native(x, topk_idx, topk_weight)
+        if mlp_kernels_apply(x, self.gate.weight, x.shape[0]):
+            y = self._experts_native(x, topk_idx, topk_weight)
             if y is not None:
                 return y.reshape(shape)
         y = self.moe_infer(x, topk_idx, topk_weight).reshape(shape)
@@ -204,24 +204,26 @@ class DeepseekV2MoE(nn.Layer):
         outputs = paddle.concat([self.experts[e](x) for e in topk_idx.numpy()[0].tolist()])  # [K, H]
         return _mix_expert_outputs(topk_weight, outputs.unsqueeze(0)).astype(x.dtype)
 
-    def _few_tokens_native(
+    def _experts_native(
         self, x: paddle.Tensor, topk_idx: paddle.Tensor, topk_weight: paddle.Tensor
     ) -> Optional[paddle.Tensor]:
-        """x [N, H] (decode, N <= native.MAX_FEW_ROWS) -> routed and shared experts together [N, H], by one
-        ``native.swiglu_mlps`` call: each chosen expert takes the tokens that chose it, with their router
-        weights. None when an expert's projections are wrapped (LoRA), which the plain path handles."""
-        chosen, weights = topk_idx.numpy(), topk_weight.numpy()
-        mlps, assignments = [], []
-        for expert_id in np.unique(chosen).tolist():
-            tokens, slots = np.nonzero(chosen == expert_id)
-            mlps.append(self.experts[expert_id].native_weights())
-            assignments.append((tokens.tolist(), weights[tokens, slots].tolist()))
+        """x [N, H] -> routed and shared experts together [N, H] by one ``native.swiglu_mlps`` call: each
+        chosen expert takes the tokens that chose it, with their router weights. None when an expert's
+        projections are wrapped (LoRA), which the plain path handles."""
+        chosen, weights = topk_idx.numpy().reshape([-1]), topk_weight.numpy().reshape([-1])
+        order = np.argsort(chosen, kind="stable")  # (token, slot) pairs grouped by expert
+        expert_ids, counts = np.unique(chosen, return_counts=True)
+        mlps = [self.experts[expert_id].native_weights() for expert_id in expert_ids.tolist()]
+        row_ids, row_scales, row_counts = order // self.num_experts_per_tok, weights[order], counts.tolist()
         if self.shared_experts is not None:
+            n = x.shape[0]
             mlps.append(self.shared_experts.native_weights())
-            assignments.append((range(len(chosen)), [1.0] * len(chosen)))
+            row_ids = np.concatenate([row_ids, np.arange(n)])
+            row_scales = np.concatenate([row_scales, np.ones(n, dtype=np.float32)])
+            row_counts.append(n)
         if any(expert_weights is None for expert_weights in mlps):
             return None
-        return swiglu_mlps(x, mlps, assignments)
+        return swiglu_mlps(x, mlps, row_counts, row_ids, row_scales)
 
 
 def _mix_expert_outputs(topk_weight: paddle.Tensor, outputs: paddle.Tensor) -> paddle.Tensor:

@@ -10,9 +10,9 @@ One process measures, on one checkpoint folder:
 * a batch of 4 one-image prompts: aggregate decode tokens/s;
 * MLA checkpoints only: decode step time at a 256- and a 2048-token context, and KV-cache bytes per token.
 
-Prefill stages are reported as achieved GFLOP/s over the measured fp32 matmul rate, decode as bytes of
-weights read per step × steps/s over the measured memory bandwidth; the FLOPs and bytes come from the
-config (``model_costs``). The full ``roofline.measure`` runs once after loading (load runs first, so its
+Prefill stages are reported as achieved GFLOP/s over the measured fp32 matmul rate (Paddle's, the issue's
+limit, and the best measured: Paddle's or the package's GEMM), decode as bytes of weights read per step ×
+steps/s over the measured memory bandwidth; the FLOPs and bytes come from the config (``model_costs``). The full ``roofline.measure`` runs once after loading (load runs first, so its
 peak RSS is not inflated by the roofline's buffers), and each stage is also bracketed by quick probes of
 the same measurements (``LimitProbe``): on a shared machine a stage's ratio is taken against the capacity
 the machine had around it. Each section records the 1-minute load average too.
@@ -151,6 +151,13 @@ class LimitProbe:
     def lm_matmul_gflops(self) -> float:
         return roofline.matmul_gflops(self.sizes.square_matmul, PROBE_REPEATS, 1).best
 
+    def vision_gemm_gflops(self) -> float:
+        """The package's GEMM at the vision probe's shape (NaN where it does not run)."""
+        return _best_or_nan(roofline.package_gemm_gflops(self.sizes.vit_fc1_matmul, PROBE_REPEATS, 1))
+
+    def lm_gemm_gflops(self) -> float:
+        return _best_or_nan(roofline.package_gemm_gflops(self.sizes.square_matmul, PROBE_REPEATS, 1))
+
     def bandwidth_gbs(self) -> float:
         """Decode reads each weight once; the better of the two streaming measurements is the limit."""
         read = roofline.read_bandwidth_gbs(self.sizes.read_bytes, PROBE_REPEATS, 1).best
@@ -162,6 +169,10 @@ class LimitProbe:
         before = measure()
         yield limit
         limit.value = max(before, measure())
+
+
+def _best_or_nan(rate: Optional[roofline.Rate]) -> float:
+    return float("nan") if rate is None else rate.best
 
 
 def read_files(checkpoint: Path) -> Dict[str, float]:
@@ -270,7 +281,7 @@ def run_generation(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new
     bsz, prompt_len = embeds.shape[:2]
     mask = attention_mask.astype(paddle.bool)
     cache = lm.new_cache(bsz, prompt_len + new_tokens + 1)
-    with probe.around(probe.lm_matmul_gflops) as prefill_limit:
+    with probe.around(probe.lm_matmul_gflops) as prefill_limit, probe.around(probe.lm_gemm_gflops) as gemm_limit:
         start = time.perf_counter()
         with profiler.stage(f"{label}_prefill"):
             logits = prefill(lm, embeds, mask, cache)
@@ -281,7 +292,8 @@ def run_generation(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new
     with probe.around(probe.bandwidth_gbs) as bandwidth, profiler.stage(f"{label}_decode"):
         seconds, experts = decode_steps(lm, token, cache, positions, new_tokens)
     return {"prefill_seconds": prefill_seconds, "prefill_and_first_token_seconds": first_token_seconds,
-            "prefill_limit_gflops": prefill_limit.value, "step_seconds": seconds, "experts": experts,
+            "prefill_limit_gflops": prefill_limit.value, "prefill_gemm_limit_gflops": gemm_limit.value,
+            "step_seconds": seconds, "experts": experts,
             "bandwidth_gbs": bandwidth.value}
 
 
@@ -306,7 +318,8 @@ def bench_prompt(model, processor, images, question, settings: BenchSettings, pr
     prompt_len = int(input_ids.shape[1])
     section.update(prompt_tokens=prompt_len, tiles=num_tiles)
     with paddle.no_grad():
-        with probe.around(probe.vision_matmul_gflops) as vision_limit, profiler.stage(f"{label}_vision"):
+        with probe.around(probe.vision_matmul_gflops) as vision_limit, \
+                probe.around(probe.vision_gemm_gflops) as vision_gemm_limit, profiler.stage(f"{label}_vision"):
             start = time.perf_counter()
             embeds = model.prepare_inputs_embeds(
                 input_ids, inputs.images, inputs.images_seq_mask, inputs.images_spatial_crop
@@ -321,16 +334,22 @@ def bench_prompt(model, processor, images, question, settings: BenchSettings, pr
         vision_gflop=vision_flops / 1e9,
         vision_gflops=vision_flops / 1e9 / section["vision_seconds"],
         vision_matmul_limit_gflops=vision_limit.value,
+        vision_gemm_limit_gflops=vision_gemm_limit.value,
         prefill_seconds=generation["prefill_seconds"],
         prefill_gflop=prefill_flops / 1e9,
         prefill_gflops=prefill_flops / 1e9 / generation["prefill_seconds"],
         prefill_matmul_limit_gflops=generation["prefill_limit_gflops"],
+        prefill_gemm_limit_gflops=generation["prefill_gemm_limit_gflops"],
         time_to_first_token_seconds=(
             section["processor_seconds"] + section["vision_seconds"] + generation["prefill_and_first_token_seconds"]
         ),
     )
     section["vision_ratio"] = section["vision_gflops"] / section["vision_matmul_limit_gflops"]
     section["prefill_ratio"] = section["prefill_gflops"] / section["prefill_matmul_limit_gflops"]
+    # Against the best matmul rate measured here for the probe's shape, Paddle's or the package's GEMM.
+    for stage in ("vision", "prefill"):
+        best = max(section[f"{stage}_matmul_limit_gflops"], np.nan_to_num(section[f"{stage}_gemm_limit_gflops"]))
+        section[f"{stage}_best_matmul_ratio"] = section[f"{stage}_gflops"] / best
     section["decode"] = decode_report(
         lm, generation["step_seconds"], generation["experts"], 1,
         prompt_len + settings.decode_tokens // 2, generation["bandwidth_gbs"],
@@ -436,11 +455,9 @@ def format_table(report: dict) -> str:
         part = report[key]
         rows.append((f"{title}: processor", f"{part['processor_seconds'] * 1e3:.0f} ms", "", ""))
         rows.append((f"{title}: vision+projector ({part['tiles']} tiles)", f"{part['vision_seconds']:.2f} s",
-                     f"{part['vision_gflops']:.0f} of {part['vision_matmul_limit_gflops']:.0f} GFLOP/s",
-                     f"{part['vision_ratio']:.2f}"))
+                     *_matmul_cells(part, "vision")))
         rows.append((f"{title}: LM prefill ({part['prompt_tokens']} tokens)", f"{part['prefill_seconds']:.2f} s",
-                     f"{part['prefill_gflops']:.0f} of {part['prefill_matmul_limit_gflops']:.0f} GFLOP/s",
-                     f"{part['prefill_ratio']:.2f}"))
+                     *_matmul_cells(part, "prefill")))
         rows.append((f"{title}: time to first token", f"{part['time_to_first_token_seconds']:.2f} s", "", ""))
         rows.extend(_decode_rows(title, part["decode"]))
     batch = report["batch"]
@@ -463,6 +480,16 @@ def format_table(report: dict) -> str:
     lines.append(f"CPU: {report['roofline']['cpu_model']}; 1-min load average at the end: "
                  f"{report['load_average_1min_end']}")
     return "\n".join(lines)
+
+
+def _matmul_cells(part: dict, stage: str) -> tuple:
+    """Limit and ratio cells of a matmul-bound stage: against Paddle's matmul, then against the best
+    measured (Paddle's or the package's GEMM)."""
+    paddle_limit, gemm_limit = part[f"{stage}_matmul_limit_gflops"], part[f"{stage}_gemm_limit_gflops"]
+    limit = f"{part[f'{stage}_gflops']:.0f} of {paddle_limit:.0f} (Paddle)"
+    if not np.isnan(gemm_limit):
+        limit += f" / {gemm_limit:.0f} (GEMM)"
+    return f"{limit} GFLOP/s", f"{part[f'{stage}_ratio']:.2f} / {part[f'{stage}_best_matmul_ratio']:.2f}"
 
 
 def _decode_rows(title: str, decode: dict) -> List[tuple]:

@@ -1,5 +1,9 @@
 """Measure this machine's roofline with Paddle: fp32 matmul rate and memory read bandwidth.
 
+The package's own GEMM (``native.linear``, AVX-512 builds) runs the same matmul shapes faster than Paddle's
+bundled MKL here, so its rate is measured too: Paddle's rate is the limit the issue names, the faster of the
+two is the best this machine has shown for the shape.
+
 The figures bound what inference can reach here: prefill (ViT, projector, LM over the prompt) is matmul
 bound, decode reads every active weight once per token and is bandwidth bound. Two bandwidths are given:
 a large ``paddle.sum`` (pure streaming read) and a 1×K×N GEMV whose weight is far larger than the caches,
@@ -29,14 +33,14 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable, Sequence  # noqa: E402
+from typing import Callable, Optional, Sequence  # noqa: E402
 
 import paddle  # noqa: E402
 
 FP32_BYTES = 4
 RESULT_KEYS = (
-    "matmul_gflops_2048", "matmul_gflops_vit_fc1", "read_bandwidth_gbs", "gemv_bandwidth_gbs",
-    "cpu_model", "avx512",
+    "matmul_gflops_2048", "matmul_gflops_vit_fc1", "package_gemm_gflops_2048", "package_gemm_gflops_vit_fc1",
+    "read_bandwidth_gbs", "gemv_bandwidth_gbs", "cpu_model", "avx512",
 )
 
 
@@ -96,6 +100,21 @@ def matmul_gflops(shape: tuple[int, int, int], repeats: int, warmup: int) -> Rat
     return _rate(2.0 * m * k * n / 1e9, times)
 
 
+def package_gemm_gflops(shape: tuple[int, int, int], repeats: int, warmup: int) -> Optional[Rate]:
+    """fp32 GFLOP/s of the package's GEMM on [M, K] @ [K, N] (the weight held [N, K], as a Linear holds
+    it), or None where it does not run (no AVX-512 build of the CPU kernels)."""
+    from paddlemix_vl2.models.deepseek_vl2 import native
+
+    m, k, n = shape
+    left = paddle.randn([m, k], dtype="float32")
+    weight = paddle.randn([n, k], dtype="float32")
+    with paddle.no_grad():
+        if not native.gemm_applies(left, weight, m):
+            return None
+        times = _run_times(lambda: native.linear(left, weight, None), repeats, warmup)
+    return _rate(2.0 * m * k * n / 1e9, times)
+
+
 def read_bandwidth_gbs(nbytes: int, repeats: int, warmup: int) -> Rate:
     """GB/s of ``paddle.sum`` over an fp32 tensor of ``nbytes``: a pure streaming read."""
     values = paddle.full([nbytes // FP32_BYTES], 1.0, dtype="float32")
@@ -134,7 +153,9 @@ def cpu_info() -> tuple[str, bool]:
 def measure(quick: bool = False, repeats: int | None = None) -> dict:
     """Run all measurements and return a JSON-ready dict.
 
-    Stable keys (``RESULT_KEYS``): ``matmul_gflops_2048``, ``matmul_gflops_vit_fc1`` (GFLOP/s, best run),
+    Stable keys (``RESULT_KEYS``): ``matmul_gflops_2048``, ``matmul_gflops_vit_fc1`` (Paddle, GFLOP/s, best
+    run), ``package_gemm_gflops_2048``, ``package_gemm_gflops_vit_fc1`` (the package's GEMM, None where it
+    does not run),
     ``read_bandwidth_gbs``, ``gemv_bandwidth_gbs`` (GB/s, best run), ``cpu_model`` (str), ``avx512`` (bool).
     Each rate also has a ``*_median`` twin. With ``quick=True`` the sizes are tiny (``QUICK_SIZES``) but the
     keys stay the same; the ``*_shape`` / ``read_bytes`` entries say what was actually run.
@@ -146,6 +167,8 @@ def measure(quick: bool = False, repeats: int | None = None) -> dict:
         sizes = dataclasses.replace(sizes, repeats=repeats)
     square = matmul_gflops(sizes.square_matmul, sizes.repeats, sizes.warmup)
     vit_fc1 = matmul_gflops(sizes.vit_fc1_matmul, sizes.repeats, sizes.warmup)
+    square_gemm = package_gemm_gflops(sizes.square_matmul, sizes.repeats, sizes.warmup)
+    vit_fc1_gemm = package_gemm_gflops(sizes.vit_fc1_matmul, sizes.repeats, sizes.warmup)
     read = read_bandwidth_gbs(sizes.read_bytes, sizes.repeats, sizes.warmup)
     gemv = gemv_bandwidth_gbs(sizes.gemv_k_n, sizes.repeats, sizes.warmup)
     cpu_model, avx512 = cpu_info()
@@ -154,6 +177,10 @@ def measure(quick: bool = False, repeats: int | None = None) -> dict:
         "matmul_gflops_2048_median": square.median,
         "matmul_gflops_vit_fc1": vit_fc1.best,
         "matmul_gflops_vit_fc1_median": vit_fc1.median,
+        "package_gemm_gflops_2048": square_gemm and square_gemm.best,
+        "package_gemm_gflops_2048_median": square_gemm and square_gemm.median,
+        "package_gemm_gflops_vit_fc1": vit_fc1_gemm and vit_fc1_gemm.best,
+        "package_gemm_gflops_vit_fc1_median": vit_fc1_gemm and vit_fc1_gemm.median,
         "read_bandwidth_gbs": read.best,
         "read_bandwidth_gbs_median": read.median,
         "gemv_bandwidth_gbs": gemv.best,
@@ -181,12 +208,17 @@ def format_table(result: dict) -> str:
     rows = [
         (f"matmul fp32 {shape(result['square_matmul_shape'])}", "matmul_gflops_2048", "GFLOP/s"),
         (f"matmul fp32 {shape(result['vit_fc1_shape'])} (ViT fc1)", "matmul_gflops_vit_fc1", "GFLOP/s"),
+        (f"package GEMM fp32 {shape(result['square_matmul_shape'])}", "package_gemm_gflops_2048", "GFLOP/s"),
+        (f"package GEMM fp32 {shape(result['vit_fc1_shape'])}", "package_gemm_gflops_vit_fc1", "GFLOP/s"),
         (f"read: paddle.sum over {result['read_bytes'] / 2**20:.0f} MiB", "read_bandwidth_gbs", "GB/s"),
         (f"GEMV {shape(result['gemv_shape'])} fp32 (decode)", "gemv_bandwidth_gbs", "GB/s"),
     ]
     width = max(len(label) for label, _, _ in rows)
     lines = [f"{'measurement':<{width}}  {'best':>9}  {'median':>9}  unit"]
     for label, key, unit in rows:
+        if result[key] is None:
+            lines.append(f"{label:<{width}}  {'-':>9}  {'-':>9}  (no AVX-512 build of the CPU kernels)")
+            continue
         lines.append(f"{label:<{width}}  {result[key]:>9.1f}  {result[key + '_median']:>9.1f}  {unit}")
     lines.append(f"CPU: {result['cpu_model']}; avx512: {'yes' if result['avx512'] else 'no'}")
     lines.append(

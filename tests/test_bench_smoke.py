@@ -23,7 +23,9 @@ LOAD_FIELDS = {
 PROMPT_FIELDS = {
     "load_average_1min", "images", "processor_seconds", "synthetic_text_ids", "prompt_tokens", "tiles",
     "vision_seconds", "vision_gflop", "vision_gflops", "vision_matmul_limit_gflops", "vision_ratio",
+    "vision_gemm_limit_gflops", "vision_best_matmul_ratio",
     "prefill_seconds", "prefill_gflop", "prefill_gflops", "prefill_matmul_limit_gflops", "prefill_ratio",
+    "prefill_gemm_limit_gflops", "prefill_best_matmul_ratio",
     "time_to_first_token_seconds", "decode",
 }
 DECODE_FIELDS = {

@@ -236,7 +236,9 @@ void gelu_tanh_inplace(float *x, long n) {
 
 #define MR 12
 #define NR 32
-#define KC 384
+/* The reduction runs in equal blocks of at most KC_MAX (256 measured best of 256, 384 and 512 on the
+ * Xeon, 2 MB L2), each thread keeping the packed panels of NC output columns in its L2 at once. */
+#define KC_MAX 256
 #define NC 768
 
 /* Scratch that persists per thread (the caller's and OpenMP's workers), grown on demand: fresh buffers of
@@ -279,8 +281,18 @@ static inline void transpose16(__m512 r[16]) {
     }
 }
 
+/* The weights of one GEMM: W [n, k] (row stride ldw), or two stacked as [W; W2] with W's n1 rows a
+ * multiple of NR (an MLP's gate and up projections, run as one GEMM over the same rows). */
+typedef struct {
+    const float *w, *w2;
+    long ldw, n1;
+} gemm_weights;
+
 /* W rows n0 .. n0 + 31 (zeros past n_dim), columns k0 .. k0 + kc - 1, into dst[k * NR + j]. */
-static void pack_w_panel(const float *w, long ldw, long n_dim, long n0, long k0, long kc, float *dst) {
+static void pack_w_panel(const gemm_weights *weights, long n_dim, long n0, long k0, long kc, float *dst) {
+    const float *w = weights->w;
+    if (weights->w2 && n0 >= weights->n1) w = weights->w2, n0 -= weights->n1, n_dim -= weights->n1;
+    const long ldw = weights->ldw;
     for (int half = 0; half < 2; ++half) {
         const long first = n0 + 16 * half;
         for (long kk = 0; kk < kc; kk += 16) {
@@ -320,15 +332,16 @@ typedef struct {
     int accumulate;        /* add into C instead of overwriting it */
 } gemm_out;
 
-/* One MR x NR tile: rows i0 .. i0 + rows - 1 and columns n0 .. (masked) of the output. */
-static inline __attribute__((always_inline)) void micro_kernel(long kc, const float *a, const float *b,
-                                                               const gemm_out *out, long i0, long rows, long n0,
-                                                               __mmask16 m0, __mmask16 m1, int first) {
+/* One tile of `rows` x NR: output rows i0 .. i0 + rows - 1, columns n0 .. (masked). rows is a constant
+ * after inlining, so a sliver's last rows cost no multiplies of padding. */
+static inline __attribute__((always_inline)) void micro_tile(long kc, const float *a, const float *b,
+                                                             const gemm_out *out, long i0, const int rows,
+                                                             long n0, __mmask16 m0, __mmask16 m1, int first) {
     __m512 acc[MR][2];
-    for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int i = 0; i < rows; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (long k = 0; k < kc; ++k) {
         const __m512 b0 = _mm512_load_ps(b + k * NR), b1 = _mm512_load_ps(b + k * NR + 16);
-        for (int i = 0; i < MR; ++i) {
+        for (int i = 0; i < rows; ++i) {
             const __m512 ai = _mm512_set1_ps(a[k * MR + i]);
             acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
             acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
@@ -337,8 +350,7 @@ static inline __attribute__((always_inline)) void micro_kernel(long kc, const fl
     const __m512 bias0 = first && out->bias ? _mm512_maskz_loadu_ps(m0, out->bias + n0) : _mm512_setzero_ps();
     const __m512 bias1 = first && out->bias ? _mm512_maskz_loadu_ps(m1, out->bias + n0 + 16) : _mm512_setzero_ps();
     const int add_existing = !first || out->accumulate;
-    for (int i = 0; i < MR; ++i) {
-        if (i >= rows) break;
+    for (int i = 0; i < rows; ++i) {
         const long row = out->c_rows ? out->c_rows[i0 + i] : i0 + i;
         float *dst = out->c + row * out->ldc + n0;
         __m512 v0 = acc[i][0], v1 = acc[i][1];
@@ -356,27 +368,39 @@ static inline __attribute__((always_inline)) void micro_kernel(long kc, const fl
     }
 }
 
+#define TILE_CASE(ROWS) \
+    case ROWS: micro_tile(kc, a, b, out, i0, ROWS, n0, m0, m1, first); break;
+
+static void micro_kernel(long kc, const float *a, const float *b, const gemm_out *out, long i0, long rows, long n0,
+                         __mmask16 m0, __mmask16 m1, int first) {
+    switch (rows) {
+        TILE_CASE(12) TILE_CASE(11) TILE_CASE(10) TILE_CASE(9) TILE_CASE(8) TILE_CASE(7)
+        TILE_CASE(6) TILE_CASE(5) TILE_CASE(4) TILE_CASE(3) TILE_CASE(2) TILE_CASE(1)
+    }
+}
+
 /* out = A[m, k] @ W[n, k]^T through the gemm_out options. Returns 0, or -1 when scratch memory ran out
  * (nothing is written then). */
-static int gemm_nt_rows(const float *a, long lda, const long *a_rows, const float *w, long ldw, long m, long n,
+static int gemm_nt_rows(const float *a, long lda, const long *a_rows, const gemm_weights *weights, long m, long n,
                         long k, const gemm_out *out) {
     const long slivers = (m + MR - 1) / MR, panels = (n + NR - 1) / NR;
+    const long k_blocks = (k + KC_MAX - 1) / KC_MAX, kc_even = (k + k_blocks - 1) / k_blocks;
     const int max_threads = omp_get_max_threads();
-    float *a_pack = grow(&a_pack_buf, &a_pack_cap, (size_t)slivers * MR * KC);
-    float *b_packs = grow(&b_pack_buf, &b_pack_cap, (size_t)max_threads * KC * NC);
+    float *a_pack = grow(&a_pack_buf, &a_pack_cap, (size_t)slivers * MR * KC_MAX);
+    float *b_packs = grow(&b_pack_buf, &b_pack_cap, (size_t)max_threads * KC_MAX * NC);
     if (!a_pack || !b_packs) return -1;
 #pragma omp parallel num_threads(max_threads)
     {
         const int thread = omp_get_thread_num(), threads = omp_get_num_threads();
         const long p_lo = panels * thread / threads, p_hi = panels * (thread + 1) / threads;
-        float *b_pack = b_packs + (size_t)thread * KC * NC;
-        for (long k0 = 0; k0 < k; k0 += KC) {
-            const long kc = k - k0 < KC ? k - k0 : KC;
+        float *b_pack = b_packs + (size_t)thread * KC_MAX * NC;
+        for (long k0 = 0; k0 < k; k0 += kc_even) {
+            const long kc = k - k0 < kc_even ? k - k0 : kc_even;
 #pragma omp for schedule(static)
             for (long s = 0; s < slivers; ++s) pack_a_sliver(a, lda, a_rows, m, s * MR, k0, kc, a_pack + s * MR * kc);
             for (long pj = p_lo; pj < p_hi; pj += NC / NR) {
                 const long pj_end = pj + NC / NR < p_hi ? pj + NC / NR : p_hi;
-                for (long p = pj; p < pj_end; ++p) pack_w_panel(w, ldw, n, p * NR, k0, kc, b_pack + (p - pj) * kc * NR);
+                for (long p = pj; p < pj_end; ++p) pack_w_panel(weights, n, p * NR, k0, kc, b_pack + (p - pj) * kc * NR);
                 for (long s = 0; s < slivers; ++s) {
                     const long rows = m - s * MR < MR ? m - s * MR : MR;
                     for (long p = pj; p < pj_end; ++p) {
@@ -399,35 +423,34 @@ static int gemm_nt_rows(const float *a, long lda, const long *a_rows, const floa
 int gemm_nt(const float *a, long lda, const float *w, long ldw, const float *bias, float *c, long ldc, long m,
             long n, long k) {
     const gemm_out out = {c, ldc, NULL, NULL, bias, 0};
-    return gemm_nt_rows(a, lda, NULL, w, ldw, m, n, k, &out);
+    const gemm_weights weights = {w, NULL, ldw, 0};
+    return gemm_nt_rows(a, lda, NULL, &weights, m, n, k, &out);
 }
 #endif
 
 #if defined(__AVX512F__)
-/* g[i] = silu(g[i]) * u[i] for n values: silu(g) = g / (1 + e^-g), written as g e^g / (1 + e^g) for g < 0
- * so the exponential only sees non-positive arguments. */
-static void silu_mul(float *g, const float *u, long n) {
-    const long block = 4096;
-    const long n_blocks = (n + block - 1) / block;
+/* For each of `rows` rows: g[r, :n] = silu(g[r, :n]) * u[r, :n] (row strides ld), with silu(g) = g / (1 + e^-g)
+ * written as g e^g / (1 + e^g) for g < 0 so the exponential only sees non-positive arguments. */
+static void silu_mul_rows(float *g, const float *u, long rows, long n, long ld) {
 #pragma omp parallel for schedule(static)
-    for (long b = 0; b < n_blocks; ++b) {
-        const long end = (b + 1) * block < n ? (b + 1) * block : n;
-        for (long i = b * block; i < end; i += 16) {
-            const long left = end - i;
+    for (long r = 0; r < rows; ++r) {
+        for (long i = 0; i < n; i += 16) {
+            const long left = n - i;
             const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-            const __m512 v = _mm512_maskz_loadu_ps(m, g + i);
+            const __m512 v = _mm512_maskz_loadu_ps(m, g + r * ld + i);
             const __m512 z = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));
             const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
             const __m512 numerator = _mm512_mask_mul_ps(v, negative, v, z);
             const __m512 silu = _mm512_div_ps(numerator, _mm512_add_ps(_mm512_set1_ps(1.0f), z));
-            _mm512_mask_storeu_ps(g + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, u + i)));
+            _mm512_mask_storeu_ps(g + r * ld + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, u + r * ld + i)));
         }
     }
 }
 
-/* Rows of one MLP by the GEMM, GEMM_CHUNK rows at a time (the gate and up outputs of a chunk are the
- * scratch): out[ids[r]] += scales[r] * down(silu(gate(x[ids[r]])) * up(x[ids[r]])). Returns 0, or -1 when
- * scratch memory ran out. */
+/* Rows of one MLP by the GEMM, GEMM_CHUNK rows at a time: out[ids[r]] += scales[r] * down(silu(gate(x[ids[r]]))
+ * * up(x[ids[r]])). gate and up run as one GEMM into a chunk's [rows, 2 * inter] scratch when inter is a
+ * multiple of the panel width (one packing of the rows, one thread team). Returns 0, or -1 when scratch
+ * memory ran out. */
 #define GEMM_CHUNK 384
 static _Thread_local float *mlp_buf;
 static _Thread_local size_t mlp_cap;
@@ -436,16 +459,21 @@ static int swiglu_gemm(const float *x, long hidden, const float *gate, const flo
                        long inter, long count, const long *ids, const float *scales, float *out) {
     float *gated = grow(&mlp_buf, &mlp_cap, (size_t)2 * GEMM_CHUNK * inter);
     if (!gated) return -1;
-    float *upped = gated + (size_t)GEMM_CHUNK * inter;
+    const int fused = inter % NR == 0;
+    const long ld = fused ? 2 * inter : inter;
+    float *upped = fused ? gated + inter : gated + (size_t)GEMM_CHUNK * inter;
+    const gemm_weights both = {gate, up, hidden, inter}, gate_only = {gate, NULL, hidden, 0};
+    const gemm_weights up_only = {up, NULL, hidden, 0}, down_weights = {down, NULL, inter, 0};
     for (long first = 0; first < count; first += GEMM_CHUNK) {
         const long chunk = count - first < GEMM_CHUNK ? count - first : GEMM_CHUNK;
-        const gemm_out to_gated = {gated, inter, NULL, NULL, NULL, 0}, to_upped = {upped, inter, NULL, NULL, NULL, 0};
+        const gemm_out to_gated = {gated, ld, NULL, NULL, NULL, 0}, to_upped = {upped, ld, NULL, NULL, NULL, 0};
         const gemm_out to_out = {out, hidden, ids + first, scales + first, NULL, 1};
-        if (gemm_nt_rows(x, hidden, ids + first, gate, hidden, chunk, inter, hidden, &to_gated)
-            || gemm_nt_rows(x, hidden, ids + first, up, hidden, chunk, inter, hidden, &to_upped))
+        if (fused ? gemm_nt_rows(x, hidden, ids + first, &both, chunk, 2 * inter, hidden, &to_gated)
+                  : gemm_nt_rows(x, hidden, ids + first, &gate_only, chunk, inter, hidden, &to_gated)
+                        || gemm_nt_rows(x, hidden, ids + first, &up_only, chunk, inter, hidden, &to_upped))
             return -1;
-        silu_mul(gated, upped, chunk * inter);
-        if (gemm_nt_rows(gated, inter, NULL, down, inter, chunk, hidden, inter, &to_out)) return -1;
+        silu_mul_rows(gated, upped, chunk, inter, ld);
+        if (gemm_nt_rows(gated, ld, NULL, &down_weights, chunk, hidden, inter, &to_out)) return -1;
     }
     return 0;
 }

@@ -9,11 +9,12 @@
 
 Shapes: B batch, T new tokens, S key positions (T without a cache; the cache's whole ``max_length``
 with one), nh heads, C kv_lora_rank, R qk_rope_head_dim, Dn qk_nope_head_dim, Dv v_head_dim. ``mask`` is
-additive [B, 1, T, S] in the activation dtype.
+additive [B, 1, T, S] in the activation dtype; ``position_embeddings`` the (cos, sin) [B, T, rope dim] the
+model computes once per forward for all layers.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import paddle
 from paddle import nn
@@ -21,7 +22,7 @@ from paddle import nn
 from .configuration_deepseek import DeepseekV2Config
 from .kv_cache import KVCache
 from .layers import DeepseekV2RMSNorm, Linear, attend, masked_softmax
-from .rotary import DeepseekV2RotaryEmbedding, apply_rotary_pos_emb, yarn_get_mscale
+from .rotary import apply_rotary_pos_emb, yarn_get_mscale
 
 __all__ = ["DeepseekV2Attention", "DeepseekV2MHAAttention", "build_attention"]
 
@@ -38,22 +39,21 @@ class DeepseekV2MHAAttention(nn.Layer):
         self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias_attr=bias)
         self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias_attr=bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias_attr=bias)
-        self.rotary_emb = DeepseekV2RotaryEmbedding(self.head_dim, config)
 
     def forward(
         self,
         hidden_states: paddle.Tensor,
-        position_ids: paddle.Tensor,
+        position_embeddings: Tuple[paddle.Tensor, paddle.Tensor],
         mask: paddle.Tensor,
         cache: Optional[KVCache] = None,
         cache_start: int = 0,
     ) -> paddle.Tensor:
-        """hidden_states [B, T, H], position_ids [B, T] -> [B, T, H]."""
+        """hidden_states [B, T, H], position_embeddings (cos, sin) [B, T, head_dim] -> [B, T, H]."""
         bsz, q_len, _ = hidden_states.shape
         q = self.q_proj(hidden_states).reshape([bsz, q_len, self.num_heads, self.head_dim])
         k = self.k_proj(hidden_states).reshape([bsz, q_len, self.num_kv_heads, self.head_dim])
         v = self.v_proj(hidden_states).reshape([bsz, q_len, self.num_kv_heads, self.head_dim])
-        cos, sin = self.rotary_emb(position_ids, q.dtype, seq_len=cache_start + q_len)
+        cos, sin = position_embeddings
         q = apply_rotary_pos_emb(q, cos, sin, interleaved=False)
         k = apply_rotary_pos_emb(k, cos, sin, interleaved=False)
         if cache is not None:
@@ -89,7 +89,6 @@ class DeepseekV2Attention(nn.Layer):
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias_attr=False
         )
         self.o_proj = Linear(self.num_heads * self.v_head_dim, hidden, bias_attr=bias)
-        self.rotary_emb = DeepseekV2RotaryEmbedding(self.qk_rope_head_dim, config)
 
         self.softmax_scale = self.q_head_dim ** -0.5
         scaling = config.rope_scaling or {}
@@ -129,13 +128,14 @@ class DeepseekV2Attention(nn.Layer):
     def forward(
         self,
         hidden_states: paddle.Tensor,
-        position_ids: paddle.Tensor,
+        position_embeddings: Tuple[paddle.Tensor, paddle.Tensor],
         mask: paddle.Tensor,
         cache: Optional[KVCache] = None,
         cache_start: int = 0,
     ) -> paddle.Tensor:
-        """hidden_states [B, T, H], position_ids [B, T] -> [B, T, H]. Runs the absorbed or the expanded
-        form, whichever is cheaper for T and S (``expanded_is_cheaper``); both read the same cache."""
+        """hidden_states [B, T, H], position_embeddings (cos, sin) [B, T, R] -> [B, T, H]. Runs the absorbed
+        or the expanded form, whichever is cheaper for T and S (``expanded_is_cheaper``); both read the same
+        cache."""
         bsz, q_len, _ = hidden_states.shape
         nh, c = self.num_heads, self.kv_lora_rank
         if self.q_lora_rank is None:
@@ -149,7 +149,7 @@ class DeepseekV2Attention(nn.Layer):
             [c, self.qk_rope_head_dim], axis=-1
         )  # [B, T, C], [B, T, R]
         compressed_kv = self.kv_a_layernorm(compressed_kv)
-        cos, sin = self.rotary_emb(position_ids, q.dtype, seq_len=cache_start + q_len)
+        cos, sin = position_embeddings
         q_pe = apply_rotary_pos_emb(q_pe, cos, sin, interleaved=True)  # [B, T, nh, R]
         k_pe = apply_rotary_pos_emb(k_pe, cos, sin, interleaved=True)  # [B, T, R]
         if cache is not None:

@@ -69,10 +69,10 @@ class Linear(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         """x [..., in_features] -> [..., out_features]."""
         rows = math.prod(x.shape[:-1])
-        if gemm_applies(x, self.weight, rows) and (self.bias is None or self.bias.dtype == paddle.float32):
-            return linear(x, self.weight, self.bias)
         if few_rows_applies(x, self.weight, rows):
             y = few_rows_linear(x, self.weight)
+        elif gemm_applies(x, self.weight, rows) and (self.bias is None or self.bias.dtype == paddle.float32):
+            return linear(x, self.weight, self.bias)
         else:
             y = paddle.matmul(x, self.weight, transpose_y=True)
         if self.bias is None:

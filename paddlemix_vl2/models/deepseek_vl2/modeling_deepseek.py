@@ -19,6 +19,7 @@ from .configuration_deepseek import ConfigError, DeepseekV2Config, read_config_j
 from .kv_cache import KVCache
 from .layers import DeepseekV2MLP, DeepseekV2RMSNorm, Linear
 from .moe import DeepseekV2MoE
+from .rotary import DeepseekV2RotaryEmbedding
 
 __all__ = [
     "DeepseekV2DecoderLayer",
@@ -76,9 +77,9 @@ class DeepseekV2DecoderLayer(nn.Layer):
         self.input_layernorm = DeepseekV2RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekV2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, position_ids, mask, cache=None, cache_start=0):
-        """x [B, T, H] -> [B, T, H]; the cache is updated in place."""
-        h = x + self.self_attn(self.input_layernorm(x), position_ids, mask, cache, cache_start)
+    def forward(self, x, position_embeddings, mask, cache=None, cache_start=0):
+        """x [B, T, H], position_embeddings (cos, sin) -> [B, T, H]; the cache is updated in place."""
+        h = x + self.self_attn(self.input_layernorm(x), position_embeddings, mask, cache, cache_start)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -88,6 +89,11 @@ class DeepseekV2Model(nn.Layer):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.LayerList([DeepseekV2DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        # One table for every layer: all rotate the same dimensions (the rope part of MLA's heads, or the
+        # whole MHA head), so cos/sin are computed once per forward rather than once per layer.
+        self.rotary_emb = DeepseekV2RotaryEmbedding(
+            config.qk_rope_head_dim if config.use_mla else config.head_dim, config
+        )
         self.norm = DeepseekV2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
@@ -123,9 +129,10 @@ class DeepseekV2Model(nn.Layer):
         if position_ids is None:
             position_ids = default_position_ids(key_valid, start, q_len)
         mask = build_attention_mask(key_valid, start, q_len, inputs_embeds.dtype)
+        position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype, seq_len=start + q_len)
         hidden = inputs_embeds
         for layer in self.layers:
-            hidden = layer(hidden, position_ids, mask, cache, start)
+            hidden = layer(hidden, position_embeddings, mask, cache, start)
         if cache is not None:
             cache.commit(q_len)
         return self.norm(hidden)

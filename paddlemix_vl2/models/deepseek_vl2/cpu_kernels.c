@@ -13,7 +13,9 @@
  * up to four rows.
  */
 #include <math.h>
+#include <omp.h>
 #include <stddef.h>
+#include <stdlib.h>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -73,23 +75,45 @@ static inline __attribute__((always_inline)) void tile(const float *x, const flo
         for (int j = 0; j < outputs; ++j) y[r * n_dim + n + j] = VSUM(acc[r][j]) + tail[r][j];
 }
 
-#define ROWS_CASE(ROWS)                                                                    \
-    case ROWS: {                                                                           \
-        _Pragma("omp parallel for schedule(static)")                                       \
-        for (long n = 0; n < n_main; n += OUTPUTS) tile(x, w, y, k_dim, n_dim, n, ROWS, OUTPUTS); \
-        for (long n = n_main; n < n_dim; ++n) tile(x, w, y, k_dim, n_dim, n, ROWS, 1);    \
-        break;                                                                             \
-    }
+#define ROWS_CASE(ROWS)                                                                                  \
+    case ROWS:                                                                                           \
+        for (long n = n_begin; n < n_main; n += OUTPUTS) tile(x, w, y, k_dim, n_dim, n, ROWS, OUTPUTS);   \
+        for (long n = n_main; n < n_end; ++n) tile(x, w, y, k_dim, n_dim, n, ROWS, 1);                     \
+        break;
 
-/* At most MAX_ROWS rows: x [rows, k_dim], w [n_dim, k_dim], y [rows, n_dim]. */
-static void few_rows_chunk(const float *x, const float *w, float *y, long rows, long k_dim, long n_dim) {
-    const long n_main = n_dim / OUTPUTS * OUTPUTS;
+/* Outputs n_begin .. n_end - 1 of at most MAX_ROWS rows, on the calling thread: x [rows, k_dim],
+ * w [n_dim, k_dim], y [rows, n_dim]. */
+static void few_rows_span(const float *x, const float *w, float *y, long rows, long k_dim, long n_dim, long n_begin,
+                          long n_end) {
+    const long n_main = n_begin + (n_end - n_begin) / OUTPUTS * OUTPUTS;
     switch (rows) {
         ROWS_CASE(1)
         ROWS_CASE(2)
         ROWS_CASE(3)
         ROWS_CASE(4)
     }
+}
+
+/* few_rows_span over all n_dim outputs, split between the threads. */
+static void few_rows_chunk(const float *x, const float *w, float *y, long rows, long k_dim, long n_dim) {
+#pragma omp parallel
+    {
+        const long thread = omp_get_thread_num(), threads = omp_get_num_threads(), tiles = n_dim / OUTPUTS;
+        const long begin = tiles * thread / threads * OUTPUTS;
+        const long end = thread == threads - 1 ? n_dim : tiles * (thread + 1) / threads * OUTPUTS;
+        few_rows_span(x, w, y, rows, k_dim, n_dim, begin, end);
+    }
+}
+
+/* Scratch that persists per thread (the caller's and OpenMP's workers), grown on demand: fresh buffers of
+ * megabytes would be mmapped and page-faulted on every call. NULL when memory ran out. */
+static float *grow(float **buf, size_t *cap, size_t floats) {
+    if (floats > *cap) {
+        free(*buf);
+        *buf = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+        *cap = *buf ? floats : 0;
+    }
+    return *buf;
 }
 
 /* x [rows, k_dim], w [n_dim, k_dim], y [rows, n_dim], all row-major float32; w is streamed once per
@@ -231,9 +255,6 @@ void gelu_tanh_inplace(float *x, long n) {
  * The same call gathers A's rows and scatters C's rows through index lists, with a scale per output row
  * and an accumulate mode, so a MoE expert runs on the tokens that chose it without a gather or scatter
  * copy, its router weight applied as it is written. */
-#include <omp.h>
-#include <stdlib.h>
-
 #define MR 12
 #define NR 32
 /* The reduction runs in equal blocks of at most KC_MAX (256 measured best of 256, 384 and 512 on the
@@ -241,19 +262,8 @@ void gelu_tanh_inplace(float *x, long n) {
 #define KC_MAX 256
 #define NC 768
 
-/* Scratch that persists per thread (the caller's and OpenMP's workers), grown on demand: fresh buffers of
- * this size would be mmapped and page-faulted on every call. */
 static _Thread_local float *a_pack_buf, *b_pack_buf;
 static _Thread_local size_t a_pack_cap, b_pack_cap;
-
-static float *grow(float **buf, size_t *cap, size_t floats) {
-    if (floats > *cap) {
-        free(*buf);
-        *buf = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
-        *cap = *buf ? floats : 0;
-    }
-    return *buf;
-}
 
 static inline void transpose16(__m512 r[16]) {
     __m512 t[16];
@@ -479,51 +489,127 @@ static int swiglu_gemm(const float *x, long hidden, const float *gate, const flo
 }
 #endif
 
+static void few_rows_serial(const float *x, const float *w, float *y, long rows, long k_dim, long n_dim) {
+    few_rows_span(x, w, y, rows, k_dim, n_dim, 0, n_dim);
+}
+
+/* One MLP over its few rows, MAX_ROWS at a time, its weighted output added to acc [rows of x, hidden];
+ * each matrix product by `linear` (few_rows_chunk: split between the threads; few_rows_serial: on the
+ * calling thread). scratch: MAX_ROWS * (2 * hidden + 3 * inter) floats. */
+static void few_rows_mlp(const float *x, long hidden, const float *gate, const float *up, const float *down,
+                         long inter, long count, const long *ids, const float *scales, float *acc, float *scratch,
+                         void (*linear)(const float *, const float *, float *, long, long, long)) {
+    float *gathered = scratch, *down_out = scratch + MAX_ROWS * hidden;
+    float *gated = down_out + MAX_ROWS * hidden, *upped = gated + MAX_ROWS * inter, *act = upped + MAX_ROWS * inter;
+    for (long first = 0; first < count; first += MAX_ROWS) {
+        const long chunk = count - first < MAX_ROWS ? count - first : MAX_ROWS;
+        for (long r = 0; r < chunk; ++r)
+            for (long i = 0; i < hidden; ++i) gathered[r * hidden + i] = x[ids[first + r] * hidden + i];
+        linear(gathered, gate, gated, chunk, hidden, inter);
+        linear(gathered, up, upped, chunk, hidden, inter);
+        for (long i = 0; i < chunk * inter; ++i) act[i] = gated[i] / (1.0f + expf(-gated[i])) * upped[i];
+        linear(act, down, down_out, chunk, inter, hidden);
+        for (long r = 0; r < chunk; ++r)
+            for (long i = 0; i < hidden; ++i)
+                acc[ids[first + r] * hidden + i] += scales[first + r] * down_out[r * hidden + i];
+    }
+}
+
+static _Thread_local float *thread_buf, *partials_buf;
+static _Thread_local size_t thread_cap, partials_cap;
+
+/* The MLPs that `take` (row counts 1..MAX_FEW_ROWS) dealt out whole to the threads, largest first to the
+ * least loaded; each thread sums into its own buffer, and the buffers into out. Returns 0 or -1. */
+static int dealt_few_row_mlps(const float *x, long rows, long hidden, long n_mlps, const float *const *gate,
+                              const float *const *up, const float *const *down, const long *inter,
+                              const long *row_counts, const long *offsets, const long *row_ids,
+                              const float *row_scales, const char *take, long *owner, size_t scratch_floats,
+                              int teams, float *out) {
+    double load[64] = {0};
+    for (long m = 0; m < n_mlps; ++m) owner[m] = -1;
+    for (;;) {
+        long largest = -1;
+        double largest_cost = -1.0;
+        for (long m = 0; m < n_mlps; ++m) {
+            const double cost = (double)inter[m] * ((row_counts[m] + MAX_ROWS - 1) / MAX_ROWS);
+            if (take[m] && owner[m] < 0 && cost > largest_cost) largest = m, largest_cost = cost;
+        }
+        if (largest < 0) break;
+        int least = 0;
+        for (int t = 1; t < teams; ++t) least = load[t] < load[least] ? t : least;
+        owner[largest] = least;
+        load[least] += largest_cost;
+    }
+    float *partials = grow(&partials_buf, &partials_cap, (size_t)teams * rows * hidden);
+    if (!partials) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(teams) reduction(| : failed)
+    {
+        const int thread = omp_get_thread_num();
+        float *acc = partials + (size_t)thread * rows * hidden;
+        float *scratch = grow(&thread_buf, &thread_cap, scratch_floats);
+        for (long i = 0; i < rows * hidden; ++i) acc[i] = 0.0f;
+        failed = scratch == NULL;
+        for (long m = 0; m < n_mlps && scratch; ++m)
+            if (owner[m] == thread)
+                few_rows_mlp(x, hidden, gate[m], up[m], down[m], inter[m], row_counts[m], row_ids + offsets[m],
+                             row_scales + offsets[m], acc, scratch, few_rows_serial);
+    }
+    if (failed) return -1;
+    for (int t = 0; t < teams; ++t)
+        for (long i = 0; i < rows * hidden; ++i) out[i] += partials[(size_t)t * rows * hidden + i];
+    return 0;
+}
+
 /* SiLU-gated MLPs in one call: for each MLP m and each of its rows (row_counts[m] ids from row_ids, each
  * with a weight from row_scales, both laid out MLP after MLP),
  *     out[row] += scale * down_m(silu(gate_m(x[row])) * up_m(x[row])).
  * This covers the dense MLP (every row, weight 1), the shared experts (the same) and the routed experts
  * (each with the tokens that chose it, weighted by the router). gate_m, up_m: [inter[m], hidden]; down_m:
- * [hidden, inter[m]] (torch layout). An MLP with at most MAX_FEW_ROWS rows (decode) gathers them and runs
- * MAX_ROWS at a time, so its weights stream once per four rows; one with more (prefill; AVX-512 builds
- * only, the caller checks) runs them through the GEMM. scratch holds MAX_ROWS * (2 * hidden + 3 *
- * max(inter)) floats. Returns 0, or -1 when the GEMM's scratch memory ran out. */
+ * [hidden, inter[m]] (torch layout).
+ *
+ * An MLP with more than MAX_FEW_ROWS rows (prefill; AVX-512 builds only, the caller checks) runs through
+ * the GEMM. The others (decode) stream their weights once per four rows: a lone one split between the
+ * threads by outputs; several dealt out whole to the threads (dealt_few_row_mlps), so a decode step's MoE
+ * runs without a thread barrier and each thread reads long runs of weights (on the tiny model a layer's
+ * 8 MLPs x 3 matrices of 4.6 MB, read at 28-29 GB/s by 24 parallel regions split by outputs, where one
+ * whole matrix streams at 32). Returns 0, or -1 when scratch memory ran out. */
 int swiglu_mlps(const float *x, long rows, long hidden, long n_mlps, const float *const *gate,
                 const float *const *up, const float *const *down, const long *inter, const long *row_counts,
-                const long *row_ids, const float *row_scales, float *out, float *scratch) {
-    long widest = 0;
-    for (long m = 0; m < n_mlps; ++m) widest = inter[m] > widest ? inter[m] : widest;
-    float *gathered = scratch, *down_out = scratch + MAX_ROWS * hidden;
-    float *gated = down_out + MAX_ROWS * hidden, *upped = gated + MAX_ROWS * widest;
-    float *hidden_act = upped + MAX_ROWS * widest;
-    for (long i = 0; i < rows * hidden; ++i) out[i] = 0.0f;
-    long offset = 0;
+                const long *row_ids, const float *row_scales, float *out) {
+    long widest = 0, few_row_mlps = 0;
+    long *offsets = malloc((2 * n_mlps + 1) * sizeof(long) + n_mlps);
+    if (!offsets) return -1;
+    long *owner = offsets + n_mlps + 1;
+    char *take = (char *)(owner + n_mlps);
+    offsets[0] = 0;
     for (long m = 0; m < n_mlps; ++m) {
-        const long n_inter = inter[m];
-#if defined(__AVX512F__)
-        if (row_counts[m] > MAX_FEW_ROWS) {
-            if (swiglu_gemm(x, hidden, gate[m], up[m], down[m], n_inter, row_counts[m], row_ids + offset,
-                            row_scales + offset, out))
-                return -1;
-            offset += row_counts[m];
-            continue;
-        }
-#endif
-        for (long first = 0; first < row_counts[m]; first += MAX_ROWS) {
-            const long chunk = row_counts[m] - first < MAX_ROWS ? row_counts[m] - first : MAX_ROWS;
-            const long *ids = row_ids + offset + first;
-            const float *scales = row_scales + offset + first;
-            for (long r = 0; r < chunk; ++r)
-                for (long i = 0; i < hidden; ++i) gathered[r * hidden + i] = x[ids[r] * hidden + i];
-            few_rows_chunk(gathered, gate[m], gated, chunk, hidden, n_inter);
-            few_rows_chunk(gathered, up[m], upped, chunk, hidden, n_inter);
-            for (long i = 0; i < chunk * n_inter; ++i)
-                hidden_act[i] = gated[i] / (1.0f + expf(-gated[i])) * upped[i];
-            few_rows_chunk(hidden_act, down[m], down_out, chunk, n_inter, hidden);
-            for (long r = 0; r < chunk; ++r)
-                for (long i = 0; i < hidden; ++i) out[ids[r] * hidden + i] += scales[r] * down_out[r * hidden + i];
-        }
-        offset += row_counts[m];
+        offsets[m + 1] = offsets[m] + row_counts[m];
+        widest = inter[m] > widest ? inter[m] : widest;
+        take[m] = row_counts[m] > 0 && row_counts[m] <= MAX_FEW_ROWS;
+        few_row_mlps += take[m];
     }
-    return 0;
+    for (long i = 0; i < rows * hidden; ++i) out[i] = 0.0f;
+    int status = 0;
+#if defined(__AVX512F__)
+    for (long m = 0; m < n_mlps && !status; ++m)
+        if (row_counts[m] > MAX_FEW_ROWS)
+            status = swiglu_gemm(x, hidden, gate[m], up[m], down[m], inter[m], row_counts[m], row_ids + offsets[m],
+                                 row_scales + offsets[m], out);
+#endif
+    const int teams = omp_get_max_threads() < 64 ? omp_get_max_threads() : 64;
+    const size_t scratch_floats = MAX_ROWS * (2 * hidden + 3 * widest);
+    if (!status && few_row_mlps > 1 && teams > 1) {
+        status = dealt_few_row_mlps(x, rows, hidden, n_mlps, gate, up, down, inter, row_counts, offsets, row_ids,
+                                    row_scales, take, owner, scratch_floats, teams, out);
+    } else if (!status && few_row_mlps > 0) {
+        float *scratch = grow(&thread_buf, &thread_cap, scratch_floats);
+        for (long m = 0; m < n_mlps && scratch; ++m)
+            if (take[m])
+                few_rows_mlp(x, hidden, gate[m], up[m], down[m], inter[m], row_counts[m], row_ids + offsets[m],
+                             row_scales + offsets[m], out, scratch, few_rows_chunk);
+        status = scratch ? 0 : -1;
+    }
+    free(offsets);
+    return status;
 }

@@ -120,7 +120,7 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         return None
     library.few_rows_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
     library.few_rows_linear.restype = None
-    library.swiglu_mlps.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 9
+    library.swiglu_mlps.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 8
     library.swiglu_mlps.restype = ctypes.c_int
     library.add_bias_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2
     library.add_bias_rows.restype = None
@@ -236,12 +236,10 @@ def swiglu_mlps(
     pointers = [(ctypes.c_void_p * n)(*(mlp[i].data_ptr() for mlp in mlps)) for i in range(3)]
     row_ids = np.ascontiguousarray(row_ids, dtype=np.int64)
     row_scales = np.ascontiguousarray(row_scales, dtype=np.float32)
-    scratch = np.empty(4 * (2 * hidden + 3 * max(inter)), dtype=np.float32)
     out = paddle.empty(lead + [hidden], dtype=paddle.float32)
     _check(kernel_library().swiglu_mlps(
         x.data_ptr(), math.prod(lead), hidden, n, *pointers, (ctypes.c_long * n)(*inter),
-        (ctypes.c_long * n)(*row_counts), row_ids.ctypes.data, row_scales.ctypes.data,
-        out.data_ptr(), scratch.ctypes.data,
+        (ctypes.c_long * n)(*row_counts), row_ids.ctypes.data, row_scales.ctypes.data, out.data_ptr(),
     ))
     return out
 

@@ -22,6 +22,7 @@ from paddle import nn
 from .configuration_deepseek import DeepseekV2Config
 from .kv_cache import KVCache
 from .layers import DeepseekV2RMSNorm, Linear, attend, masked_softmax
+from .native import mha_decode, mha_decode_applies
 from .rotary import apply_rotary_pos_emb, yarn_get_mscale
 
 __all__ = ["DeepseekV2Attention", "DeepseekV2MHAAttention", "build_attention"]
@@ -50,10 +51,14 @@ class DeepseekV2MHAAttention(nn.Layer):
     ) -> paddle.Tensor:
         """hidden_states [B, T, H], position_embeddings (cos, sin) [B, T, head_dim] -> [B, T, H]."""
         bsz, q_len, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).reshape([bsz, q_len, self.num_heads, self.head_dim])
-        k = self.k_proj(hidden_states).reshape([bsz, q_len, self.num_kv_heads, self.head_dim])
-        v = self.v_proj(hidden_states).reshape([bsz, q_len, self.num_kv_heads, self.head_dim])
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         cos, sin = position_embeddings
+        if cache is not None and mha_decode_applies(q, q_len, self.head_dim, cache.dtype):
+            keys, values = cache.buffers(self.layer_idx)
+            return self.o_proj(mha_decode(q, k, v, cos, sin, keys, values, mask, cache_start, self.head_dim ** -0.5))
+        q = q.reshape([bsz, q_len, self.num_heads, self.head_dim])
+        k = k.reshape([bsz, q_len, self.num_kv_heads, self.head_dim])
+        v = v.reshape([bsz, q_len, self.num_kv_heads, self.head_dim])
         q = apply_rotary_pos_emb(q, cos, sin, interleaved=False)
         k = apply_rotary_pos_emb(k, cos, sin, interleaved=False)
         if cache is not None:

@@ -262,6 +262,95 @@ void gelu_tanh_inplace(float *x, long n) {
 #define KC_MAX 256
 #define NC 768
 
+/* ---- mha_decode: one decode step of multi-head attention (the tiny model's), AVX-512 ----
+ *
+ * For each of B sequences, one new token at cache position pos: RoPE (NeoX rotate_half, cos/sin of the
+ * whole head) on its query and key, the key and value written into the heads-first cache [B, kv_heads,
+ * max_len, D], then per query head softmax(scale * q.K^T + mask) @ V over positions 0 .. pos (later ones
+ * are masked anyway: not written yet). In Paddle this is about fifteen ops per layer (RoPE, two cache
+ * writes, transposes, two matmuls, softmax) whose dispatch cost more than the cache reads themselves. */
+#define MAX_HEAD_DIM 512
+
+static _Thread_local float *scores_buf;
+static _Thread_local size_t scores_cap;
+
+/* dst = rope(x) * factor: x [d], cos/sin [d] (each half repeated) */
+static void rope_neox(const float *x, const float *cos, const float *sin, float factor, float *dst, long d) {
+    const long half = d / 2;
+    for (long i = 0; i < half; ++i) {
+        const float x1 = x[i], x2 = x[i + half];
+        dst[i] = (x1 * cos[i] + -x2 * sin[i]) * factor;
+        dst[i + half] = (x2 * cos[i + half] + x1 * sin[i + half]) * factor;
+    }
+}
+
+static inline __mmask16 tail_mask(long left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+/* q [B, heads, D], k_new and v_new [B, kv_heads, D], cos/sin [B, D], cache_k/cache_v [B, kv_heads, max_len, D],
+ * mask additive [B, max_len] (the step's row of the [B, 1, 1, max_len] mask), out [B, heads, D]. Returns 0,
+ * or -1 when scratch memory ran out (the cache is written either way). */
+int mha_decode(const float *q, const float *k_new, const float *v_new, const float *cos, const float *sin,
+               float *cache_k, float *cache_v, const float *mask, float *out, long batch, long heads,
+               long kv_heads, long head_dim, long max_len, long pos, float scale) {
+    for (long b = 0; b < batch; ++b)
+        for (long g = 0; g < kv_heads; ++g) {
+            const long slot = ((b * kv_heads + g) * max_len + pos) * head_dim;
+            rope_neox(k_new + (b * kv_heads + g) * head_dim, cos + b * head_dim, sin + b * head_dim, 1.0f,
+                      cache_k + slot, head_dim);
+            for (long i = 0; i < head_dim; ++i) cache_v[slot + i] = v_new[(b * kv_heads + g) * head_dim + i];
+        }
+    const long keys = pos + 1, group = heads / kv_heads;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *scores = grow(&scores_buf, &scores_cap, (size_t)keys);
+        failed = scores == NULL;
+#pragma omp for schedule(static)
+        for (long bh = 0; bh < batch * heads; ++bh) {
+            if (!scores) continue;
+            const long b = bh / heads, g = (bh % heads) / group;
+            const float *k_cache = cache_k + (b * kv_heads + g) * max_len * head_dim;
+            const float *v_cache = cache_v + (b * kv_heads + g) * max_len * head_dim;
+            float query[MAX_HEAD_DIM], acc[MAX_HEAD_DIM];
+            rope_neox(q + bh * head_dim, cos + b * head_dim, sin + b * head_dim, scale, query, head_dim);
+            __m512 vmax = _mm512_set1_ps(-INFINITY);
+            for (long s = 0; s < keys; ++s) {
+                __m512 dot = _mm512_setzero_ps();
+                for (long i = 0; i < head_dim; i += 16) {
+                    const __mmask16 m = tail_mask(head_dim - i);
+                    dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, query + i),
+                                          _mm512_maskz_loadu_ps(m, k_cache + s * head_dim + i), dot);
+                }
+                scores[s] = _mm512_reduce_add_ps(dot) + mask[b * max_len + s];
+            }
+            for (long s = 0; s < keys; s += 16) vmax = _mm512_mask_max_ps(vmax, tail_mask(keys - s), vmax,
+                                                                          _mm512_maskz_loadu_ps(tail_mask(keys - s), scores + s));
+            const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+            __m512 vsum = _mm512_setzero_ps();
+            for (long s = 0; s < keys; s += 16) {
+                const __mmask16 m = tail_mask(keys - s);
+                const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + s), top));
+                _mm512_mask_storeu_ps(scores + s, m, e);
+                vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
+            }
+            const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+            for (long i = 0; i < head_dim; ++i) acc[i] = 0.0f;
+            for (long s = 0; s < keys; ++s) {
+                const __m512 p = _mm512_set1_ps(scores[s] * inv);
+                for (long i = 0; i < head_dim; i += 16) {
+                    const __mmask16 m = tail_mask(head_dim - i);
+                    _mm512_mask_storeu_ps(acc + i, m, _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m, v_cache + s * head_dim + i),
+                                                                       _mm512_maskz_loadu_ps(m, acc + i)));
+                }
+            }
+            for (long i = 0; i < head_dim; ++i) out[bh * head_dim + i] = acc[i];
+        }
+    }
+    return failed ? -1 : 0;
+}
+
 static _Thread_local float *a_pack_buf, *b_pack_buf;
 static _Thread_local size_t a_pack_cap, b_pack_cap;
 

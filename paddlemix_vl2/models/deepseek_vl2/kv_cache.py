@@ -95,6 +95,10 @@ class KVCache:
             buf_second[:, :, start:end] = second.astype(self.dtype).transpose([0, 2, 1, 3])
         return buf_first, buf_second
 
+    def buffers(self, layer_idx: int) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        """The layer's whole buffers as ``store`` returns them, for a kernel that writes the new entries itself."""
+        return self._buffers[layer_idx]
+
     def update(self, layer_idx: int, start: int, first: paddle.Tensor, second: paddle.Tensor):
         """Write the new entries at ``start`` and return both buffers up to the end of them, in the
         ``layers`` layout ([B, S, kv_heads, head_dim] or [B, S, R] / [B, S, C])."""

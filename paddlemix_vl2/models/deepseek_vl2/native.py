@@ -13,6 +13,8 @@
   (numpy's OpenBLAS: about 400). ``swiglu_mlps`` runs prefill's experts through the same GEMM.
 * ``add_bias_``: a Linear's bias added in place into its own output (Paddle's broadcasting add runs at
   about a tenth of that speed).
+* ``mha_decode`` (AVX-512 builds): a decode step's multi-head attention (RoPE, cache write, softmax
+  attention over the written positions) in one call per layer instead of about fifteen Paddle ops.
 * ``softmax_last_axis`` and ``gelu_tanh_`` (AVX-512 builds): the attention normalisation (with its mask)
   and the ViT's GELU, which Paddle's CPU kernels run at about 0.3 G values/s (a fifth of the tower's time
   together).
@@ -45,7 +47,7 @@ import paddle
 
 __all__ = [
     "NATIVE_VARIABLE", "MAX_FEW_ROWS", "kernel_library", "few_rows_applies", "few_rows_linear",
-    "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "inference_kernels_apply", "add_bias_", "vector_kernels_apply", "softmax_last_axis",
+    "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "mha_decode_applies", "mha_decode", "inference_kernels_apply", "add_bias_", "vector_kernels_apply", "softmax_last_axis",
     "gelu_tanh_",
 ]
 
@@ -132,6 +134,8 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         library.gelu_tanh_inplace.restype = None
         library.gemm_nt.argtypes = [ctypes.c_void_p, ctypes.c_long] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4
         library.gemm_nt.restype = ctypes.c_int
+        library.mha_decode.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_long] * 6 + [ctypes.c_float]
+        library.mha_decode.restype = ctypes.c_int
     return library
 
 
@@ -240,6 +244,48 @@ def swiglu_mlps(
     _check(kernel_library().swiglu_mlps(
         x.data_ptr(), math.prod(lead), hidden, n, *pointers, (ctypes.c_long * n)(*inter),
         (ctypes.c_long * n)(*row_counts), row_ids.ctypes.data, row_scales.ctypes.data, out.data_ptr(),
+    ))
+    return out
+
+
+MAX_DECODE_HEAD_DIM = 512  # the kernel's per-head buffers (MAX_HEAD_DIM in cpu_kernels.c)
+
+
+def mha_decode_applies(x: paddle.Tensor, q_len: int, head_dim: int, cache_dtype) -> bool:
+    """Whether ``mha_decode`` serves a step: one new token per sequence, float32 cache and activations on an
+    AVX-512 build (``vector_kernels_apply``), heads of at most ``MAX_DECODE_HEAD_DIM``."""
+    return (
+        q_len == 1 and head_dim <= MAX_DECODE_HEAD_DIM and cache_dtype == paddle.float32
+        and vector_kernels_apply(x)
+    )
+
+
+def mha_decode(
+    q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor,
+    cache_keys: paddle.Tensor, cache_values: paddle.Tensor, mask: paddle.Tensor, position: int, scale: float,
+) -> paddle.Tensor:
+    """One decode step of multi-head attention by the kernel (``mha_decode_applies``).
+
+    Args:
+        q: [B, 1, nh * D] and k, v: [B, 1, kv_heads * D], the projections of the new tokens (before RoPE).
+        cos, sin: [B, 1, D] float32, the rotary table at the new tokens' positions.
+        cache_keys, cache_values: [B, kv_heads, L, D] float32, the layer's heads-first cache; the new key
+            (rotated) and value are written at ``position``.
+        mask: additive [B, 1, 1, L] float32 (keys after ``position`` are not read).
+    Returns:
+        [B, 1, nh * D], the attention output before ``o_proj``.
+    """
+    batch, kv_heads, max_len, head_dim = cache_keys.shape
+    heads = q.shape[-1] // head_dim
+    tensors = [t if t.is_contiguous() else t.contiguous() for t in (q, k, v, cos, sin, mask)]
+    if list(tensors[5].shape) != [batch, 1, 1, max_len]:
+        raise ValueError(f"mask {list(mask.shape)} does not fit a one-token step over a cache of {max_len}")
+    out = paddle.empty(q.shape, dtype=paddle.float32)
+    q, k, v, cos, sin, mask = tensors
+    _check(kernel_library().mha_decode(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), cache_keys.data_ptr(),
+        cache_values.data_ptr(), mask.data_ptr(), out.data_ptr(), batch, heads, kv_heads, head_dim, max_len,
+        position, scale,
     ))
     return out
 

@@ -311,3 +311,25 @@ def test_mha_decode_step_equals_the_plain_path(monkeypatch, kv_heads):
     np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-5)
     for fast_buffer, plain_buffer in zip(fast_cache, plain_cache):
         np.testing.assert_allclose(fast_buffer, plain_buffer, rtol=1e-5, atol=1e-5)  # later layers: rounding carried over
+
+
+@pytest.mark.parametrize("tokens, heads, head_dim", [(37, 3, 24), (729, 2, 72)])
+def test_attention_qkv_equals_numpy(tokens, heads, head_dim):
+    """The vision tower's attention from the fused q/k/v projection, two sequences: head widths that leave
+    part of a 32-column panel, a sequence length that leaves part of a 12-row sliver, and the real 729."""
+    if not _vector_kernels_built():
+        pytest.skip("no AVX-512 build of the CPU kernels here: the vision tower's attention uses Paddle's "
+                    "matmuls and softmax, which the vision goldens check")
+    rng = np.random.default_rng(tokens)
+    width = heads * head_dim
+    qkv = rng.standard_normal((2, tokens, 3 * width)).astype(np.float32)
+    scale = head_dim ** -0.5
+    with paddle.no_grad():
+        out = native.attention_qkv(paddle.to_tensor(qkv), heads, scale).numpy()
+    q, k, v = (part.reshape(2, tokens, heads, head_dim).transpose(0, 2, 1, 3).astype(np.float64)
+               for part in np.split(qkv, 3, axis=-1))
+    scores = q @ k.transpose(0, 1, 3, 2) * scale
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = (probs @ v).transpose(0, 2, 1, 3).reshape(2, tokens, width)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)

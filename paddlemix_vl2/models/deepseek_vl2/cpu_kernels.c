@@ -173,50 +173,51 @@ static inline __m512 exp_nonpositive(__m512 x) {
  * broadcast copy of the scores' size (at a 1037-token prefill, two 43 MB buffers per layer, mostly page
  * faults). Paddle's CPU softmax runs at about 0.26 G elements/s on two threads; the ViT's 729 x 729
  * attention scores made it a fifth of the vision tower's time. */
-void softmax_rows(const float *x, const float *mask, float *out, long rows, long n, long heads, long q_len,
-                  long mask_batches) {
+/* One row: out = softmax(in + m) (m NULL for no mask); out may be in. */
+static void softmax_row(const float *in, const float *m, float *o, long n) {
     const long n_main = n / 16 * 16;
     const __mmask16 tail = (__mmask16)((1u << (n - n_main)) - 1u);
-#pragma omp parallel for schedule(static)
-    for (long row = 0; row < rows; ++row) {
-        const float *in = x + row * n;
-        float *o = out + row * n;
-        __m512 vmax = _mm512_set1_ps(-INFINITY);
-        if (mask) {
-            const long batch = mask_batches == 1 ? 0 : row / (heads * q_len);
-            const float *m = mask + (batch * q_len + row % q_len) * n;
-            for (long i = 0; i < n_main; i += 16) {
-                const __m512 v = _mm512_add_ps(_mm512_loadu_ps(in + i), _mm512_loadu_ps(m + i));
-                _mm512_storeu_ps(o + i, v);
-                vmax = _mm512_max_ps(vmax, v);
-            }
-            if (tail) {
-                const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(tail, in + n_main),
-                                               _mm512_maskz_loadu_ps(tail, m + n_main));
-                _mm512_mask_storeu_ps(o + n_main, tail, v);
-                vmax = _mm512_mask_max_ps(vmax, tail, vmax, v);
-            }
-            in = o;
-        } else {
-            for (long i = 0; i < n_main; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(in + i));
-            if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, in + n_main));
-        }
-        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-        __m512 vsum = _mm512_setzero_ps();
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    if (m) {
         for (long i = 0; i < n_main; i += 16) {
-            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(in + i), top));
-            _mm512_storeu_ps(o + i, e);
-            vsum = _mm512_add_ps(vsum, e);
+            const __m512 v = _mm512_add_ps(_mm512_loadu_ps(in + i), _mm512_loadu_ps(m + i));
+            _mm512_storeu_ps(o + i, v);
+            vmax = _mm512_max_ps(vmax, v);
         }
         if (tail) {
-            const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, in + n_main), top));
-            _mm512_mask_storeu_ps(o + n_main, tail, e);
-            vsum = _mm512_mask_add_ps(vsum, tail, vsum, e);
+            const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(tail, in + n_main),
+                                           _mm512_maskz_loadu_ps(tail, m + n_main));
+            _mm512_mask_storeu_ps(o + n_main, tail, v);
+            vmax = _mm512_mask_max_ps(vmax, tail, vmax, v);
         }
-        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
-        for (long i = 0; i < n_main; i += 16) _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_loadu_ps(o + i), inv));
-        if (tail)
-            _mm512_mask_storeu_ps(o + n_main, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, o + n_main), inv));
+        in = o;
+    } else {
+        for (long i = 0; i < n_main; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(in + i));
+        if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, in + n_main));
+    }
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    for (long i = 0; i < n_main; i += 16) {
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(in + i), top));
+        _mm512_storeu_ps(o + i, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    if (tail) {
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, in + n_main), top));
+        _mm512_mask_storeu_ps(o + n_main, tail, e);
+        vsum = _mm512_mask_add_ps(vsum, tail, vsum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    for (long i = 0; i < n_main; i += 16) _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_loadu_ps(o + i), inv));
+    if (tail) _mm512_mask_storeu_ps(o + n_main, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, o + n_main), inv));
+}
+
+void softmax_rows(const float *x, const float *mask, float *out, long rows, long n, long heads, long q_len,
+                  long mask_batches) {
+#pragma omp parallel for schedule(static)
+    for (long row = 0; row < rows; ++row) {
+        const long batch = mask_batches == 1 ? 0 : row / (heads * q_len);
+        softmax_row(x + row * n, mask ? mask + (batch * q_len + row % q_len) * n : NULL, out + row * n, n);
     }
 }
 
@@ -387,14 +388,26 @@ static inline void transpose16(__m512 r[16]) {
 }
 
 /* The weights of one GEMM: W [n, k] (row stride ldw), or two stacked as [W; W2] with W's n1 rows a
- * multiple of NR (an MLP's gate and up projections, run as one GEMM over the same rows). */
+ * multiple of NR (an MLP's gate and up projections, run as one GEMM over the same rows), or, with
+ * k_major, W^T given as [k, n] (attention's values: C = P @ V). */
 typedef struct {
     const float *w, *w2;
     long ldw, n1;
+    int k_major;
 } gemm_weights;
 
 /* W rows n0 .. n0 + 31 (zeros past n_dim), columns k0 .. k0 + kc - 1, into dst[k * NR + j]. */
 static void pack_w_panel(const gemm_weights *weights, long n_dim, long n0, long k0, long kc, float *dst) {
+    if (weights->k_major) {
+        const long cols = n_dim - n0;
+        const __mmask16 m0 = tail_mask(cols), m1 = cols > 16 ? tail_mask(cols - 16) : 0;
+        for (long k = 0; k < kc; ++k) {
+            const float *row = weights->w + (k0 + k) * weights->ldw + n0;
+            _mm512_store_ps(dst + k * NR, _mm512_maskz_loadu_ps(m0, row));
+            _mm512_store_ps(dst + k * NR + 16, _mm512_maskz_loadu_ps(m1, row + 16));
+        }
+        return;
+    }
     const float *w = weights->w;
     if (weights->w2 && n0 >= weights->n1) w = weights->w2, n0 -= weights->n1, n_dim -= weights->n1;
     const long ldw = weights->ldw;
@@ -484,13 +497,12 @@ static void micro_kernel(long kc, const float *a, const float *b, const gemm_out
     }
 }
 
-/* out = A[m, k] @ W[n, k]^T through the gemm_out options. Returns 0, or -1 when scratch memory ran out
- * (nothing is written then). */
+/* out = A[m, k] @ W[n, k]^T through the gemm_out options, on max_threads threads. Returns 0, or -1 when
+ * scratch memory ran out (nothing is written then). */
 static int gemm_nt_rows(const float *a, long lda, const long *a_rows, const gemm_weights *weights, long m, long n,
-                        long k, const gemm_out *out) {
+                        long k, const gemm_out *out, int max_threads) {
     const long slivers = (m + MR - 1) / MR, panels = (n + NR - 1) / NR;
     const long k_blocks = (k + KC_MAX - 1) / KC_MAX, kc_even = (k + k_blocks - 1) / k_blocks;
-    const int max_threads = omp_get_max_threads();
     float *a_pack = grow(&a_pack_buf, &a_pack_cap, (size_t)slivers * MR * KC_MAX);
     float *b_packs = grow(&b_pack_buf, &b_pack_cap, (size_t)max_threads * KC_MAX * NC);
     if (!a_pack || !b_packs) return -1;
@@ -524,12 +536,46 @@ static int gemm_nt_rows(const float *a, long lda, const long *a_rows, const gemm
     return 0;
 }
 
+/* Bidirectional softmax attention straight from a fused q/k/v projection, for the vision tower:
+ * qkv [sequences, tokens, 3 * width] (q, k and v side by side, heads side by side within each), out
+ * [sequences, tokens, width] with the heads side by side, as the output projection takes them. The
+ * (sequence, head) pairs are dealt to the threads, each running on its own: scores = scale * Q_h K_h^T by
+ * the GEMM reading Q_h and K_h in place (row stride 3 * width), softmax row by row, out_h = P V_h by the
+ * GEMM with V_h k-major. No head split, stack or concat copies. Returns 0, or -1 when scratch memory ran
+ * out. */
+static _Thread_local float *attention_buf;
+static _Thread_local size_t attention_cap;
+
+int attention_qkv(const float *qkv, float *out, long sequences, long tokens, long width, long heads, float scale) {
+    const long head_dim = width / heads, ld = 3 * width;
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed)
+    for (long pair = 0; pair < sequences * heads; ++pair) {
+        float *scores = grow(&attention_buf, &attention_cap, (size_t)tokens * tokens + tokens);
+        if (!scores) {
+            failed = 1;
+            continue;
+        }
+        const long sequence = pair / heads, head = pair % heads;
+        const float *q = qkv + sequence * tokens * ld + head * head_dim;
+        float *scales = scores + tokens * tokens;
+        for (long i = 0; i < tokens; ++i) scales[i] = scale;
+        const gemm_weights keys = {q + width, NULL, ld, 0, 0}, values = {q + 2 * width, NULL, ld, 0, 1};
+        const gemm_out to_scores = {scores, tokens, NULL, scales, NULL, 0};
+        const gemm_out to_out = {out + sequence * tokens * width + head * head_dim, width, NULL, NULL, NULL, 0};
+        failed |= gemm_nt_rows(q, ld, NULL, &keys, tokens, tokens, head_dim, &to_scores, 1);
+        for (long row = 0; row < tokens; ++row) softmax_row(scores + row * tokens, NULL, scores + row * tokens, tokens);
+        failed |= gemm_nt_rows(scores, tokens, NULL, &values, tokens, head_dim, tokens, &to_out, 1);
+    }
+    return failed ? -1 : 0;
+}
+
 /* C[m, n] (row stride ldc) = A[m, k] @ W[n, k]^T (+ bias[n]); all row-major float32. */
 int gemm_nt(const float *a, long lda, const float *w, long ldw, const float *bias, float *c, long ldc, long m,
             long n, long k) {
     const gemm_out out = {c, ldc, NULL, NULL, bias, 0};
-    const gemm_weights weights = {w, NULL, ldw, 0};
-    return gemm_nt_rows(a, lda, NULL, &weights, m, n, k, &out);
+    const gemm_weights weights = {w, NULL, ldw, 0, 0};
+    return gemm_nt_rows(a, lda, NULL, &weights, m, n, k, &out, omp_get_max_threads());
 }
 #endif
 
@@ -567,18 +613,19 @@ static int swiglu_gemm(const float *x, long hidden, const float *gate, const flo
     const int fused = inter % NR == 0;
     const long ld = fused ? 2 * inter : inter;
     float *upped = fused ? gated + inter : gated + (size_t)GEMM_CHUNK * inter;
-    const gemm_weights both = {gate, up, hidden, inter}, gate_only = {gate, NULL, hidden, 0};
-    const gemm_weights up_only = {up, NULL, hidden, 0}, down_weights = {down, NULL, inter, 0};
+    const gemm_weights both = {gate, up, hidden, inter, 0}, gate_only = {gate, NULL, hidden, 0, 0};
+    const gemm_weights up_only = {up, NULL, hidden, 0, 0}, down_weights = {down, NULL, inter, 0, 0};
     for (long first = 0; first < count; first += GEMM_CHUNK) {
         const long chunk = count - first < GEMM_CHUNK ? count - first : GEMM_CHUNK;
         const gemm_out to_gated = {gated, ld, NULL, NULL, NULL, 0}, to_upped = {upped, ld, NULL, NULL, NULL, 0};
         const gemm_out to_out = {out, hidden, ids + first, scales + first, NULL, 1};
-        if (fused ? gemm_nt_rows(x, hidden, ids + first, &both, chunk, 2 * inter, hidden, &to_gated)
-                  : gemm_nt_rows(x, hidden, ids + first, &gate_only, chunk, inter, hidden, &to_gated)
-                        || gemm_nt_rows(x, hidden, ids + first, &up_only, chunk, inter, hidden, &to_upped))
+        const int threads = omp_get_max_threads();
+        if (fused ? gemm_nt_rows(x, hidden, ids + first, &both, chunk, 2 * inter, hidden, &to_gated, threads)
+                  : gemm_nt_rows(x, hidden, ids + first, &gate_only, chunk, inter, hidden, &to_gated, threads)
+                        || gemm_nt_rows(x, hidden, ids + first, &up_only, chunk, inter, hidden, &to_upped, threads))
             return -1;
         silu_mul_rows(gated, upped, chunk, inter, ld);
-        if (gemm_nt_rows(gated, ld, NULL, &down_weights, chunk, hidden, inter, &to_out)) return -1;
+        if (gemm_nt_rows(gated, ld, NULL, &down_weights, chunk, hidden, inter, &to_out, threads)) return -1;
     }
     return 0;
 }

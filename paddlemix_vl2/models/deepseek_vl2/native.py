@@ -15,6 +15,8 @@
   about a tenth of that speed).
 * ``mha_decode`` (AVX-512 builds): a decode step's multi-head attention (RoPE, cache write, softmax
   attention over the written positions) in one call per layer instead of about fifteen Paddle ops.
+* ``attention_qkv`` (AVX-512 builds): the vision tower's attention straight from its fused q/k/v
+  projection, each head's products through the GEMM, without head split, stack or concat copies.
 * ``softmax_last_axis`` and ``gelu_tanh_`` (AVX-512 builds): the attention normalisation (with its mask)
   and the ViT's GELU, which Paddle's CPU kernels run at about 0.3 G values/s (a fifth of the tower's time
   together).
@@ -47,7 +49,8 @@ import paddle
 
 __all__ = [
     "NATIVE_VARIABLE", "MAX_FEW_ROWS", "kernel_library", "few_rows_applies", "few_rows_linear",
-    "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "mha_decode_applies", "mha_decode", "inference_kernels_apply", "add_bias_", "vector_kernels_apply", "softmax_last_axis",
+    "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "mha_decode_applies", "mha_decode",
+    "attention_qkv", "inference_kernels_apply", "add_bias_", "vector_kernels_apply", "softmax_last_axis",
     "gelu_tanh_",
 ]
 
@@ -136,6 +139,8 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         library.gemm_nt.restype = ctypes.c_int
         library.mha_decode.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_long] * 6 + [ctypes.c_float]
         library.mha_decode.restype = ctypes.c_int
+        library.attention_qkv.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_float]
+        library.attention_qkv.restype = ctypes.c_int
     return library
 
 
@@ -287,6 +292,17 @@ def mha_decode(
         cache_values.data_ptr(), mask.data_ptr(), out.data_ptr(), batch, heads, kv_heads, head_dim, max_len,
         position, scale,
     ))
+    return out
+
+
+def attention_qkv(qkv: paddle.Tensor, heads: int, scale: float) -> paddle.Tensor:
+    """Bidirectional softmax attention by the kernel (``vector_kernels_apply``): qkv [N, P, 3 * C] float32,
+    the fused projection (q, k, v side by side, heads side by side within each) -> [N, P, C] with the
+    heads side by side."""
+    batch, tokens, triple = qkv.shape
+    qkv = qkv if qkv.is_contiguous() else qkv.contiguous()
+    out = paddle.empty([batch, tokens, triple // 3], dtype=paddle.float32)
+    _check(kernel_library().attention_qkv(qkv.data_ptr(), out.data_ptr(), batch, tokens, triple // 3, heads, scale))
     return out
 
 

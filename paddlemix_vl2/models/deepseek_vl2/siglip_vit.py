@@ -14,6 +14,7 @@ import paddle.nn as nn
 
 from .configuration_deepseek import VisionEncoderConfig
 from .layers import ACTIVATION_BLOCK_BYTES, Linear, attend, gelu_tanh
+from .native import attention_qkv, vector_kernels_apply
 
 __all__ = ["VisionTransformer", "SigLIPVisionTransformer"]
 
@@ -51,10 +52,13 @@ class Attention(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         batch, seq, _ = x.shape
+        qkv = self.qkv(x)  # [N, P, 3C]
+        if vector_kernels_apply(qkv):
+            return self.proj(attention_qkv(qkv, self.heads, self.head_dim ** -0.5))
         # Heads-first q, k, v by block copies (split the channels, stack): Paddle's transposing copy is
         # element by element and several times slower. The attention batch then runs over (head, tile)
         # pairs instead of (tile, head), which attention is indifferent to.
-        per_head = paddle.stack(paddle.split(self.qkv(x), 3 * self.heads, axis=-1))  # [3*nh, N, P, hd]
+        per_head = paddle.stack(paddle.split(qkv, 3 * self.heads, axis=-1))  # [3*nh, N, P, hd]
         q, k, v = per_head.reshape([3, self.heads, batch, seq, self.head_dim]).unbind(axis=0)  # [nh, N, P, hd]
         out = attend(q, k, v, None, self.head_dim ** -0.5)  # [nh, N, P, hd]
         return self.proj(paddle.concat(out.unbind(axis=0), axis=-1))  # heads side by side: [N, P, C]

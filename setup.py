@@ -20,7 +20,7 @@ setup(
     description="DeepSeek-VL2 in PaddlePaddle: loads the official checkpoints as they are",
     packages=find_packages(include=["paddlemix_vl2", "paddlemix_vl2.*"]),
     # The few-row linear kernel's C source is compiled on the user's machine at first use (native.py).
-    package_data={"paddlemix_vl2": ["demo/**/*", "models/deepseek_vl2/*.c"]},
+    package_data={"paddlemix_vl2": ["demo/**/*", "models/deepseek_vl2/*.c", "models/deepseek_vl2/*.h"]},
     include_package_data=True,
     python_requires=">=3.9",
     install_requires=INSTALL_REQUIRES,

@@ -1,4 +1,4 @@
-"""The CPU kernels (cpu_kernels.c through native.py) and the layers that call them.
+"""The CPU kernels (cpu_kernels.c and cpu_gemm.c through native.py) and the layers that call them.
 
 The kernels are compared with float64 NumPy at odd sizes (a reduction length that is not a multiple of
 the vector width, an output count that is not a multiple of the four-output tile, more rows than one pass

@@ -1,4 +1,5 @@
-"""CPU kernels for inference (``cpu_kernels.c``): compiled for this CPU at first use, called through ctypes.
+"""CPU kernels for inference (``cpu_kernels.c``, the GEMM in ``cpu_gemm.c``): compiled for this CPU at first
+use, called through ctypes.
 
 * ``few_rows_linear``: decode and small batches multiply 1-8 activation rows by each weight matrix.
   Paddle's bundled MKL runs one row as a GEMV at memory speed but packs the whole weight for every call
@@ -23,7 +24,7 @@
 
 The shared library is built with the system C compiler (``$CC``, else ``cc``) and ``-O3 -march=native
 -fopenmp`` into ``$PADDLEMIX_VL2_CACHE`` (default ``~/.cache/paddlemix_vl2``), named by a hash of the
-source, the compiler commands and the CPU's feature flags, so a changed source or another CPU builds
+sources, the compiler commands and the CPU's feature flags, so a changed source or another CPU builds
 anew. It is linked against the OpenMP runtime of Paddle's MKL (``paddle/libs/libiomp5.so``) where the
 wheel has one: on GCC's runtime the two thread pools fought over the cores after every switch (an expert
 GEMV beside an MKL call took 0.43 ms against 0.15 + 0.09 ms apart; 0.28 ms on the shared runtime), and
@@ -61,7 +62,9 @@ CACHE_VARIABLE = "PADDLEMIX_VL2_CACHE"
 # Up to this many rows the kernel beats MKL's sgemm here (8 rows: two passes over the weight, 50 ms on
 # the lm_head against 58-87 ms); beyond it sgemm's packing pays for itself.
 MAX_FEW_ROWS = 8
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = [os.path.join(_HERE, name) for name in ("cpu_kernels.c", "cpu_gemm.c")]
+_HEADER = os.path.join(_HERE, "cpu_kernels.h")
 _COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-c"]
 
 
@@ -86,16 +89,18 @@ def _build(compiler: str, link_flags: List[str], target: str) -> None:
     directory = os.path.dirname(target)
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".cpu_kernels-", dir=directory) as scratch:
-        obj, partial = os.path.join(scratch, "kernels.o"), os.path.join(scratch, "kernels.so")
-        compile_command = [compiler, *_COMPILE_FLAGS, _SOURCE, "-o", obj]
-        for command in (compile_command, [compiler, obj, "-o", partial, *link_flags]):
+        objects = [os.path.join(scratch, f"{index}.o") for index in range(len(_SOURCES))]
+        partial = os.path.join(scratch, "kernels.so")
+        commands = [[compiler, *_COMPILE_FLAGS, source, "-o", obj] for source, obj in zip(_SOURCES, objects)]
+        for command in commands + [[compiler, *objects, "-o", partial, *link_flags]]:
             subprocess.run(command, check=True, capture_output=True, timeout=300)
         os.replace(partial, target)
 
 
 @functools.lru_cache(maxsize=None)
 def kernel_library() -> Optional[ctypes.CDLL]:
-    """The loaded ``cpu_kernels.c`` library, or None when it is switched off or cannot be built here."""
+    """The loaded kernel library (``cpu_kernels.c``, ``cpu_gemm.c``), or None when it is switched off or
+    cannot be built here."""
     if os.environ.get(NATIVE_VARIABLE) == "0":
         return None
     if platform.system() != "Linux":
@@ -104,8 +109,10 @@ def kernel_library() -> Optional[ctypes.CDLL]:
     if compiler is None:
         logger.info("no C compiler found ($CC or cc): inference keeps Paddle's own kernels")
         return None
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
+    source = b""
+    for path in (*_SOURCES, _HEADER):
+        with open(path, "rb") as f:
+            source += f.read()
     link_flags = _link_flags()
     commands = " ".join(_COMPILE_FLAGS + link_flags)
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), commands.encode(), _cpu_flags().encode()]))

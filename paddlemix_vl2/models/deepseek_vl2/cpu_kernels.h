@@ -1,0 +1,78 @@
+/* What cpu_kernels.c and cpu_gemm.c share: the scratch allocator, the AVX-512 exponential and tail masks,
+ * one softmax row, and the GEMM's interface (cpu_gemm.c), which the MLP kernels call for prefill. */
+#ifndef PADDLEMIX_VL2_CPU_KERNELS_H
+#define PADDLEMIX_VL2_CPU_KERNELS_H
+
+#include <math.h>
+#include <omp.h>
+#include <stddef.h>
+#include <stdlib.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* Scratch that persists per thread, grown on demand: *buf holds at least `floats` floats (64-byte aligned)
+ * afterwards, or is NULL when memory ran out. */
+float *grow(float **buf, size_t *cap, size_t floats);
+
+#if defined(__AVX512F__)
+/* e^x for x <= 0 to about 1e-7 relative: 2^n * e^r with r = x - n ln 2 in [-ln2/2, ln2/2] and a degree-7
+ * Taylor polynomial for e^r. x below -88 is taken as -88 (e^-88 is 6e-39, a subnormal that the package's
+ * flush-to-zero mode reads as 0), which also turns masked -inf scores into ~0 instead of NaN. */
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* out[r, :] = softmax(x[r, :] + mask row) over rows of length n (AVX-512 only; vector_lanes() says which
+ * build this is); out may be x. Rows are attention scores [B, heads, q_len, n] in order; mask, when not
+ * NULL, is additive [mask_batches, 1, q_len, n] (mask_batches 1 or B), added here instead of in a
+ * broadcast copy of the scores' size (at a 1037-token prefill, two 43 MB buffers per layer, mostly page
+ * faults). Paddle's CPU softmax runs at about 0.26 G elements/s on two threads; the ViT's 729 x 729
+ * attention scores made it a fifth of the vision tower's time. */
+static inline __mmask16 tail_mask(long left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+/* out = softmax(in + m) over one row of n (m NULL: no mask); out may be in. */
+void softmax_row(const float *in, const float *m, float *o, long n);
+
+#define NR 32 /* the GEMM's panel width: output columns per register tile */
+
+/* The weights of one GEMM: W [n, k] (row stride ldw), or two stacked as [W; W2] with W's n1 rows a
+ * multiple of NR (an MLP's gate and up projections, run as one GEMM over the same rows), or, with
+ * k_major, W^T given as [k, n] (attention's values: C = P @ V). */
+typedef struct {
+    const float *w, *w2;
+    long ldw, n1;
+    int k_major;
+} gemm_weights;
+
+typedef struct {
+    float *c;
+    long ldc;
+    const long *c_rows;    /* output row ids, or NULL for 0 .. m - 1 */
+    const float *scales;   /* one factor per output row, or NULL */
+    const float *bias;     /* [n], added once, or NULL */
+    int accumulate;        /* add into C instead of overwriting it */
+} gemm_out;
+
+/* out = A[m, k] @ W[n, k]^T through the gemm_out options, on max_threads threads; A's rows through a_rows
+ * when not NULL. Returns 0, or -1 when scratch memory ran out (nothing is written then). */
+int gemm_nt_rows(const float *a, long lda, const long *a_rows, const gemm_weights *weights, long m, long n, long k,
+                 const gemm_out *out, int max_threads);
+#endif
+
+#endif

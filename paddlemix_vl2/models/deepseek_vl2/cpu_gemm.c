@@ -69,7 +69,7 @@ static void pack_w_panel(const gemm_weights *weights, long n_dim, long n0, long 
         const long first = n0 + 16 * half;
         for (long kk = 0; kk < kc; kk += 16) {
             const long left = kc - kk;
-            const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+            const __mmask16 m = tail_mask(left);
             __m512 r[16];
             for (int i = 0; i < 16; ++i)
                 r[i] = first + i < n_dim ? _mm512_maskz_loadu_ps(m, w + (first + i) * ldw + k0 + kk)
@@ -167,9 +167,7 @@ int gemm_nt_rows(const float *a, long lda, const long *a_rows, const gemm_weight
                     const long rows = m - s * MR < MR ? m - s * MR : MR;
                     for (long p = pj; p < pj_end; ++p) {
                         const long cols = n - p * NR;
-                        const __mmask16 m0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1u);
-                        const __mmask16 m1 =
-                            cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1u);
+                        const __mmask16 m0 = tail_mask(cols), m1 = cols > 16 ? tail_mask(cols - 16) : 0;
                         micro_kernel(kc, a_pack + s * MR * kc, b_pack + (p - pj) * kc * NR, out, s * MR, rows,
                                      p * NR, m0, m1, k0 == 0);
                     }

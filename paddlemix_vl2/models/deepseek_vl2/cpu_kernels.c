@@ -202,8 +202,7 @@ void gelu_tanh_inplace(float *x, long n) {
     for (long b = 0; b < n_blocks; ++b) {
         const long end = (b + 1) * block < n ? (b + 1) * block : n;
         for (long i = b * block; i < end; i += 16) {
-            const long left = end - i;
-            const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+            const __mmask16 m = tail_mask(end - i);
             const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
             const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
             const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
@@ -216,10 +215,7 @@ void gelu_tanh_inplace(float *x, long n) {
         }
     }
 }
-#endif
 
-
-#if defined(__AVX512F__)
 /* ---- mha_decode: one decode step of multi-head attention (the tiny model's), AVX-512 ----
  *
  * For each of B sequences, one new token at cache position pos: RoPE (NeoX rotate_half, cos/sin of the
@@ -305,17 +301,13 @@ int mha_decode(const float *q, const float *k_new, const float *v_new, const flo
     return failed ? -1 : 0;
 }
 
-#endif
-
-#if defined(__AVX512F__)
 /* For each of `rows` rows: g[r, :n] = silu(g[r, :n]) * u[r, :n] (row strides ld), with silu(g) = g / (1 + e^-g)
  * written as g e^g / (1 + e^g) for g < 0 so the exponential only sees non-positive arguments. */
 static void silu_mul_rows(float *g, const float *u, long rows, long n, long ld) {
 #pragma omp parallel for schedule(static)
     for (long r = 0; r < rows; ++r) {
         for (long i = 0; i < n; i += 16) {
-            const long left = n - i;
-            const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+            const __mmask16 m = tail_mask(n - i);
             const __m512 v = _mm512_maskz_loadu_ps(m, g + r * ld + i);
             const __m512 z = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));
             const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);

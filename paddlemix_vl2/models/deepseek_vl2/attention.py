@@ -22,7 +22,7 @@ from paddle import nn
 from .configuration_deepseek import DeepseekV2Config
 from .kv_cache import KVCache
 from .layers import DeepseekV2RMSNorm, Linear, attend, masked_softmax
-from .native import mha_decode, mha_decode_applies
+from .native import attention_prefill, mha_decode, mha_decode_applies, vector_kernels_apply
 from .rotary import apply_rotary_pos_emb, yarn_get_mscale
 
 __all__ = ["DeepseekV2Attention", "DeepseekV2MHAAttention", "build_attention"]
@@ -63,6 +63,8 @@ class DeepseekV2MHAAttention(nn.Layer):
         k = apply_rotary_pos_emb(k, cos, sin, interleaved=False)
         if cache is not None:
             keys, values = cache.store(self.layer_idx, cache_start, k, v)  # [B, kv_heads, S, D]
+            if vector_kernels_apply(q) and keys.dtype == paddle.float32:
+                return self.o_proj(attention_prefill(q, keys, values, mask, cache_start, self.head_dim ** -0.5))
         else:
             keys, values = k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3])
         out = attend(q.transpose([0, 2, 1, 3]), keys, values, mask, self.head_dim ** -0.5)  # [B, nh, T, D]

@@ -179,38 +179,86 @@ int gemm_nt_rows(const float *a, long lda, const long *a_rows, const gemm_weight
     return 0;
 }
 
-/* Bidirectional softmax attention straight from a fused q/k/v projection, for the vision tower:
- * qkv [sequences, tokens, 3 * width] (q, k and v side by side, heads side by side within each), out
- * [sequences, tokens, width] with the heads side by side, as the output projection takes them. The
- * (sequence, head) pairs are dealt to the threads, each running on its own: scores = scale * Q_h K_h^T by
- * the GEMM reading Q_h and K_h in place (row stride 3 * width), softmax row by row, out_h = P V_h by the
- * GEMM with V_h k-major. No head split, stack or concat copies. Returns 0, or -1 when scratch memory ran
- * out. */
+/* Softmax attention through the GEMM for many queries (the vision tower, LM prefill). Tensors are read in
+ * place through strides: per token (ld), per head (head) and per sequence (seq). Queries run in blocks of
+ * QUERY_BLOCK rows, each (sequence, head, block) on one thread: scores = scale * Q K^T over the keys the
+ * block may see, softmax row by row with the mask row added, out = P V (V read as a k-major weight). With
+ * `causal`, query i sees keys 0 .. key_offset + i only (a block stops at its last row's), which skips the
+ * masked half of a prefill's products; the mask still decides within that range. */
+#define QUERY_BLOCK 96
+
+typedef struct {
+    const float *q, *k, *v, *mask;
+    float *out;
+    long q_ld, q_head, q_seq, kv_ld, kv_head, kv_seq, out_ld, out_head, out_seq, mask_ld, mask_seq;
+    long sequences, heads, group, q_len, kv_len, head_dim, key_offset;
+    int causal;
+    float scale;
+} attention_args;
+
 static _Thread_local float *attention_buf;
 static _Thread_local size_t attention_cap;
 
-int attention_qkv(const float *qkv, float *out, long sequences, long tokens, long width, long heads, float scale) {
-    const long head_dim = width / heads, ld = 3 * width;
+static int attention(const attention_args *a) {
+    const long blocks = (a->q_len + QUERY_BLOCK - 1) / QUERY_BLOCK, tasks = a->sequences * a->heads * blocks;
     int failed = 0;
-#pragma omp parallel for schedule(static) reduction(| : failed)
-    for (long pair = 0; pair < sequences * heads; ++pair) {
-        float *scores = grow(&attention_buf, &attention_cap, (size_t)tokens * tokens + tokens);
+#pragma omp parallel for schedule(static, 1) reduction(| : failed)
+    for (long task = 0; task < tasks; ++task) {
+        const long sequence = task / (a->heads * blocks), head = task / blocks % a->heads;
+        const long first = task % blocks * QUERY_BLOCK;
+        const long rows = a->q_len - first < QUERY_BLOCK ? a->q_len - first : QUERY_BLOCK;
+        const long keys = a->causal ? a->key_offset + first + rows : a->kv_len;
+        float *scores = grow(&attention_buf, &attention_cap, (size_t)QUERY_BLOCK * keys + QUERY_BLOCK);
         if (!scores) {
             failed = 1;
             continue;
         }
-        const long sequence = pair / heads, head = pair % heads;
-        const float *q = qkv + sequence * tokens * ld + head * head_dim;
-        float *scales = scores + tokens * tokens;
-        for (long i = 0; i < tokens; ++i) scales[i] = scale;
-        const gemm_weights keys = {q + width, NULL, ld, 0, 0}, values = {q + 2 * width, NULL, ld, 0, 1};
-        const gemm_out to_scores = {scores, tokens, NULL, scales, NULL, 0};
-        const gemm_out to_out = {out + sequence * tokens * width + head * head_dim, width, NULL, NULL, NULL, 0};
-        failed |= gemm_nt_rows(q, ld, NULL, &keys, tokens, tokens, head_dim, &to_scores, 1);
-        for (long row = 0; row < tokens; ++row) softmax_row(scores + row * tokens, NULL, scores + row * tokens, tokens);
-        failed |= gemm_nt_rows(scores, tokens, NULL, &values, tokens, head_dim, tokens, &to_out, 1);
+        float *scales = scores + QUERY_BLOCK * keys;
+        for (long i = 0; i < rows; ++i) scales[i] = a->scale;
+        const float *q = a->q + sequence * a->q_seq + head * a->q_head + first * a->q_ld;
+        const long kv = sequence * a->kv_seq + head / a->group * a->kv_head;
+        const gemm_weights key_weights = {a->k + kv, NULL, a->kv_ld, 0, 0}, value_weights = {a->v + kv, NULL, a->kv_ld, 0, 1};
+        const gemm_out to_scores = {scores, keys, NULL, scales, NULL, 0};
+        const gemm_out to_out = {a->out + sequence * a->out_seq + head * a->out_head + first * a->out_ld, a->out_ld,
+                                 NULL, NULL, NULL, 0};
+        failed |= gemm_nt_rows(q, a->q_ld, NULL, &key_weights, rows, keys, a->head_dim, &to_scores, 1);
+        for (long i = 0; i < rows; ++i) {
+            const float *mask = a->mask ? a->mask + sequence * a->mask_seq + (first + i) * a->mask_ld : NULL;
+            softmax_row(scores + i * keys, mask, scores + i * keys, keys);
+        }
+        failed |= gemm_nt_rows(scores, keys, NULL, &value_weights, rows, a->head_dim, keys, &to_out, 1);
     }
     return failed ? -1 : 0;
+}
+
+/* The vision tower's attention (bidirectional, no mask) straight from its fused q/k/v projection: qkv
+ * [sequences, tokens, 3 * width] (q, k and v side by side, heads side by side within each), out
+ * [sequences, tokens, width] with the heads side by side, as the output projection takes them: no head
+ * split, stack or concat copies. Returns 0, or -1 when scratch memory ran out. */
+int attention_qkv(const float *qkv, float *out, long sequences, long tokens, long width, long heads, float scale) {
+    const long head_dim = width / heads, ld = 3 * width;
+    const attention_args args = {
+        qkv, qkv + width, qkv + 2 * width, NULL, out,
+        ld, head_dim, tokens * ld, ld, head_dim, tokens * ld, width, head_dim, tokens * width, 0, 0,
+        sequences, heads, 1, tokens, tokens, head_dim, 0, 0, scale,
+    };
+    return attention(&args);
+}
+
+/* Prefill attention of the MHA language model over its heads-first cache: q [B, T, heads, D] (rotated),
+ * keys and values [B, kv_heads, max_len, D] holding positions 0 .. start + T - 1, mask additive
+ * [B, 1, T, max_len], out [B, T, heads, D]. Query i reads keys 0 .. start + i. Returns 0 or -1. */
+int attention_prefill(const float *q, const float *keys, const float *values, const float *mask, float *out,
+                      long batch, long heads, long kv_heads, long q_len, long max_len, long head_dim, long start,
+                      float scale) {
+    const long q_ld = heads * head_dim;
+    const attention_args args = {
+        q, keys, values, mask, out,
+        q_ld, head_dim, q_len * q_ld, head_dim, max_len * head_dim, kv_heads * max_len * head_dim,
+        q_ld, head_dim, q_len * q_ld, max_len, q_len * max_len,
+        batch, heads, heads / kv_heads, q_len, start + q_len, head_dim, start, 1, scale,
+    };
+    return attention(&args);
 }
 
 /* C[m, n] (row stride ldc) = A[m, k] @ W[n, k]^T (+ bias[n]); all row-major float32. */

@@ -16,8 +16,9 @@ use, called through ctypes.
   about a tenth of that speed).
 * ``mha_decode`` (AVX-512 builds): a decode step's multi-head attention (RoPE, cache write, softmax
   attention over the written positions) in one call per layer instead of about fifteen Paddle ops.
-* ``attention_qkv`` (AVX-512 builds): the vision tower's attention straight from its fused q/k/v
-  projection, each head's products through the GEMM, without head split, stack or concat copies.
+* ``attention_qkv`` and ``attention_prefill`` (AVX-512 builds): the vision tower's attention straight from
+  its fused q/k/v projection, and the MHA language model's prefill attention over its cache, each head's
+  products through the GEMM (a prefill's query blocks skip the keys after their last row).
 * ``softmax_last_axis`` and ``gelu_tanh_`` (AVX-512 builds): the attention normalisation (with its mask)
   and the ViT's GELU, which Paddle's CPU kernels run at about 0.3 G values/s (a fifth of the tower's time
   together).
@@ -51,7 +52,7 @@ import paddle
 __all__ = [
     "NATIVE_VARIABLE", "MAX_FEW_ROWS", "kernel_library", "few_rows_applies", "few_rows_linear",
     "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "mha_decode_applies", "mha_decode",
-    "attention_qkv", "inference_kernels_apply", "add_bias_", "vector_kernels_apply", "softmax_last_axis",
+    "attention_qkv", "attention_prefill", "inference_kernels_apply", "add_bias_", "vector_kernels_apply", "softmax_last_axis",
     "gelu_tanh_",
 ]
 
@@ -148,6 +149,8 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         library.mha_decode.restype = ctypes.c_int
         library.attention_qkv.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_float]
         library.attention_qkv.restype = ctypes.c_int
+        library.attention_prefill.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 7 + [ctypes.c_float]
+        library.attention_prefill.restype = ctypes.c_int
     return library
 
 
@@ -310,6 +313,30 @@ def attention_qkv(qkv: paddle.Tensor, heads: int, scale: float) -> paddle.Tensor
     qkv = qkv if qkv.is_contiguous() else qkv.contiguous()
     out = paddle.empty([batch, tokens, triple // 3], dtype=paddle.float32)
     _check(kernel_library().attention_qkv(qkv.data_ptr(), out.data_ptr(), batch, tokens, triple // 3, heads, scale))
+    return out
+
+
+def attention_prefill(
+    q: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mask: paddle.Tensor, start: int, scale: float
+) -> paddle.Tensor:
+    """Causal MHA attention of T new tokens over the cache by the kernel (``vector_kernels_apply``).
+
+    Args:
+        q: [B, T, nh, D] float32, rotated; keys, values: [B, kv_heads, L, D], the layer's heads-first cache
+            holding positions 0 .. start + T - 1; mask: additive [B, 1, T, L] float32.
+    Returns:
+        [B, T, nh * D].
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads, max_len = keys.shape[1], keys.shape[2]
+    if list(mask.shape) != [batch, 1, q_len, max_len] or mask.dtype != paddle.float32:
+        raise ValueError(f"mask {list(mask.shape)} {mask.dtype} does not fit {q_len} queries over a cache of {max_len}")
+    q, mask = (t if t.is_contiguous() else t.contiguous() for t in (q, mask))
+    out = paddle.empty([batch, q_len, heads * head_dim], dtype=paddle.float32)
+    _check(kernel_library().attention_prefill(
+        q.data_ptr(), keys.data_ptr(), values.data_ptr(), mask.data_ptr(), out.data_ptr(), batch, heads, kv_heads,
+        q_len, max_len, head_dim, start, scale,
+    ))
     return out
 
 

@@ -202,6 +202,9 @@ static _Thread_local size_t attention_cap;
 static int attention(const attention_args *a) {
     const long blocks = (a->q_len + QUERY_BLOCK - 1) / QUERY_BLOCK, tasks = a->sequences * a->heads * blocks;
     int failed = 0;
+    /* Round-robin, so the causal blocks' growing key ranges even out; not schedule(dynamic): Paddle's
+     * libiomp5 lacks the GOMP_loop_nonmonotonic_* entry points GCC emits for it, and the library would
+     * not load. */
 #pragma omp parallel for schedule(static, 1) reduction(| : failed)
     for (long task = 0; task < tasks; ++task) {
         const long sequence = task / (a->heads * blocks), head = task / blocks % a->heads;

@@ -38,7 +38,9 @@ class Linear(nn.Layer):
     Why not ``nn.Linear``: a decode step reads every weight once per token, and one output's weights
     contiguous is what lets ``native.few_rows_linear`` stream a matrix once for up to four rows (a batch of
     four on the tiny lm_head: 25 ms against 70 ms through MKL with either layout). The checkpoints load
-    and save without a transpose, and prefill GEMMs with ``transpose_y`` run at the same rate or faster.
+    and save without a transpose. More rows take the package's GEMM in float32 CPU inference on AVX-512
+    (``native.linear``, bias added as it writes), Paddle's matmul with ``transpose_y`` elsewhere (training,
+    GPUs), which runs at the same rate as with [in, out].
 
     A randomly initialised layer draws what ``nn.Linear`` draws (Xavier-uniform over [in, out], then
     transposed), so a seeded model starts from the same weights as before the layout changed.

@@ -12,7 +12,8 @@ One process measures, on one checkpoint folder:
 
 Prefill stages are reported as achieved GFLOP/s over the measured fp32 matmul rate (Paddle's, the issue's
 limit, and the best measured: Paddle's or the package's GEMM), decode as bytes of weights read per step ×
-steps/s over the measured memory bandwidth; the FLOPs and bytes come from the config (``model_costs``). The full ``roofline.measure`` runs once after loading (load runs first, so its
+steps/s over the measured memory bandwidth; the FLOPs and bytes come from the config (``model_costs``).
+The full ``roofline.measure`` runs once after loading (load runs first, so its
 peak RSS is not inflated by the roofline's buffers), and each stage is also bracketed by quick probes of
 the same measurements (``LimitProbe``): on a shared machine a stage's ratio is taken against the capacity
 the machine had around it. Each section records the 1-minute load average too.

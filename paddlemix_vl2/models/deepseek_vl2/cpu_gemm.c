@@ -162,7 +162,8 @@ int gemm_nt_rows(const float *a, long lda, const long *a_rows, const gemm_weight
             for (long s = 0; s < slivers; ++s) pack_a_sliver(a, lda, a_rows, m, s * MR, k0, kc, a_pack + s * MR * kc);
             for (long pj = p_lo; pj < p_hi; pj += NC / NR) {
                 const long pj_end = pj + NC / NR < p_hi ? pj + NC / NR : p_hi;
-                for (long p = pj; p < pj_end; ++p) pack_w_panel(weights, n, p * NR, k0, kc, b_pack + (p - pj) * kc * NR);
+                for (long p = pj; p < pj_end; ++p)
+                    pack_w_panel(weights, n, p * NR, k0, kc, b_pack + (p - pj) * kc * NR);
                 for (long s = 0; s < slivers; ++s) {
                     const long rows = m - s * MR < MR ? m - s * MR : MR;
                     for (long p = pj; p < pj_end; ++p) {
@@ -220,7 +221,8 @@ static int attention(const attention_args *a) {
         for (long i = 0; i < rows; ++i) scales[i] = a->scale;
         const float *q = a->q + sequence * a->q_seq + head * a->q_head + first * a->q_ld;
         const long kv = sequence * a->kv_seq + head / a->group * a->kv_head;
-        const gemm_weights key_weights = {a->k + kv, NULL, a->kv_ld, 0, 0}, value_weights = {a->v + kv, NULL, a->kv_ld, 0, 1};
+        const gemm_weights key_weights = {a->k + kv, NULL, a->kv_ld, 0, 0};
+        const gemm_weights value_weights = {a->v + kv, NULL, a->kv_ld, 0, 1};
         const gemm_out to_scores = {scores, keys, NULL, scales, NULL, 0};
         const gemm_out to_out = {a->out + sequence * a->out_seq + head * a->out_head + first * a->out_ld, a->out_ld,
                                  NULL, NULL, NULL, 0};

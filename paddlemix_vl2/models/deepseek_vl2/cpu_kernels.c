@@ -275,8 +275,10 @@ int mha_decode(const float *q, const float *k_new, const float *v_new, const flo
                 }
                 scores[s] = _mm512_reduce_add_ps(dot) + mask[b * max_len + s];
             }
-            for (long s = 0; s < keys; s += 16) vmax = _mm512_mask_max_ps(vmax, tail_mask(keys - s), vmax,
-                                                                          _mm512_maskz_loadu_ps(tail_mask(keys - s), scores + s));
+            for (long s = 0; s < keys; s += 16) {
+                const __mmask16 m = tail_mask(keys - s);
+                vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, scores + s));
+            }
             const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
             __m512 vsum = _mm512_setzero_ps();
             for (long s = 0; s < keys; s += 16) {
@@ -291,8 +293,8 @@ int mha_decode(const float *q, const float *k_new, const float *v_new, const flo
                 const __m512 p = _mm512_set1_ps(scores[s] * inv);
                 for (long i = 0; i < head_dim; i += 16) {
                     const __mmask16 m = tail_mask(head_dim - i);
-                    _mm512_mask_storeu_ps(acc + i, m, _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(m, v_cache + s * head_dim + i),
-                                                                       _mm512_maskz_loadu_ps(m, acc + i)));
+                    const __m512 value = _mm512_maskz_loadu_ps(m, v_cache + s * head_dim + i);
+                    _mm512_mask_storeu_ps(acc + i, m, _mm512_fmadd_ps(p, value, _mm512_maskz_loadu_ps(m, acc + i)));
                 }
             }
             for (long i = 0; i < head_dim; ++i) out[bh * head_dim + i] = acc[i];

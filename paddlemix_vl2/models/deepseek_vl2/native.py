@@ -52,8 +52,8 @@ import paddle
 __all__ = [
     "NATIVE_VARIABLE", "MAX_FEW_ROWS", "kernel_library", "few_rows_applies", "few_rows_linear",
     "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "mha_decode_applies", "mha_decode",
-    "attention_qkv", "attention_prefill", "inference_kernels_apply", "add_bias_", "vector_kernels_apply", "softmax_last_axis",
-    "gelu_tanh_",
+    "attention_qkv", "attention_prefill", "inference_kernels_apply", "add_bias_", "vector_kernels_apply",
+    "softmax_last_axis", "gelu_tanh_",
 ]
 
 logger = logging.getLogger(__name__)

@@ -113,7 +113,7 @@ def test_gemm_equals_numpy(m, k, n, with_bias):
     16-wide transpose, output counts that leave part of a 32-column panel and cross a 768-column chunk."""
     if not _vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: Linear layers over more than eight rows use "
-                    "Paddle's matmul")
+                    "Paddle's matmul, which test_linear_with_the_kernel_equals_the_matmul_path checks")
     rng = np.random.default_rng(m * k + n)
     x = rng.standard_normal((m, k)).astype(np.float32)
     weight = rng.standard_normal((n, k)).astype(np.float32)

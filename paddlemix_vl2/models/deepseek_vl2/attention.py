@@ -22,7 +22,7 @@ from paddle import nn
 from .configuration_deepseek import DeepseekV2Config
 from .kv_cache import KVCache
 from .layers import DeepseekV2RMSNorm, Linear, attend, masked_softmax
-from .native import attention_prefill, mha_decode, mha_decode_applies, vector_kernels_apply
+from .native import MAX_DECODE_HEAD_DIM, attention_prefill, mha_decode, mha_kernels_apply
 from .rotary import apply_rotary_pos_emb, yarn_get_mscale
 
 __all__ = ["DeepseekV2Attention", "DeepseekV2MHAAttention", "build_attention"]
@@ -53,7 +53,8 @@ class DeepseekV2MHAAttention(nn.Layer):
         bsz, q_len, _ = hidden_states.shape
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         cos, sin = position_embeddings
-        if cache is not None and mha_decode_applies(q, q_len, self.head_dim, cache.dtype):
+        native = cache is not None and mha_kernels_apply(q, cache.dtype)
+        if native and q_len == 1 and self.head_dim <= MAX_DECODE_HEAD_DIM:
             keys, values = cache.buffers(self.layer_idx)
             return self.o_proj(mha_decode(q, k, v, cos, sin, keys, values, mask, cache_start, self.head_dim ** -0.5))
         q = q.reshape([bsz, q_len, self.num_heads, self.head_dim])
@@ -63,7 +64,7 @@ class DeepseekV2MHAAttention(nn.Layer):
         k = apply_rotary_pos_emb(k, cos, sin, interleaved=False)
         if cache is not None:
             keys, values = cache.store(self.layer_idx, cache_start, k, v)  # [B, kv_heads, S, D]
-            if vector_kernels_apply(q) and keys.dtype == paddle.float32:
+            if native:
                 return self.o_proj(attention_prefill(q, keys, values, mask, cache_start, self.head_dim ** -0.5))
         else:
             keys, values = k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3])

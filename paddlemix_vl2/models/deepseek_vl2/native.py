@@ -51,7 +51,8 @@ import paddle
 
 __all__ = [
     "NATIVE_VARIABLE", "MAX_FEW_ROWS", "kernel_library", "few_rows_applies", "few_rows_linear",
-    "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "mha_decode_applies", "mha_decode",
+    "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "MAX_DECODE_HEAD_DIM", "mha_kernels_apply",
+    "mha_decode",
     "attention_qkv", "attention_prefill", "inference_kernels_apply", "add_bias_", "vector_kernels_apply",
     "softmax_last_axis", "gelu_tanh_",
 ]
@@ -177,8 +178,12 @@ def gemm_applies(x: paddle.Tensor, weight: paddle.Tensor, rows: int) -> bool:
 
 
 def mlp_kernels_apply(x: paddle.Tensor, weight: paddle.Tensor, rows: int) -> bool:
-    """Whether ``swiglu_mlps`` serves MLPs over ``rows`` rows of ``x`` (any expert may take all of them)."""
-    return few_rows_applies(x, weight, rows) or gemm_applies(x, weight, rows)
+    """Whether ``swiglu_mlps`` serves MLPs over ``rows`` rows of ``x`` (any expert may take all of them):
+    ``few_rows_applies`` or ``gemm_applies``, checked once."""
+    return (
+        weight.dtype == paddle.float32 and inference_kernels_apply(x)
+        and (rows <= MAX_FEW_ROWS or kernel_library().vector_lanes() == 16)
+    )
 
 
 def _check(status: int) -> None:
@@ -266,20 +271,18 @@ def swiglu_mlps(
 MAX_DECODE_HEAD_DIM = 512  # the kernel's per-head buffers (MAX_HEAD_DIM in cpu_kernels.c)
 
 
-def mha_decode_applies(x: paddle.Tensor, q_len: int, head_dim: int, cache_dtype) -> bool:
-    """Whether ``mha_decode`` serves a step: one new token per sequence, float32 cache and activations on an
-    AVX-512 build (``vector_kernels_apply``), heads of at most ``MAX_DECODE_HEAD_DIM``."""
-    return (
-        q_len == 1 and head_dim <= MAX_DECODE_HEAD_DIM and cache_dtype == paddle.float32
-        and vector_kernels_apply(x)
-    )
+def mha_kernels_apply(x: paddle.Tensor, cache_dtype) -> bool:
+    """Whether the MHA attention kernels (``attention_prefill``; ``mha_decode`` for one new token per
+    sequence and heads of at most ``MAX_DECODE_HEAD_DIM``) serve a layer: a float32 cache and
+    ``vector_kernels_apply(x)``."""
+    return cache_dtype == paddle.float32 and vector_kernels_apply(x)
 
 
 def mha_decode(
     q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor,
     cache_keys: paddle.Tensor, cache_values: paddle.Tensor, mask: paddle.Tensor, position: int, scale: float,
 ) -> paddle.Tensor:
-    """One decode step of multi-head attention by the kernel (``mha_decode_applies``).
+    """One decode step of multi-head attention by the kernel (``mha_kernels_apply``).
 
     Args:
         q: [B, 1, nh * D] and k, v: [B, 1, kv_heads * D], the projections of the new tokens (before RoPE).
@@ -319,7 +322,7 @@ def attention_qkv(qkv: paddle.Tensor, heads: int, scale: float) -> paddle.Tensor
 def attention_prefill(
     q: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mask: paddle.Tensor, start: int, scale: float
 ) -> paddle.Tensor:
-    """Causal MHA attention of T new tokens over the cache by the kernel (``vector_kernels_apply``).
+    """Causal MHA attention of T new tokens over the cache by the kernel (``mha_kernels_apply``).
 
     Args:
         q: [B, T, nh, D] float32, rotated; keys, values: [B, kv_heads, L, D], the layer's heads-first cache

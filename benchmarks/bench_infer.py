@@ -190,14 +190,16 @@ def read_files(checkpoint: Path) -> Dict[str, float]:
     return {"file_bytes": total, "file_read_seconds": time.perf_counter() - start}
 
 
-def bench_load(checkpoint: Path, profiler: Profiler):
+def bench_load(checkpoint: Path, profiler: Profiler, weight_dtype: str):
     """Load the model; returns (model, the load section of the report)."""
-    section = {"load_average_1min": load_average(), **read_files(checkpoint)}
+    section = {"load_average_1min": load_average(), **read_files(checkpoint), "weight_dtype": weight_dtype}
     start = time.perf_counter()
     with profiler.stage("load"):
-        model = DeepseekVLV2ForCausalLM.from_pretrained(str(checkpoint))
+        model = DeepseekVLV2ForCausalLM.from_pretrained(str(checkpoint), weight_dtype=weight_dtype)
     section["seconds"] = time.perf_counter() - start
     section["peak_rss_bytes"] = peak_rss_bytes()
+    section["matrix_dtype"] = str(model.language.lm_head.weight.dtype).replace("paddle.", "")
+    section["stored_weight_bytes"] = sum(int(np.prod(p.shape)) * p.element_size() for p in model.parameters())
     weight_bytes = sum(int(np.prod(p.shape)) for p in model.parameters()) * model_costs.FP32_BYTES
     section["fp32_weight_bytes"] = weight_bytes
     section["rss_limit_bytes"] = weight_bytes + GIB
@@ -256,7 +258,10 @@ def decode_report(lm, seconds: Sequence[float], experts: Sequence[Sequence[int]]
                   context: int, bandwidth_gbs: float) -> dict:
     """Decode rates and the bandwidth ratio (weight bytes per step × steps/s over ``bandwidth_gbs``)."""
     config = lm.config
-    weight_bytes = statistics.mean(model_costs.decode_weight_bytes(config, per_layer) for per_layer in experts)
+    matrix_bytes = lm.lm_head.weight.element_size()
+    weight_bytes = statistics.mean(
+        model_costs.decode_weight_bytes(config, per_layer, matrix_bytes) for per_layer in experts
+    )
     median, total = statistics.median(seconds), sum(seconds)
     achieved_gbs = weight_bytes * len(seconds) / total / 1e9
     return {
@@ -420,10 +425,11 @@ def bench_mla(lm, settings: BenchSettings) -> Optional[dict]:
     return section
 
 
-def run(checkpoint: Path, image_path: Path, settings: BenchSettings, profile_dir: Optional[Path] = None) -> dict:
+def run(checkpoint: Path, image_path: Path, settings: BenchSettings, profile_dir: Optional[Path] = None,
+        weight_dtype: str = "auto") -> dict:
     profiler = Profiler(profile_dir)
     report = {"checkpoint": str(checkpoint), "settings": dataclasses.asdict(settings)}
-    model, report["load"] = bench_load(checkpoint, profiler)
+    model, report["load"] = bench_load(checkpoint, profiler, weight_dtype)
     report["roofline"] = roofline.measure(quick=settings.roofline_quick)
     probe = LimitProbe(roofline.QUICK_SIZES if settings.roofline_quick else roofline.FULL_SIZES)
     processor = DeepseekVLV2Processor.from_pretrained(str(checkpoint))
@@ -510,12 +516,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true", help="few decode steps, short MLA contexts, quick roofline")
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="the 640×480 test image")
     parser.add_argument("--profile", type=Path, default=None, help="write cProfile output per stage here")
+    parser.add_argument("--weight_dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="how the Linear matrices are held: auto keeps a bf16 checkpoint's in bf16 where the CPU "
+                             "kernels read them (float32 compute either way); float32 widens them at load")
     args = parser.parse_args(argv)
     if not (args.checkpoint / "config.json").is_file():
         parser.error(f"{args.checkpoint} has no config.json; pass a checkpoint folder")
     if not args.image.is_file():
         parser.error(f"image {args.image} not found; pass --image PATH")
-    report = run(args.checkpoint, args.image, QUICK_SETTINGS if args.quick else FULL_SETTINGS, args.profile)
+    report = run(args.checkpoint, args.image, QUICK_SETTINGS if args.quick else FULL_SETTINGS, args.profile,
+                 args.weight_dtype)
     print(format_table(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

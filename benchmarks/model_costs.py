@@ -113,12 +113,14 @@ def expert_params(config) -> int:
     return 3 * config.hidden_size * config.moe_intermediate_size
 
 
-def decode_weight_bytes(config, active_experts_per_layer: Sequence[int], dtype_bytes: int = FP32_BYTES) -> int:
+def decode_weight_bytes(config, active_experts_per_layer: Sequence[int], matrix_bytes: int = FP32_BYTES) -> int:
     """Bytes of weights one decode step reads: everything a step touches except unused routed experts.
 
     active_experts_per_layer: for each MoE layer in order, how many distinct routed experts the step's
-    rows used (K for one row; up to B·K for a batch of B). The embedding contributes one row per token,
-    which is negligible and left out; the KV cache is counted separately (``kv_cache_bytes_read``).
+    rows used (K for one row; up to B·K for a batch of B). matrix_bytes: bytes per element of the Linear
+    matrices (4 in float32, 2 when kept in bf16); norms and routers are float32 either way. The embedding
+    contributes one row per token, which is negligible and left out; the KV cache is counted separately
+    (``kv_cache_bytes_read``).
     """
     moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
     if len(active_experts_per_layer) != len(moe_layers):
@@ -126,20 +128,22 @@ def decode_weight_bytes(config, active_experts_per_layer: Sequence[int], dtype_b
             f"got expert counts for {len(active_experts_per_layer)} MoE layers, the config has {len(moe_layers)}"
         )
     hidden = config.hidden_size
-    params = hidden * config.vocab_size  # lm_head
-    params += hidden  # final norm
+    matrices = hidden * config.vocab_size  # lm_head
+    others = hidden  # final norm
     norms = 2 * hidden  # input and post-attention RMSNorm
     if config.use_mla:
         norms += config.kv_lora_rank + (config.q_lora_rank or 0)  # kv_a_layernorm (and q_a_layernorm)
-    params += config.num_hidden_layers * (_attention_projection_params(config) + norms)
+    matrices += config.num_hidden_layers * _attention_projection_params(config)
+    others += config.num_hidden_layers * norms
     shared = 3 * hidden * config.moe_intermediate_size * (config.n_shared_experts or 0)
     router = hidden * config.n_routed_experts
     if config.moe_topk_method == "noaux_tc":
         router += config.n_routed_experts  # e_score_correction_bias
-    params += len(moe_layers) * (shared + router)
-    params += (config.num_hidden_layers - len(moe_layers)) * 3 * hidden * config.intermediate_size
-    params += sum(active_experts_per_layer) * expert_params(config)
-    return params * dtype_bytes
+    matrices += len(moe_layers) * shared
+    others += len(moe_layers) * router
+    matrices += (config.num_hidden_layers - len(moe_layers)) * 3 * hidden * config.intermediate_size
+    matrices += sum(active_experts_per_layer) * expert_params(config)
+    return matrices * matrix_bytes + others * FP32_BYTES
 
 
 def kv_cache_bytes_read(config, context_length: int, batch: int = 1, dtype_bytes: int = FP32_BYTES) -> int:

@@ -18,7 +18,7 @@ BENCH_SCRIPT = os.path.join(TESTS_DIR, "..", "benchmarks", "bench_infer.py")
 
 LOAD_FIELDS = {
     "load_average_1min", "file_bytes", "file_read_seconds", "seconds", "peak_rss_bytes", "fp32_weight_bytes",
-    "rss_limit_bytes", "rss_ratio", "time_ratio",
+    "rss_limit_bytes", "rss_ratio", "time_ratio", "weight_dtype", "matrix_dtype", "stored_weight_bytes",
 }
 PROMPT_FIELDS = {
     "load_average_1min", "images", "processor_seconds", "synthetic_text_ids", "prompt_tokens", "tiles",
@@ -64,7 +64,8 @@ def assert_positive_numbers(section, fields):
 def check_common(report, config):
     assert set(report) == TOP_FIELDS
     assert set(report["load"]) == LOAD_FIELDS
-    assert_positive_numbers(report["load"], LOAD_FIELDS - {"load_average_1min"})
+    assert_positive_numbers(report["load"], LOAD_FIELDS - {"load_average_1min", "weight_dtype", "matrix_dtype"})
+    assert report["load"]["weight_dtype"] == "auto" and report["load"]["matrix_dtype"] in ("float32", "bfloat16")
     assert report["image_size"] == [640, 480]
     for key, images, tiles in (("one_image", 1, 5), ("three_images", 3, 6)):
         section = report[key]
@@ -119,21 +120,25 @@ def test_quick_run_on_mla_checkpoint_reports_cache_size(tmp_path):
 
 
 def test_decode_weight_bytes_equal_the_parameters_a_step_touches():
-    """model_costs against the built model: every LM parameter except the embedding table and the
-    routed experts a step does not use."""
+    """model_costs against the built model: the bytes of every LM parameter except the embedding table and
+    the routed experts a step does not use, with the matrices in float32 and (where the kernels read it) bf16."""
     sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
     import model_costs
     from lm_golden import load_lm
 
     for name in ("micro-tiny", "micro-small", "micro-full"):
-        lm = load_lm(name)
-        config = lm.config
-        moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
-        active = [config.num_experts_per_tok + i for i in range(len(moe_layers))]  # any count per layer
-        expert = sum(int(p.size) for p in lm.model.layers[moe_layers[0]].mlp.experts[0].parameters())
-        touched = sum(int(p.size) for n, p in lm.named_parameters() if n != "model.embed_tokens.weight")
-        touched -= sum(config.n_routed_experts - a for a in active) * expert
-        assert model_costs.decode_weight_bytes(config, active) == 4 * touched, name
+        for lm in (load_lm(name, "auto"), load_lm(name, "float32")):
+            config = lm.config
+            moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+            active = [config.num_experts_per_tok + i for i in range(len(moe_layers))]  # any count per layer
+            expert = lm.model.layers[moe_layers[0]].mlp.experts[0].parameters()
+            expert_bytes = sum(int(p.size) * p.element_size() for p in expert)
+            touched = sum(
+                int(p.size) * p.element_size() for n, p in lm.named_parameters() if n != "model.embed_tokens.weight"
+            )
+            touched -= sum(config.n_routed_experts - a for a in active) * expert_bytes
+            matrix_bytes = lm.lm_head.weight.element_size()
+            assert model_costs.decode_weight_bytes(config, active, matrix_bytes) == touched, (name, matrix_bytes)
 
 
 class LinearFlops:

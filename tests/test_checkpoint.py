@@ -37,7 +37,7 @@ def test_save_load_round_trip_is_exact(tmp_path, name):
     with safe_open(str(out / "model.safetensors"), framework="paddle") as f:
         assert f.get_slice("lm_head.weight").get_shape() == [1024, 64]
         np.testing.assert_array_equal(
-            f.get_tensor("lm_head.weight").astype("float32").numpy(), lm.lm_head.weight.numpy()
+            f.get_tensor("lm_head.weight").astype("float32").numpy(), lm.lm_head.weight.astype("float32").numpy()
         )
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "staging folder left behind"
 
@@ -105,3 +105,47 @@ def test_bf16_on_cpu_falls_back_with_one_notice(caplog):
     assert len(notices) == 1 and "float32" in notices[0].getMessage()
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int4")
+
+
+def test_bf16_storage_keeps_the_matrices_as_stored_and_refuses_training(monkeypatch):
+    """weight_dtype="auto" keeps every Linear matrix of a bf16 checkpoint in bf16, bit for bit as stored,
+    where the CPU kernels read bf16 (the parity tests run both storages against the goldens); norms,
+    embeddings and routers stay float32; such a model refuses train()."""
+    from paddlemix_vl2.models.deepseek_vl2 import checkpoint, native
+    from paddlemix_vl2.models.deepseek_vl2.layers import Linear
+
+    if not native.bf16_weights_supported():
+        pytest.skip("the kernels here do not read bf16 weights (no AVX512BW build): loads keep float32 "
+                    "matrices, which every other test of this file checks")
+    stored, widened = load_lm("micro-small", "auto"), load_lm("micro-small", "float32")
+    linears = {name for name, layer in stored.named_sublayers() if type(layer) is Linear}
+    assert linears and set(checkpoint.bf16_storage_names(stored)) == {f"{name}.weight" for name in linears}
+    widened_params = dict(widened.named_parameters())
+    for name, param in stored.named_parameters():
+        expected_dtype = paddle.bfloat16 if name.rpartition(".")[0] in linears and name.endswith(".weight") else paddle.float32
+        assert param.dtype == expected_dtype, name
+        np.testing.assert_array_equal(param.astype("float32").numpy(), widened_params[name].numpy())
+    shard = os.path.join(checkpoint_dir("micro-small"), "model-00001-of-00002.safetensors")
+    with safe_open(shard, framework="paddle") as f:
+        name = next(n for n in f.keys() if n.startswith("language.") and n.endswith("proj.weight"))
+        as_stored = f.get_tensor(name).view(paddle.int16).numpy()
+    np.testing.assert_array_equal(stored.state_dict()[name[len("language."):]].view(paddle.int16).numpy(), as_stored)
+    with pytest.raises(RuntimeError, match="weight_dtype='float32'"):
+        stored.train()
+    widened.train()
+    widened.eval()
+
+
+def test_bad_weight_dtype_is_named():
+    with pytest.raises(ValueError, match="unknown weight_dtype 'int8'"):
+        DeepseekV2ForCausalLM.from_pretrained(checkpoint_dir("micro-tiny"), progress=False, weight_dtype="int8")
+
+
+def test_bf16_storage_where_the_kernels_cannot_read_it_is_refused(monkeypatch):
+    from paddlemix_vl2.models.deepseek_vl2 import checkpoint
+
+    monkeypatch.setattr(checkpoint, "bf16_weights_supported", lambda: False)
+    with pytest.raises(ValueError, match="use weight_dtype='float32'"):
+        DeepseekV2ForCausalLM.from_pretrained(checkpoint_dir("micro-tiny"), progress=False, weight_dtype="bfloat16")
+    auto = DeepseekV2ForCausalLM.from_pretrained(checkpoint_dir("micro-tiny"), progress=False, weight_dtype="auto")
+    assert {p.dtype for p in auto.parameters()} == {paddle.float32}

@@ -163,12 +163,16 @@ def test_train_demo_command_runs_end_to_end(tmp_path):
     assert report["steps"] == 1 and np.isfinite(report["final_loss"])  # 16 conversations, batch 16
     work = tmp_path / "demo.work"
     init, stage2 = (
-        DeepseekVLV2ForCausalLM.from_pretrained(str(work / name), dtype="float32", progress=False).state_dict()
+        DeepseekVLV2ForCausalLM.from_pretrained(
+            str(work / name), dtype="float32", weight_dtype="float32", progress=False
+        ).state_dict()
         for name in ("init", "stage2_init")
     )
     changed = {name for name in init if not np.array_equal(init[name].numpy(), stage2[name].numpy())}
     assert changed and all(name.startswith("vision.") for name in changed)  # stage 1 trains the tower only
-    shipped = DeepseekVLV2ForCausalLM.from_pretrained(str(out), dtype="float32", progress=False).state_dict()
+    shipped = DeepseekVLV2ForCausalLM.from_pretrained(
+        str(out), dtype="float32", weight_dtype="float32", progress=False
+    ).state_dict()
     stage2_in_bf16 = {name: stage2[name].astype("bfloat16").astype("float32").numpy() for name in stage2}
     trained = {name for name in stage2 if not np.array_equal(shipped[name].numpy(), stage2_in_bf16[name])}
     assert trained and not any(name.startswith("vision.") for name in trained)

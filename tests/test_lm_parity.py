@@ -7,7 +7,9 @@ import numpy as np
 import paddle
 import pytest
 
-from lm_golden import CASES, CHECKPOINTS, ROUTER_GAP, assert_greedy_match, assert_logits_match, expected, load_lm
+from lm_golden import (
+    CASES, CHECKPOINTS, ROUTER_GAP, WEIGHT_DTYPES, assert_greedy_match, assert_logits_match, expected, load_lm,
+)
 from paddlemix_vl2.generation import generate
 
 
@@ -25,9 +27,10 @@ def _router_layer1(lm, run):
     return result, captured[0]
 
 
+@pytest.mark.parametrize("weight_dtype", WEIGHT_DTYPES)
 @pytest.mark.parametrize("name", CHECKPOINTS)
-def test_text_only_logits_router_and_greedy(name):
-    lm, exp = load_lm(name), expected(name, "i_text_only")
+def test_text_only_logits_router_and_greedy(name, weight_dtype):
+    lm, exp = load_lm(name, weight_dtype), expected(name, "i_text_only")
     input_ids = paddle.to_tensor(exp["input_ids"])
     with paddle.no_grad():
         out, topk_idx = _router_layer1(lm, lambda: lm(input_ids=input_ids))

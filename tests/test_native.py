@@ -31,14 +31,25 @@ def test_the_kernel_builds_on_this_machine():
     assert native.kernel_library() is not None, "the few-row kernel did not build; see the logged reason"
 
 
+def stored_weights(values, dtype):
+    """``values`` as a weight tensor of ``dtype`` (float32 or bf16 storage) and the exact values it holds,
+    as float64 for the NumPy reference."""
+    if dtype == "bfloat16" and not native.bf16_weights_supported():
+        pytest.skip("the kernels here do not read bf16 weights (no AVX512BW build), so loads keep float32 "
+                    "matrices; the float32 cases of this test cover that path")
+    tensor = paddle.to_tensor(values).astype(dtype)
+    return tensor, tensor.astype("float32").numpy().astype(np.float64)
+
+
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("k_dim, n_dim", [(64, 1024), (37, 13), (96, 4)])
-def test_few_rows_linear_equals_numpy(rows, k_dim, n_dim):
+def test_few_rows_linear_equals_numpy(rows, k_dim, n_dim, weight_dtype):
     rng = np.random.default_rng(rows * 1000 + k_dim)
     x = rng.standard_normal((rows, k_dim)).astype(np.float32)
-    weight = rng.standard_normal((n_dim, k_dim)).astype(np.float32)
-    out = native.few_rows_linear(paddle.to_tensor(x), paddle.to_tensor(weight)).numpy()
-    expected = x.astype(np.float64) @ weight.astype(np.float64).T
+    weight, weight_values = stored_weights(rng.standard_normal((n_dim, k_dim)).astype(np.float32), weight_dtype)
+    out = native.few_rows_linear(paddle.to_tensor(x), weight).numpy()
+    expected = x.astype(np.float64) @ weight_values.T
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
@@ -77,8 +88,9 @@ def numpy_swiglu(x, gate, up, down):
     return (gated / (1 + np.exp(-gated)) * (x @ up.T)) @ down.T
 
 
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", [1, 3, 6, 29, 400])
-def test_swiglu_mlps_equals_numpy(rows):
+def test_swiglu_mlps_equals_numpy(rows, weight_dtype):
     """MLPs of different widths, one over every row (a shared expert), the others over subsets with
     their own weights (routed experts): six rows take two passes of four, 29 rows the GEMM for the MLPs
     with more than eight, 400 rows two of the GEMM's 384-row chunks."""
@@ -88,7 +100,7 @@ def test_swiglu_mlps_equals_numpy(rows):
     rng = np.random.default_rng(rows)
     hidden = 40
     x = rng.standard_normal((rows, hidden)).astype(np.float32)
-    mlps = [tuple(rng.standard_normal(shape).astype(np.float32) * 0.3
+    mlps = [tuple(stored_weights(rng.standard_normal(shape).astype(np.float32) * 0.3, weight_dtype)
                   for shape in ((inter, hidden), (inter, hidden), (hidden, inter))) for inter in (24, 56, 9)]
     every_other = np.arange(0, rows, 2)
     assignments = [
@@ -96,19 +108,20 @@ def test_swiglu_mlps_equals_numpy(rows):
         (every_other[::-1], rng.uniform(0.1, 1.0, len(every_other))),
     ]
     out = native.swiglu_mlps(
-        paddle.to_tensor(x), [tuple(map(paddle.to_tensor, m)) for m in mlps], [len(ids) for ids, _ in assignments],
+        paddle.to_tensor(x), [tuple(w for w, _ in m) for m in mlps], [len(ids) for ids, _ in assignments],
         np.concatenate([ids for ids, _ in assignments]), np.concatenate([scales for _, scales in assignments]),
     )
     expected = np.zeros((rows, hidden))
     for m, (taken, scales) in zip(mlps, assignments):
         for row, scale in zip(taken, scales):
-            expected[row] += scale * numpy_swiglu(x[row].astype(np.float64), *(w.astype(np.float64) for w in m))
+            expected[row] += scale * numpy_swiglu(x[row].astype(np.float64), *(values for _, values in m))
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("m, k, n", [(9, 1, 1), (13, 17, 33), (100, 385, 15), (31, 800, 770), (400, 64, 100)])
-def test_gemm_equals_numpy(m, k, n, with_bias):
+def test_gemm_equals_numpy(m, k, n, with_bias, weight_dtype):
     """Row counts that leave part of a 12-row sliver, reduction lengths across the 384 block and below the
     16-wide transpose, output counts that leave part of a 32-column panel and cross a 768-column chunk."""
     if not _vector_kernels_built():
@@ -116,12 +129,11 @@ def test_gemm_equals_numpy(m, k, n, with_bias):
                     "Paddle's matmul, which test_linear_with_the_kernel_equals_the_matmul_path checks")
     rng = np.random.default_rng(m * k + n)
     x = rng.standard_normal((m, k)).astype(np.float32)
-    weight = rng.standard_normal((n, k)).astype(np.float32)
+    weight, weight_values = stored_weights(rng.standard_normal((n, k)).astype(np.float32), weight_dtype)
     bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
     with paddle.no_grad():
-        out = native.linear(paddle.to_tensor(x), paddle.to_tensor(weight),
-                            None if bias is None else paddle.to_tensor(bias)).numpy()
-    expected = x.astype(np.float64) @ weight.T.astype(np.float64) + (0.0 if bias is None else bias)
+        out = native.linear(paddle.to_tensor(x), weight, None if bias is None else paddle.to_tensor(bias)).numpy()
+    expected = x.astype(np.float64) @ weight_values.T + (0.0 if bias is None else bias)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 

@@ -4,14 +4,16 @@ import paddle
 import pytest
 
 from lm_golden import (
-    CASES, CHECKPOINTS, assert_greedy_match, assert_logits_match, expected, load_processor, load_vl, process_case,
+    CASES, CHECKPOINTS, WEIGHT_DTYPES, assert_greedy_match, assert_logits_match, expected, load_processor, load_vl,
+    process_case,
 )
 
 
+@pytest.mark.parametrize("weight_dtype", WEIGHT_DTYPES)
 @pytest.mark.parametrize("name", CHECKPOINTS)
 @pytest.mark.parametrize("case", CASES)
-def test_processor_to_logits_and_greedy(name, case):
-    model, exp = load_vl(name), expected(name, case)
+def test_processor_to_logits_and_greedy(name, case, weight_dtype):
+    model, exp = load_vl(name, weight_dtype), expected(name, case)
     inputs = process_case(name, case)
     np.testing.assert_array_equal(inputs.input_ids.numpy(), exp["input_ids"])
     with paddle.no_grad():

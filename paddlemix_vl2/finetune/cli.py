@@ -204,7 +204,8 @@ def merge(args: argparse.Namespace) -> str:
     """Load base + adapters, merge, save in the official layout; returns the output folder."""
     if args.device:
         paddle.set_device(args.device)
-    model = DeepseekVLV2ForCausalLM.from_pretrained(args.model_path)
+    # Full-precision matrices: the adapters are added to float32 weights, rounded once when saved.
+    model = DeepseekVLV2ForCausalLM.from_pretrained(args.model_path, weight_dtype="float32")
     load_adapters(model, args.lora_path)
     merge_lora(model)
     storage = {"bfloat16": paddle.bfloat16, "float32": paddle.float32, "float16": paddle.float16}.get(args.dtype)

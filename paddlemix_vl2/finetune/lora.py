@@ -109,7 +109,9 @@ class LoRALinear(nn.Layer):
         out_features, in_features = base.weight.shape
         self.weight = base.weight
         self.bias = base.bias
-        dtype = base.weight.dtype
+        # A bf16-stored base weight (float32 CPU inference) computes in float32, and so do its adapters.
+        stored_only = base.weight.dtype == paddle.bfloat16 and base.weight.place.is_cpu_place()
+        dtype = paddle.float32 if stored_only else base.weight.dtype
         # Kaiming-uniform with a = sqrt(5) over fan_in = in_features, as PEFT and PaddleNLP initialise A.
         bound = 1.0 / math.sqrt(in_features)
         self.lora_A = self.create_parameter(
@@ -192,7 +194,12 @@ def merge_lora(model: nn.Layer) -> nn.Layer:
     for name, layer in lora_layers(model).items():
         with paddle.no_grad():
             merged = layer.weight.astype(paddle.float32) + layer.delta_weight().astype(paddle.float32)
-            layer.weight.set_value(merged.astype(layer.weight.dtype))
+            if layer.weight.dtype == layer.lora_A.dtype:
+                layer.weight.set_value(merged.astype(layer.weight.dtype))
+            else:  # a bf16-stored base: keep the merged weight at the adapters' precision
+                layer._base_layer.weight = paddle.create_parameter(
+                    merged.shape, layer.lora_A.dtype, default_initializer=nn.initializer.Assign(merged)
+                )
         _replace(model, name, layer._base_layer)
     return model
 

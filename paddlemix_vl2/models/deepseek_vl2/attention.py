@@ -107,7 +107,9 @@ class DeepseekV2Attention(nn.Layer):
     def _kv_b_proj_halves(self):
         """W_UK^T [nh, C, Dn] and W_UV^T [nh, C, Dv] from ``kv_b_proj`` (stored [nh * (Dn + Dv), C]): the
         absorbed form folds them into the query and output, the expanded form applies them to the latents."""
-        w = self.kv_b_proj.weight.reshape(
+        w = self.kv_b_proj.weight
+        compute_dtype = self.kv_a_layernorm.weight.dtype  # the matrix may be stored bf16 (float32 CPU inference)
+        w = (w if w.dtype == compute_dtype else w.astype(compute_dtype)).reshape(
             [self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank]
         ).transpose([0, 2, 1])  # [nh, C, Dn + Dv]
         return w[:, :, : self.qk_nope_head_dim], w[:, :, self.qk_nope_head_dim:]

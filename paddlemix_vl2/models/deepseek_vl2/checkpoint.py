@@ -19,6 +19,13 @@ How float32 parameters on the host are filled (the CPU path), and why:
 * tensors are filled by a small thread pool: NumPy and file reads release the GIL, and page faults,
   conversion and reads then proceed on every core.
 Any other parameter (off the host, or not float32) is filled through Paddle's cast and ``set_value``.
+
+bf16 storage (``build_and_load(..., weight_dtype=...)``, "auto" by default in ``from_pretrained``): on a CPU
+whose kernels read bf16 weights (``native.bf16_weights_supported``), float32 inference keeps the matrices
+of the ``Linear`` layers as the checkpoint stores them, read straight into the parameter's memory with no
+conversion; the kernels widen them to float32 as they load them, so results are the same as with float32
+copies (bf16 to float32 is exact) at half the memory and half the bytes a decode step streams. Norms,
+embeddings, routers and biases stay float32.
 """
 from __future__ import annotations
 
@@ -39,6 +46,9 @@ import numpy as np
 import paddle
 from safetensors.paddle import save_file
 
+from .layers import Linear
+from .native import bf16_weights_supported
+
 __all__ = [
     "CheckpointError",
     "SKIPPED_KEYS",
@@ -48,6 +58,8 @@ __all__ = [
     "save_weights",
     "zero_init",
     "build_and_load",
+    "bf16_storage_names",
+    "refuse_training_bf16_storage",
 ]
 
 logger = logging.getLogger(__name__)
@@ -201,6 +213,13 @@ class _ShardReader:
         return tensor.view(paddle.bfloat16) if entry["dtype"] == "BF16" else tensor
 
 
+    def read_into(self, name: str, dst: np.ndarray) -> None:
+        """The tensor's bytes as stored, straight into ``dst`` (C-contiguous, of the same size and dtype)."""
+        entry = self.entries[name]
+        with open(self.file, "rb", buffering=0) as handle:
+            self._read_exact(handle, entry["offset"], memoryview(dst.reshape(-1)).cast("B"), name)
+
+
 def _write_rows(dst: np.ndarray, rows: np.ndarray) -> None:
     """Convert checkpoint rows into float32 ``dst`` of the same shape (bf16 bits -> float32 bits)."""
     if rows.dtype == np.uint16:
@@ -213,11 +232,14 @@ _thread_buffers = threading.local()
 
 
 def _fill_host_array(shard: _ShardReader, name: str, dst: np.ndarray) -> None:
-    """Read ``name`` into the float32 array ``dst`` of its checkpoint shape.
+    """Read ``name`` into ``dst`` of its checkpoint shape: float32, or raw bf16 bits (uint16) read as stored.
 
-    Runs on a loader thread; each thread reads through its own buffer.
+    Runs on a loader thread; each thread converts through its own buffer.
     """
     if dst.size == 0:
+        return
+    if dst.dtype == np.uint16:
+        shard.read_into(name, dst)
         return
     if not hasattr(_thread_buffers, "buffer"):
         _thread_buffers.buffer = bytearray(_READ_CHUNK_BYTES)
@@ -227,14 +249,24 @@ def _fill_host_array(shard: _ShardReader, name: str, dst: np.ndarray) -> None:
         _write_rows(flat[first:first + len(rows)], rows.reshape([len(rows), -1]))
 
 
-def _host_float32_storage(param: paddle.Tensor) -> Optional[paddle.Tensor]:
-    """A float32 host tensor to write ``param``'s values into: the parameter itself, or fresh memory
-    for a parameter built under ``paddle.LazyGuard``. None when ``param`` is not float32 on the host."""
+def _host_storage(param: paddle.Tensor, keep_bf16: bool) -> Optional[Tuple[paddle.Tensor, np.ndarray]]:
+    """A host tensor to hand the parameter and a writable NumPy view of its memory: the parameter itself,
+    or fresh memory for one built under ``paddle.LazyGuard`` (bf16 when ``keep_bf16``: the parameter then
+    takes bf16 storage; NumPy has no bf16, so the memory is written as uint16 bits). None when ``param``
+    is not float32 on the host."""
+    lazy_on_host = not param._is_initialized() and paddle.get_device() == "cpu"
+    if keep_bf16 and lazy_on_host:
+        bits = paddle.empty(param.shape, dtype=paddle.int16)
+        return bits.view(paddle.bfloat16), np.from_dlpack(bits).view(np.uint16)
     if param.dtype != paddle.float32:
         return None
-    if not param._is_initialized():
-        return paddle.empty(param.shape, dtype=paddle.float32) if paddle.get_device() == "cpu" else None
-    return param.detach() if param.place.is_cpu_place() else None
+    if lazy_on_host:
+        storage = paddle.empty(param.shape, dtype=paddle.float32)
+    elif param._is_initialized() and param.place.is_cpu_place():
+        storage = param.detach()
+    else:
+        return None
+    return storage, np.from_dlpack(storage)
 
 
 class _ParameterFiller:
@@ -256,16 +288,17 @@ class _ParameterFiller:
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def fill(self, param: paddle.Tensor, shard: _ShardReader, name: str) -> None:
-        storage = _host_float32_storage(param)
-        if storage is None:
+    def fill(self, param: paddle.Tensor, shard: _ShardReader, name: str, keep_bf16: bool = False) -> None:
+        """Fill ``param`` from ``name``; ``keep_bf16``: a bf16 tensor stays bf16 (a lazy host parameter)."""
+        host = _host_storage(param, keep_bf16 and shard.entries[name]["dtype"] == "BF16")
+        if host is None:
             if not param._is_initialized():
                 param.initialize()
             tensor = shard.read_tensor(name)
             param.set_value(tensor.astype(param.dtype) if tensor.dtype != param.dtype else tensor)
             self._on_done()
             return
-        target = np.from_dlpack(storage)  # a writable view of the storage's memory
+        storage, target = host
         future = self._pool.submit(_fill_host_array, shard, name, target)
         self._pending.append((future, storage, param))
         # Bounded look-ahead keeps errors prompt; the arrays are the parameters' own memory anyway.
@@ -303,13 +336,15 @@ def load_weights(
     prefix: str = "",
     skip: Sequence[re.Pattern] = SKIPPED_KEYS,
     progress: bool = True,
+    keep_bf16: Sequence[str] = (),
 ) -> List[str]:
     """Stream the tensors under ``prefix`` from the checkpoint at ``path`` into ``layer``.
 
     Each tensor is read from its shard, converted to the parameter's dtype and written into the parameter
     (see the module docstring for the host float32 path). Parameters of a layer built under
     ``paddle.LazyGuard`` get their memory here. Missing keys, unexpected keys and
-    shape mismatches are collected and raised together as one ``CheckpointError``.
+    shape mismatches are collected and raised together as one ``CheckpointError``. ``keep_bf16``: names
+    (relative to ``layer``) of lazy host parameters that keep a bf16 checkpoint tensor as stored.
 
     Returns:
         the checkpoint names that were loaded.
@@ -317,6 +352,7 @@ def load_weights(
     files = checkpoint_weight_map(path)
     params = dict(layer.named_parameters())
     params.update({n: b for n, b in layer.named_buffers() if n in layer.state_dict()})
+    keep_bf16 = frozenset(keep_bf16)
     wanted: Dict[str, List[str]] = {}
     unexpected: List[str] = []
     for ckpt_name, file in files.items():
@@ -349,7 +385,7 @@ def load_weights(
                 if shape != expected:
                     mismatched.append(f"{ckpt_name}: checkpoint {shape} vs model {expected}")
                     continue
-                filler.fill(param, shard, ckpt_name)
+                filler.fill(param, shard, ckpt_name, keep_bf16=name in keep_bf16)
                 loaded.append(ckpt_name)
 
     problems = []
@@ -445,13 +481,55 @@ def zero_init(dtype=paddle.float32):
         paddle.set_default_dtype(previous_dtype)
 
 
-def build_and_load(build, path: str, prefix: str = "", dtype=None, progress: bool = True) -> paddle.nn.Layer:
+def bf16_storage_names(model: paddle.nn.Layer) -> List[str]:
+    """The parameters bf16 storage applies to: the weights of the model's ``Linear`` layers (every matrix
+    the CPU kernels multiply by)."""
+    return [
+        f"{name}.weight" if name else "weight"
+        for name, layer in model.named_sublayers(include_self=True) if type(layer) is Linear
+    ]
+
+
+def refuse_training_bf16_storage(model: paddle.nn.Layer, mode: bool) -> None:
+    """Raise when ``model.train()`` is asked of a model that keeps bf16 matrices for float32 inference
+    (its optimizer would update bf16 copies); a model in one dtype throughout (bf16 on a GPU) trains."""
+    dtypes = {parameter.dtype for parameter in model.parameters()}
+    if mode and paddle.bfloat16 in dtypes and paddle.float32 in dtypes:
+        raise RuntimeError(
+            "this model was loaded for inference with bf16 weight storage; to train it, load it with "
+            "from_pretrained(..., weight_dtype='float32')"
+        )
+
+
+def _keeps_bf16(weight_dtype, compute_dtype) -> bool:
+    """Whether a load keeps bf16 matrices: ``weight_dtype`` "auto" (when the kernels read them and the model
+    computes in float32 on the CPU), "bfloat16" (the same, or an error where they cannot) or None /
+    "float32" / the compute dtype (never)."""
+    name = str(weight_dtype).replace("paddle.", "").lower() if weight_dtype is not None else None
+    if name in (None, "float32", str(compute_dtype).replace("paddle.", "").lower()):
+        return False
+    if name not in ("auto", "bfloat16"):
+        raise ValueError(f"unknown weight_dtype {weight_dtype!r}; use 'auto', 'bfloat16' or 'float32'")
+    possible = compute_dtype == paddle.float32 and paddle.get_device() == "cpu" and bf16_weights_supported()
+    if name == "bfloat16" and not possible:
+        raise ValueError(
+            "weight_dtype='bfloat16' needs float32 CPU inference and the package's CPU kernels built with "
+            "AVX-512 (AVX512BW), which this machine or run lacks; use weight_dtype='float32'"
+        )
+    return possible
+
+
+def build_and_load(build, path: str, prefix: str = "", dtype=None, progress: bool = True,
+                   weight_dtype=None) -> paddle.nn.Layer:
     """Construct a model with ``build()`` in the compute dtype without allocating its parameters, stream
-    its weights in, and return it in eval mode."""
+    its weights in, and return it in eval mode. ``weight_dtype``: None or "float32" keeps every parameter
+    in the compute dtype (what training needs); "auto" or "bfloat16" keeps the ``Linear`` matrices of a
+    bf16 checkpoint as stored for float32 CPU inference (see the module docstring)."""
     compute_dtype = resolve_dtype(dtype)
     # LazyGuard: parameters get their memory while loading, so nothing is zero-filled first.
     with zero_init(compute_dtype), paddle.LazyGuard():
         model = build()
-    load_weights(model, path, prefix=prefix, progress=progress)
+    keep = bf16_storage_names(model) if _keeps_bf16(weight_dtype, compute_dtype) else ()
+    load_weights(model, path, prefix=prefix, progress=progress, keep_bf16=keep)
     model.eval()
     return model

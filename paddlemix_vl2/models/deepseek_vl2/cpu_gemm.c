@@ -50,19 +50,31 @@ static inline void transpose16(__m512 r[16]) {
     }
 }
 
+/* 16 consecutive weights from w + offset under mask m, widened to float32 when the weights are bfloat16
+ * (the packed panels are float32 either way, so the micro-kernel is the same). */
+static inline __m512 load_weights(const void *w, int bf16, long offset, __mmask16 m) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    if (bf16) {
+        const __m256i bits = _mm256_maskz_loadu_epi16(m, (const bf16_t *)w + offset);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    }
+#endif
+    return _mm512_maskz_loadu_ps(m, (const float *)w + offset);
+}
+
 /* W rows n0 .. n0 + 31 (zeros past n_dim), columns k0 .. k0 + kc - 1, into dst[k * NR + j]. */
 static void pack_w_panel(const gemm_weights *weights, long n_dim, long n0, long k0, long kc, float *dst) {
     if (weights->k_major) {
         const long cols = n_dim - n0;
         const __mmask16 m0 = tail_mask(cols), m1 = cols > 16 ? tail_mask(cols - 16) : 0;
         for (long k = 0; k < kc; ++k) {
-            const float *row = weights->w + (k0 + k) * weights->ldw + n0;
+            const float *row = (const float *)weights->w + (k0 + k) * weights->ldw + n0;
             _mm512_store_ps(dst + k * NR, _mm512_maskz_loadu_ps(m0, row));
             _mm512_store_ps(dst + k * NR + 16, _mm512_maskz_loadu_ps(m1, row + 16));
         }
         return;
     }
-    const float *w = weights->w;
+    const void *w = weights->w;
     if (weights->w2 && n0 >= weights->n1) w = weights->w2, n0 -= weights->n1, n_dim -= weights->n1;
     const long ldw = weights->ldw;
     for (int half = 0; half < 2; ++half) {
@@ -72,7 +84,7 @@ static void pack_w_panel(const gemm_weights *weights, long n_dim, long n0, long 
             const __mmask16 m = tail_mask(left);
             __m512 r[16];
             for (int i = 0; i < 16; ++i)
-                r[i] = first + i < n_dim ? _mm512_maskz_loadu_ps(m, w + (first + i) * ldw + k0 + kk)
+                r[i] = first + i < n_dim ? load_weights(w, weights->bf16, (first + i) * ldw + k0 + kk, m)
                                          : _mm512_setzero_ps();
             transpose16(r);
             const long count = left >= 16 ? 16 : left;
@@ -221,8 +233,8 @@ static int attention(const attention_args *a) {
         for (long i = 0; i < rows; ++i) scales[i] = a->scale;
         const float *q = a->q + sequence * a->q_seq + head * a->q_head + first * a->q_ld;
         const long kv = sequence * a->kv_seq + head / a->group * a->kv_head;
-        const gemm_weights key_weights = {a->k + kv, NULL, a->kv_ld, 0, 0};
-        const gemm_weights value_weights = {a->v + kv, NULL, a->kv_ld, 0, 1};
+        const gemm_weights key_weights = {a->k + kv, NULL, a->kv_ld, 0, 0, 0};
+        const gemm_weights value_weights = {a->v + kv, NULL, a->kv_ld, 0, 1, 0};
         const gemm_out to_scores = {scores, keys, NULL, scales, NULL, 0};
         const gemm_out to_out = {a->out + sequence * a->out_seq + head * a->out_head + first * a->out_ld, a->out_ld,
                                  NULL, NULL, NULL, 0};
@@ -266,11 +278,12 @@ int attention_prefill(const float *q, const float *keys, const float *values, co
     return attention(&args);
 }
 
-/* C[m, n] (row stride ldc) = A[m, k] @ W[n, k]^T (+ bias[n]); all row-major float32. */
-int gemm_nt(const float *a, long lda, const float *w, long ldw, const float *bias, float *c, long ldc, long m,
-            long n, long k) {
+/* C[m, n] (row stride ldc) = A[m, k] @ W[n, k]^T (+ bias[n]); all row-major float32 except W when bf16
+ * (bfloat16). */
+int gemm_nt(const float *a, long lda, const void *w, int bf16, long ldw, const float *bias, float *c, long ldc,
+            long m, long n, long k) {
     const gemm_out out = {c, ldc, NULL, NULL, bias, 0};
-    const gemm_weights weights = {w, NULL, ldw, 0, 0};
+    const gemm_weights weights = {w, NULL, ldw, 0, 0, bf16};
     return gemm_nt_rows(a, lda, NULL, &weights, m, n, k, &out, omp_get_max_threads());
 }
 #endif

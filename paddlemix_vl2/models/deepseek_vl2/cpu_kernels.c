@@ -20,6 +20,7 @@
 typedef __m512 vec;
 #define VZERO() _mm512_setzero_ps()
 #define VLOAD(p) _mm512_loadu_ps(p)
+#define VLOAD_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VSUM(v) _mm512_reduce_add_ps(v)
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -27,6 +28,7 @@ typedef __m512 vec;
 typedef __m256 vec;
 #define VZERO() _mm256_setzero_ps()
 #define VLOAD(p) _mm256_loadu_ps(p)
+#define VLOAD_BF16(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 static inline float VSUM(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -39,31 +41,44 @@ static inline float VSUM(__m256 v) {
 typedef float vec;
 #define VZERO() 0.0f
 #define VLOAD(p) (*(p))
+#define VLOAD_BF16(p) bf16_to_float(*(p))
 #define VFMA(a, b, c) ((a) * (b) + (c))
 #define VSUM(v) (v)
 #endif
+
+/* Weights element i of w, float32 or bfloat16 (bf16: a compile-time constant after inlining). */
+static inline __attribute__((always_inline)) vec weight_vec(const void *w, long i, const int bf16) {
+    return bf16 ? VLOAD_BF16((const bf16_t *)w + i) : VLOAD((const float *)w + i);
+}
+
+static inline __attribute__((always_inline)) float weight_at(const void *w, long i, const int bf16) {
+    return bf16 ? bf16_to_float(((const bf16_t *)w)[i]) : ((const float *)w)[i];
+}
 
 #define MAX_ROWS 4
 /* native.MAX_FEW_ROWS: up to this many rows an MLP streams its weights (few_rows_chunk) */
 #define MAX_FEW_ROWS 8
 #define OUTPUTS 4
 
-/* Outputs n .. n + outputs - 1 for activation rows 0 .. rows - 1 (rows, outputs: compile-time after inlining). */
-static inline __attribute__((always_inline)) void tile(const float *x, const float *w, float *y, long k_dim,
-                                                       long n_dim, long n, const int rows, const int outputs) {
+/* Outputs n .. n + outputs - 1 for activation rows 0 .. rows - 1 (rows, outputs, bf16: compile-time after
+ * inlining). */
+static inline __attribute__((always_inline)) void tile(const float *x, const void *w, float *y, long k_dim,
+                                                       long n_dim, long n, const int rows, const int outputs,
+                                                       const int bf16) {
     vec acc[MAX_ROWS][OUTPUTS];
     float tail[MAX_ROWS][OUTPUTS];
+    const long element = bf16 ? sizeof(bf16_t) : sizeof(float);
     for (int r = 0; r < rows; ++r)
         for (int j = 0; j < outputs; ++j) acc[r][j] = VZERO(), tail[r][j] = 0.0f;
     const long k_main = k_dim / LANES * LANES;
     for (long k = 0; k < k_main; k += LANES) {
         vec wv[OUTPUTS];
         for (int j = 0; j < outputs; ++j) {
-            /* The next tile's weights, one tile (4 x k_dim floats) ahead, into L2: with two to four rows
-             * the FMAs keep fewer loads in flight, and the lm_head streamed at 27-30 GB/s without this,
-             * 32-34 with it (one row: 33-34 either way). */
-            __builtin_prefetch(w + (n + outputs + j) * k_dim + k, 0, 1);
-            wv[j] = VLOAD(w + (n + j) * k_dim + k);
+            /* The next tile's weights, one tile (4 x k_dim) ahead, into L2: with two to four rows the FMAs
+             * keep fewer loads in flight, and the lm_head streamed at 27-30 GB/s without this, 32-34 with
+             * it (one row: 33-34 either way). */
+            __builtin_prefetch((const char *)w + ((n + outputs + j) * k_dim + k) * element, 0, 1);
+            wv[j] = weight_vec(w, (n + j) * k_dim + k, bf16);
         }
         for (int r = 0; r < rows; ++r) {
             vec xv = VLOAD(x + r * k_dim + k);
@@ -72,38 +87,37 @@ static inline __attribute__((always_inline)) void tile(const float *x, const flo
     }
     for (long k = k_main; k < k_dim; ++k)
         for (int r = 0; r < rows; ++r)
-            for (int j = 0; j < outputs; ++j) tail[r][j] += x[r * k_dim + k] * w[(n + j) * k_dim + k];
+            for (int j = 0; j < outputs; ++j) tail[r][j] += x[r * k_dim + k] * weight_at(w, (n + j) * k_dim + k, bf16);
     for (int r = 0; r < rows; ++r)
         for (int j = 0; j < outputs; ++j) y[r * n_dim + n + j] = VSUM(acc[r][j]) + tail[r][j];
 }
 
-#define ROWS_CASE(ROWS)                                                                                  \
-    case ROWS:                                                                                           \
-        for (long n = n_begin; n < n_main; n += OUTPUTS) tile(x, w, y, k_dim, n_dim, n, ROWS, OUTPUTS);   \
-        for (long n = n_main; n < n_end; ++n) tile(x, w, y, k_dim, n_dim, n, ROWS, 1);                     \
+#define ROWS_CASE(ROWS, BF16)                                                                                 \
+    case ROWS:                                                                                               \
+        for (long n = n_begin; n < n_main; n += OUTPUTS) tile(x, w, y, k_dim, n_dim, n, ROWS, OUTPUTS, BF16); \
+        for (long n = n_main; n < n_end; ++n) tile(x, w, y, k_dim, n_dim, n, ROWS, 1, BF16);                  \
         break;
 
 /* Outputs n_begin .. n_end - 1 of at most MAX_ROWS rows, on the calling thread: x [rows, k_dim],
- * w [n_dim, k_dim], y [rows, n_dim]. */
-static void few_rows_span(const float *x, const float *w, float *y, long rows, long k_dim, long n_dim, long n_begin,
-                          long n_end) {
+ * w [n_dim, k_dim] (float32, or bfloat16 when bf16), y [rows, n_dim]. */
+static void few_rows_span(const float *x, const void *w, int bf16, float *y, long rows, long k_dim, long n_dim,
+                          long n_begin, long n_end) {
     const long n_main = n_begin + (n_end - n_begin) / OUTPUTS * OUTPUTS;
-    switch (rows) {
-        ROWS_CASE(1)
-        ROWS_CASE(2)
-        ROWS_CASE(3)
-        ROWS_CASE(4)
+    if (bf16) {
+        switch (rows) { ROWS_CASE(1, 1) ROWS_CASE(2, 1) ROWS_CASE(3, 1) ROWS_CASE(4, 1) }
+    } else {
+        switch (rows) { ROWS_CASE(1, 0) ROWS_CASE(2, 0) ROWS_CASE(3, 0) ROWS_CASE(4, 0) }
     }
 }
 
 /* few_rows_span over all n_dim outputs, split between the threads. */
-static void few_rows_chunk(const float *x, const float *w, float *y, long rows, long k_dim, long n_dim) {
+static void few_rows_chunk(const float *x, const void *w, int bf16, float *y, long rows, long k_dim, long n_dim) {
 #pragma omp parallel
     {
         const long thread = omp_get_thread_num(), threads = omp_get_num_threads(), tiles = n_dim / OUTPUTS;
         const long begin = tiles * thread / threads * OUTPUTS;
         const long end = thread == threads - 1 ? n_dim : tiles * (thread + 1) / threads * OUTPUTS;
-        few_rows_span(x, w, y, rows, k_dim, n_dim, begin, end);
+        few_rows_span(x, w, bf16, y, rows, k_dim, n_dim, begin, end);
     }
 }
 
@@ -118,12 +132,12 @@ float *grow(float **buf, size_t *cap, size_t floats) {
     return *buf;
 }
 
-/* x [rows, k_dim], w [n_dim, k_dim], y [rows, n_dim], all row-major float32; w is streamed once per
- * MAX_ROWS rows. */
-void few_rows_linear(const float *x, const float *w, float *y, long rows, long k_dim, long n_dim) {
+/* x [rows, k_dim], w [n_dim, k_dim], y [rows, n_dim], row-major, float32 except w when bf16 (bfloat16
+ * storage, widened to float32 as it is loaded); w is streamed once per MAX_ROWS rows. */
+void few_rows_linear(const float *x, const void *w, int bf16, float *y, long rows, long k_dim, long n_dim) {
     for (long r0 = 0; r0 < rows; r0 += MAX_ROWS) {
         const long chunk = rows - r0 < MAX_ROWS ? rows - r0 : MAX_ROWS;
-        few_rows_chunk(x + r0 * k_dim, w, y + r0 * n_dim, chunk, k_dim, n_dim);
+        few_rows_chunk(x + r0 * k_dim, w, bf16, y + r0 * n_dim, chunk, k_dim, n_dim);
     }
 }
 
@@ -141,6 +155,16 @@ void add_bias_rows(float *y, const float *bias, long rows, long n) {
 
 /* The vector width the kernels were built with: 16 on AVX-512, 8 on AVX2, 1 otherwise. */
 int vector_lanes(void) { return LANES; }
+
+/* Whether every kernel that takes weights also takes them in bfloat16: the GEMM's bf16 packing loads
+ * 16-bit lanes under a mask, an AVX512BW instruction. */
+int bf16_weights(void) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 #if defined(__AVX512F__)
 /* One row: out = softmax(in + m) (m NULL for no mask); out may be in. */
@@ -328,15 +352,15 @@ static void silu_mul_rows(float *g, const float *u, long rows, long n, long ld) 
 static _Thread_local float *mlp_buf;
 static _Thread_local size_t mlp_cap;
 
-static int swiglu_gemm(const float *x, long hidden, const float *gate, const float *up, const float *down,
+static int swiglu_gemm(const float *x, long hidden, const void *gate, const void *up, const void *down, int bf16,
                        long inter, long count, const long *ids, const float *scales, float *out) {
     float *gated = grow(&mlp_buf, &mlp_cap, (size_t)2 * GEMM_CHUNK * inter);
     if (!gated) return -1;
     const int fused = inter % NR == 0;
     const long ld = fused ? 2 * inter : inter;
     float *upped = fused ? gated + inter : gated + (size_t)GEMM_CHUNK * inter;
-    const gemm_weights both = {gate, up, hidden, inter, 0}, gate_only = {gate, NULL, hidden, 0, 0};
-    const gemm_weights up_only = {up, NULL, hidden, 0, 0}, down_weights = {down, NULL, inter, 0, 0};
+    const gemm_weights both = {gate, up, hidden, inter, 0, bf16}, gate_only = {gate, NULL, hidden, 0, 0, bf16};
+    const gemm_weights up_only = {up, NULL, hidden, 0, 0, bf16}, down_weights = {down, NULL, inter, 0, 0, bf16};
     for (long first = 0; first < count; first += GEMM_CHUNK) {
         const long chunk = count - first < GEMM_CHUNK ? count - first : GEMM_CHUNK;
         const gemm_out to_gated = {gated, ld, NULL, NULL, NULL, 0}, to_upped = {upped, ld, NULL, NULL, NULL, 0};
@@ -353,26 +377,26 @@ static int swiglu_gemm(const float *x, long hidden, const float *gate, const flo
 }
 #endif
 
-static void few_rows_serial(const float *x, const float *w, float *y, long rows, long k_dim, long n_dim) {
-    few_rows_span(x, w, y, rows, k_dim, n_dim, 0, n_dim);
+static void few_rows_serial(const float *x, const void *w, int bf16, float *y, long rows, long k_dim, long n_dim) {
+    few_rows_span(x, w, bf16, y, rows, k_dim, n_dim, 0, n_dim);
 }
 
 /* One MLP over its few rows, MAX_ROWS at a time, its weighted output added to acc [rows of x, hidden];
  * each matrix product by `linear` (few_rows_chunk: split between the threads; few_rows_serial: on the
  * calling thread). scratch: MAX_ROWS * (2 * hidden + 3 * inter) floats. */
-static void few_rows_mlp(const float *x, long hidden, const float *gate, const float *up, const float *down,
+static void few_rows_mlp(const float *x, long hidden, const void *gate, const void *up, const void *down, int bf16,
                          long inter, long count, const long *ids, const float *scales, float *acc, float *scratch,
-                         void (*linear)(const float *, const float *, float *, long, long, long)) {
+                         void (*linear)(const float *, const void *, int, float *, long, long, long)) {
     float *gathered = scratch, *down_out = scratch + MAX_ROWS * hidden;
     float *gated = down_out + MAX_ROWS * hidden, *upped = gated + MAX_ROWS * inter, *act = upped + MAX_ROWS * inter;
     for (long first = 0; first < count; first += MAX_ROWS) {
         const long chunk = count - first < MAX_ROWS ? count - first : MAX_ROWS;
         for (long r = 0; r < chunk; ++r)
             for (long i = 0; i < hidden; ++i) gathered[r * hidden + i] = x[ids[first + r] * hidden + i];
-        linear(gathered, gate, gated, chunk, hidden, inter);
-        linear(gathered, up, upped, chunk, hidden, inter);
+        linear(gathered, gate, bf16, gated, chunk, hidden, inter);
+        linear(gathered, up, bf16, upped, chunk, hidden, inter);
         for (long i = 0; i < chunk * inter; ++i) act[i] = gated[i] / (1.0f + expf(-gated[i])) * upped[i];
-        linear(act, down, down_out, chunk, inter, hidden);
+        linear(act, down, bf16, down_out, chunk, inter, hidden);
         for (long r = 0; r < chunk; ++r)
             for (long i = 0; i < hidden; ++i)
                 acc[ids[first + r] * hidden + i] += scales[first + r] * down_out[r * hidden + i];
@@ -384,8 +408,8 @@ static _Thread_local size_t thread_cap, partials_cap;
 
 /* The MLPs that `take` (row counts 1..MAX_FEW_ROWS) dealt out whole to the threads, largest first to the
  * least loaded; each thread sums into its own buffer, and the buffers into out. Returns 0 or -1. */
-static int dealt_few_row_mlps(const float *x, long rows, long hidden, long n_mlps, const float *const *gate,
-                              const float *const *up, const float *const *down, const long *inter,
+static int dealt_few_row_mlps(const float *x, long rows, long hidden, long n_mlps, const void *const *gate,
+                              const void *const *up, const void *const *down, int bf16, const long *inter,
                               const long *row_counts, const long *offsets, const long *row_ids,
                               const float *row_scales, const char *take, long *owner, size_t scratch_floats,
                               int teams, float *out) {
@@ -416,8 +440,8 @@ static int dealt_few_row_mlps(const float *x, long rows, long hidden, long n_mlp
         failed = scratch == NULL;
         for (long m = 0; m < n_mlps && scratch; ++m)
             if (owner[m] == thread)
-                few_rows_mlp(x, hidden, gate[m], up[m], down[m], inter[m], row_counts[m], row_ids + offsets[m],
-                             row_scales + offsets[m], acc, scratch, few_rows_serial);
+                few_rows_mlp(x, hidden, gate[m], up[m], down[m], bf16, inter[m], row_counts[m],
+                             row_ids + offsets[m], row_scales + offsets[m], acc, scratch, few_rows_serial);
     }
     if (failed) return -1;
     for (int t = 0; t < teams; ++t)
@@ -438,8 +462,8 @@ static int dealt_few_row_mlps(const float *x, long rows, long hidden, long n_mlp
  * runs without a thread barrier and each thread reads long runs of weights (on the tiny model a layer's
  * 8 MLPs x 3 matrices of 4.6 MB, read at 28-29 GB/s by 24 parallel regions split by outputs, where one
  * whole matrix streams at 32). Returns 0, or -1 when scratch memory ran out. */
-int swiglu_mlps(const float *x, long rows, long hidden, long n_mlps, const float *const *gate,
-                const float *const *up, const float *const *down, const long *inter, const long *row_counts,
+int swiglu_mlps(const float *x, long rows, long hidden, long n_mlps, const void *const *gate,
+                const void *const *up, const void *const *down, int bf16, const long *inter, const long *row_counts,
                 const long *row_ids, const float *row_scales, float *out) {
     long widest = 0, few_row_mlps = 0;
     long *offsets = malloc((2 * n_mlps + 1) * sizeof(long) + n_mlps);
@@ -458,20 +482,20 @@ int swiglu_mlps(const float *x, long rows, long hidden, long n_mlps, const float
 #if defined(__AVX512F__)
     for (long m = 0; m < n_mlps && !status; ++m)
         if (row_counts[m] > MAX_FEW_ROWS)
-            status = swiglu_gemm(x, hidden, gate[m], up[m], down[m], inter[m], row_counts[m], row_ids + offsets[m],
-                                 row_scales + offsets[m], out);
+            status = swiglu_gemm(x, hidden, gate[m], up[m], down[m], bf16, inter[m], row_counts[m],
+                                 row_ids + offsets[m], row_scales + offsets[m], out);
 #endif
     const int teams = omp_get_max_threads() < 64 ? omp_get_max_threads() : 64;
     const size_t scratch_floats = MAX_ROWS * (2 * hidden + 3 * widest);
     if (!status && few_row_mlps > 1 && teams > 1) {
-        status = dealt_few_row_mlps(x, rows, hidden, n_mlps, gate, up, down, inter, row_counts, offsets, row_ids,
+        status = dealt_few_row_mlps(x, rows, hidden, n_mlps, gate, up, down, bf16, inter, row_counts, offsets, row_ids,
                                     row_scales, take, owner, scratch_floats, teams, out);
     } else if (!status && few_row_mlps > 0) {
         float *scratch = grow(&thread_buf, &thread_cap, scratch_floats);
         for (long m = 0; m < n_mlps && scratch; ++m)
             if (take[m])
-                few_rows_mlp(x, hidden, gate[m], up[m], down[m], inter[m], row_counts[m], row_ids + offsets[m],
-                             row_scales + offsets[m], out, scratch, few_rows_chunk);
+                few_rows_mlp(x, hidden, gate[m], up[m], down[m], bf16, inter[m], row_counts[m],
+                             row_ids + offsets[m], row_scales + offsets[m], out, scratch, few_rows_chunk);
         status = scratch ? 0 : -1;
     }
     free(offsets);

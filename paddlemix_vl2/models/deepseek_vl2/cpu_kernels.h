@@ -11,6 +11,14 @@
 #include <immintrin.h>
 #endif
 
+/* A bfloat16 value as stored: the upper half of a float32's bits (checkpoint weights kept as read). */
+typedef unsigned short bf16_t;
+
+static inline float bf16_to_float(bf16_t value) {
+    union { unsigned int bits; float f; } u = {(unsigned int)value << 16};
+    return u.f;
+}
+
 /* Scratch that persists per thread, grown on demand: *buf holds at least `floats` floats (64-byte aligned)
  * afterwards, or is NULL when memory ran out. */
 float *grow(float **buf, size_t *cap, size_t floats);
@@ -53,11 +61,12 @@ void softmax_row(const float *in, const float *m, float *o, long n);
 
 /* The weights of one GEMM: W [n, k] (row stride ldw), or two stacked as [W; W2] with W's n1 rows a
  * multiple of NR (an MLP's gate and up projections, run as one GEMM over the same rows), or, with
- * k_major, W^T given as [k, n] (attention's values: C = P @ V). */
+ * k_major, W^T given as [k, n] (attention's values: C = P @ V). float32, or with bf16 bfloat16 (not
+ * k_major; widened as the panels are packed, needs AVX512BW). */
 typedef struct {
-    const float *w, *w2;
+    const void *w, *w2;
     long ldw, n1;
-    int k_major;
+    int k_major, bf16;
 } gemm_weights;
 
 typedef struct {

@@ -76,7 +76,9 @@ class Linear(nn.Layer):
         elif gemm_applies(x, self.weight, rows) and (self.bias is None or self.bias.dtype == paddle.float32):
             return linear(x, self.weight, self.bias)
         else:
-            y = paddle.matmul(x, self.weight, transpose_y=True)
+            # A bf16-stored weight (float32 CPU inference) outside the kernels' reach is widened per call.
+            weight = self.weight if self.weight.dtype == x.dtype else self.weight.astype(x.dtype)
+            y = paddle.matmul(x, weight, transpose_y=True)
         if self.bias is None:
             return y
         if inference_kernels_apply(y) and self.bias.dtype == paddle.float32 and y.is_contiguous():

@@ -14,7 +14,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from .attention import build_attention
-from .checkpoint import build_and_load, save_weights
+from .checkpoint import build_and_load, refuse_training_bf16_storage, save_weights
 from .configuration_deepseek import ConfigError, DeepseekV2Config, read_config_json
 from .kv_cache import KVCache
 from .layers import DeepseekV2MLP, DeepseekV2RMSNorm, Linear
@@ -149,7 +149,7 @@ class DeepseekV2ForCausalLM(nn.Layer):
         return self.model.embed_tokens
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        return KVCache(self.config, batch_size, max_length, dtype=self.lm_head.weight.dtype)
+        return KVCache(self.config, batch_size, max_length, dtype=self.model.norm.weight.dtype)
 
     def forward(
         self,
@@ -182,8 +182,9 @@ class DeepseekV2ForCausalLM(nn.Layer):
         return generate(self, inputs_embeds, attention_mask, input_ids, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, progress: bool = True) -> "DeepseekV2ForCausalLM":
-        """Load a DeepSeek-V2 LM from an official DeepSeek-VL2 (``language.`` subtree) or DeepSeek-V2 folder."""
+    def from_pretrained(cls, path: str, dtype=None, progress: bool = True, weight_dtype="auto") -> "DeepseekV2ForCausalLM":
+        """Load a DeepSeek-V2 LM from an official DeepSeek-VL2 (``language.`` subtree) or DeepSeek-V2 folder.
+        ``weight_dtype`` as in ``DeepseekVLV2ForCausalLM.from_pretrained``."""
         raw = read_config_json(path)
         model_type = raw.get("model_type")
         if model_type == "deepseek_vl_v2":
@@ -194,7 +195,13 @@ class DeepseekV2ForCausalLM(nn.Layer):
             raise ConfigError(
                 f"{path}: model_type={model_type!r}; expected a DeepSeek-VL2 ('deepseek_vl_v2') or DeepSeek-V2 checkpoint"
             )
-        return build_and_load(lambda: cls(config), path, prefix=prefix, dtype=dtype, progress=progress)
+        return build_and_load(
+            lambda: cls(config), path, prefix=prefix, dtype=dtype, progress=progress, weight_dtype=weight_dtype
+        )
+
+    def train(self, mode: bool = True):
+        refuse_training_bf16_storage(self, mode)
+        return super().train(mode)
 
     def save_pretrained(self, directory: str, dtype=paddle.bfloat16) -> None:
         """Write a DeepSeek-V2 checkpoint (config.json + safetensors in torch orientation)."""

@@ -18,7 +18,7 @@ import paddle.nn as nn
 
 from ...processors.image_processing import num_image_tokens
 from ...generation import GenerationConfig, generate, stream_generate
-from .checkpoint import build_and_load, save_weights
+from .checkpoint import build_and_load, refuse_training_bf16_storage, save_weights
 from .configuration_deepseek import ConfigError, DeepseekVLV2Config
 from .image_layout import crops_per_sample, format_image_embeddings, tiles_per_sample
 from .kv_cache import KVCache
@@ -229,13 +229,21 @@ class DeepseekVLV2ForCausalLM(nn.Layer):
         return stream_generate(self.language, tokenizer, embeds, attention_mask, input_ids, config, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, progress: bool = True) -> "DeepseekVLV2ForCausalLM":
+    def from_pretrained(cls, path: str, dtype=None, progress: bool = True, weight_dtype="auto") -> "DeepseekVLV2ForCausalLM":
         """Load an official DeepSeek-VL2 checkpoint folder as it is (sharded bf16 safetensors, torch layout).
 
         dtype: the compute dtype; default float32 on CPU and bfloat16 on GPU.
+        weight_dtype: "auto" keeps the ``Linear`` matrices of a bf16 checkpoint in bf16 for float32 CPU
+        inference where the package's kernels read them (same results, half the memory; such a model
+        refuses ``train()``); "float32" (what training needs) keeps every parameter in the compute dtype;
+        "bfloat16" insists on bf16 storage.
         """
         config = DeepseekVLV2Config.from_pretrained(path)
-        return build_and_load(lambda: cls(config), path, dtype=dtype, progress=progress)
+        return build_and_load(lambda: cls(config), path, dtype=dtype, progress=progress, weight_dtype=weight_dtype)
+
+    def train(self, mode: bool = True):
+        refuse_training_bf16_storage(self, mode)
+        return super().train(mode)
 
     def save_pretrained(self, directory: str, dtype=paddle.bfloat16, assets_from: Optional[str] = None) -> None:
         """Write the official checkpoint layout: config.json, bf16 safetensors shards + index.

@@ -159,7 +159,7 @@ class DeepseekV2MoE(nn.Layer):
         shape = hidden_states.shape
         topk_idx, topk_weight, aux_loss = self.gate(hidden_states)
         x = hidden_states.reshape([-1, shape[-1]])
-        if mlp_kernels_apply(x, self.gate.weight, x.shape[0]):
+        if mlp_kernels_apply(x, self.experts[0].gate_proj.weight, x.shape[0]):
             y = self._experts_native(x, topk_idx, topk_weight)
             if y is not None:
                 return y.reshape(shape)

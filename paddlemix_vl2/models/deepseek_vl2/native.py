@@ -54,7 +54,7 @@ __all__ = [
     "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "MAX_DECODE_HEAD_DIM", "mha_kernels_apply",
     "mha_decode",
     "attention_qkv", "attention_prefill", "inference_kernels_apply", "add_bias_", "vector_kernels_apply",
-    "softmax_last_axis", "gelu_tanh_",
+    "softmax_last_axis", "gelu_tanh_", "bf16_weights_supported",
 ]
 
 logger = logging.getLogger(__name__)
@@ -132,10 +132,13 @@ def kernel_library() -> Optional[ctypes.CDLL]:
             NATIVE_VARIABLE,
         )
         return None
-    library.few_rows_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
+    library.few_rows_linear.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_long] * 3
     library.few_rows_linear.restype = None
-    library.swiglu_mlps.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 8
+    library.swiglu_mlps.argtypes = (
+        [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 5
+    )
     library.swiglu_mlps.restype = ctypes.c_int
+    library.bf16_weights.restype = ctypes.c_int
     library.add_bias_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2
     library.add_bias_rows.restype = None
     library.vector_lanes.restype = ctypes.c_int
@@ -144,7 +147,10 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         library.softmax_rows.restype = None
         library.gelu_tanh_inplace.argtypes = [ctypes.c_void_p, ctypes.c_long]
         library.gelu_tanh_inplace.restype = None
-        library.gemm_nt.argtypes = [ctypes.c_void_p, ctypes.c_long] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4
+        library.gemm_nt.argtypes = (
+            [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
+            + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4
+        )
         library.gemm_nt.restype = ctypes.c_int
         library.mha_decode.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_long] * 6 + [ctypes.c_float]
         library.mha_decode.restype = ctypes.c_int
@@ -165,23 +171,36 @@ def inference_kernels_apply(x: paddle.Tensor) -> bool:
     )
 
 
+def bf16_weights_supported() -> bool:
+    """Whether every kernel that takes weights here (few-row products, the GEMM, the MLPs) also reads them
+    as bfloat16, widening to float32 as it loads: an AVX-512 build whose CPU has AVX512BW. Then float32
+    inference can keep a bf16 checkpoint's matrices as they are stored, at half the memory, with the same
+    results (bf16 to float32 is exact)."""
+    library = kernel_library()
+    return library is not None and library.vector_lanes() == 16 and library.bf16_weights() == 1
+
+
+def _weights_readable(weight: paddle.Tensor) -> bool:
+    return weight.dtype == paddle.float32 or (weight.dtype == paddle.bfloat16 and bf16_weights_supported())
+
+
 def few_rows_applies(x: paddle.Tensor, weight: paddle.Tensor, rows: int) -> bool:
-    """Whether the few-row kernels serve this call: at most ``MAX_FEW_ROWS`` rows, a float32 weight, and
-    ``inference_kernels_apply(x)``."""
-    return rows <= MAX_FEW_ROWS and weight.dtype == paddle.float32 and inference_kernels_apply(x)
+    """Whether the few-row kernels serve this call: at most ``MAX_FEW_ROWS`` rows, a float32 weight (or
+    bfloat16, ``bf16_weights_supported``), and ``inference_kernels_apply(x)``."""
+    return rows <= MAX_FEW_ROWS and inference_kernels_apply(x) and _weights_readable(weight)
 
 
 def gemm_applies(x: paddle.Tensor, weight: paddle.Tensor, rows: int) -> bool:
-    """Whether the GEMM serves this call: more than ``MAX_FEW_ROWS`` rows, a float32 weight, and
-    ``vector_kernels_apply(x)`` (the GEMM is written for AVX-512)."""
-    return rows > MAX_FEW_ROWS and weight.dtype == paddle.float32 and vector_kernels_apply(x)
+    """Whether the GEMM serves this call: more than ``MAX_FEW_ROWS`` rows, a float32 or bfloat16 weight,
+    and ``vector_kernels_apply(x)`` (the GEMM is written for AVX-512)."""
+    return rows > MAX_FEW_ROWS and vector_kernels_apply(x) and _weights_readable(weight)
 
 
 def mlp_kernels_apply(x: paddle.Tensor, weight: paddle.Tensor, rows: int) -> bool:
-    """Whether ``swiglu_mlps`` serves MLPs over ``rows`` rows of ``x`` (any expert may take all of them):
-    ``few_rows_applies`` or ``gemm_applies``, checked once."""
+    """Whether ``swiglu_mlps`` serves MLPs over ``rows`` rows of ``x`` (any expert may take all of them) with
+    weights like ``weight``: ``few_rows_applies`` or ``gemm_applies``, checked once."""
     return (
-        weight.dtype == paddle.float32 and inference_kernels_apply(x)
+        inference_kernels_apply(x) and _weights_readable(weight)
         and (rows <= MAX_FEW_ROWS or kernel_library().vector_lanes() == 16)
     )
 
@@ -190,6 +209,10 @@ def _check(status: int) -> None:
     if status != 0:
         raise MemoryError("the CPU kernels could not allocate their scratch memory; free memory or set "
                           f"{NATIVE_VARIABLE}=0 to use Paddle's kernels")
+
+
+def _is_bf16(weight: paddle.Tensor) -> int:
+    return int(weight.dtype == paddle.bfloat16)
 
 
 def add_bias_(y: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
@@ -201,26 +224,27 @@ def add_bias_(y: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
 
 
 def few_rows_linear(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
-    """``x @ weight.T`` by the kernel: x [..., K] float32 (R rows), weight [N, K] float32 -> [..., N] (CPU)."""
+    """``x @ weight.T`` by the kernel: x [..., K] float32 (R rows), weight [N, K] float32 or bfloat16 ->
+    [..., N] float32 (CPU)."""
     *lead, k_dim = x.shape
     n_dim = weight.shape[0]
     x = x if x.is_contiguous() else x.contiguous()
     out = paddle.empty(lead + [n_dim], dtype=paddle.float32)
     kernel_library().few_rows_linear(
-        x.data_ptr(), weight.data_ptr(), out.data_ptr(), math.prod(lead), k_dim, n_dim
+        x.data_ptr(), weight.data_ptr(), _is_bf16(weight), out.data_ptr(), math.prod(lead), k_dim, n_dim
     )
     return out
 
 
 def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor]) -> paddle.Tensor:
-    """``x @ weight.T + bias`` by the GEMM: x [..., K] float32, weight [N, K] float32, bias [N] float32 or
-    None, on the CPU (``gemm_applies``) -> [..., N]."""
+    """``x @ weight.T + bias`` by the GEMM: x [..., K] float32, weight [N, K] float32 or bfloat16, bias [N]
+    float32 or None, on the CPU (``gemm_applies``) -> [..., N] float32."""
     *lead, k_dim = x.shape
     n_dim = weight.shape[0]
     x = x if x.is_contiguous() else x.contiguous()
     out = paddle.empty(lead + [n_dim], dtype=paddle.float32)
     _check(kernel_library().gemm_nt(
-        x.data_ptr(), k_dim, weight.data_ptr(), k_dim, None if bias is None else bias.data_ptr(),
+        x.data_ptr(), k_dim, weight.data_ptr(), _is_bf16(weight), k_dim, None if bias is None else bias.data_ptr(),
         out.data_ptr(), n_dim, math.prod(lead), n_dim, k_dim,
     ))
     return out
@@ -240,7 +264,7 @@ def swiglu_mlps(
     Args:
         x: [..., H] float32 on the CPU (``mlp_kernels_apply``: more than ``MAX_FEW_ROWS`` rows need the
             AVX-512 GEMM).
-        mlps: each MLP's (gate [I_m, H], up [I_m, H], down [H, I_m]) float32 weights.
+        mlps: each MLP's (gate [I_m, H], up [I_m, H], down [H, I_m]) weights, all float32 or all bfloat16.
         row_counts: how many rows each MLP takes; row_ids [sum(row_counts)] int64 and row_scales (same
             length, float32): those rows and their weights, MLP after MLP. Every row with weight 1 for a
             dense MLP or the shared experts; the tokens that chose it with their router weights for a
@@ -258,11 +282,14 @@ def swiglu_mlps(
     n = len(mlps)
     inter = [int(gate.shape[0]) for gate, _, _ in mlps]
     pointers = [(ctypes.c_void_p * n)(*(mlp[i].data_ptr() for mlp in mlps)) for i in range(3)]
+    bf16 = _is_bf16(mlps[0][0])
+    if any(_is_bf16(w) != bf16 for mlp in mlps for w in mlp):
+        raise ValueError("swiglu_mlps takes one weight dtype for all its MLPs; cast them to one")
     row_ids = np.ascontiguousarray(row_ids, dtype=np.int64)
     row_scales = np.ascontiguousarray(row_scales, dtype=np.float32)
     out = paddle.empty(lead + [hidden], dtype=paddle.float32)
     _check(kernel_library().swiglu_mlps(
-        x.data_ptr(), math.prod(lead), hidden, n, *pointers, (ctypes.c_long * n)(*inter),
+        x.data_ptr(), math.prod(lead), hidden, n, *pointers, bf16, (ctypes.c_long * n)(*inter),
         (ctypes.c_long * n)(*row_counts), row_ids.ctypes.data, row_scales.ctypes.data, out.data_ptr(),
     ))
     return out

@@ -156,6 +156,24 @@ void add_bias_rows(float *y, const float *bias, long rows, long n) {
 /* The vector width the kernels were built with: 16 on AVX-512, 8 on AVX2, 1 otherwise. */
 int vector_lanes(void) { return LANES; }
 
+/* out[:n] = silu(g[:n]) * u[:n] (out may be g), with silu(g) = g / (1 + e^-g) written as g e^g / (1 + e^g)
+ * for g < 0, so the exponential only sees non-positive arguments. */
+static void silu_mul(const float *g, const float *u, float *out, long n) {
+#if defined(__AVX512F__)
+    for (long i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        const __m512 v = _mm512_maskz_loadu_ps(m, g + i);
+        const __m512 z = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));
+        const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+        const __m512 numerator = _mm512_mask_mul_ps(v, negative, v, z);
+        const __m512 silu = _mm512_div_ps(numerator, _mm512_add_ps(_mm512_set1_ps(1.0f), z));
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, u + i)));
+    }
+#else
+    for (long i = 0; i < n; ++i) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+#endif
+}
+
 /* Whether every kernel that takes weights also takes them in bfloat16: the GEMM's bf16 packing loads
  * 16-bit lanes under a mask, an AVX512BW instruction. */
 int bf16_weights(void) {
@@ -327,21 +345,10 @@ int mha_decode(const float *q, const float *k_new, const float *v_new, const flo
     return failed ? -1 : 0;
 }
 
-/* For each of `rows` rows: g[r, :n] = silu(g[r, :n]) * u[r, :n] (row strides ld), with silu(g) = g / (1 + e^-g)
- * written as g e^g / (1 + e^g) for g < 0 so the exponential only sees non-positive arguments. */
+/* For each of `rows` rows: g[r, :n] = silu(g[r, :n]) * u[r, :n] (row strides ld). */
 static void silu_mul_rows(float *g, const float *u, long rows, long n, long ld) {
 #pragma omp parallel for schedule(static)
-    for (long r = 0; r < rows; ++r) {
-        for (long i = 0; i < n; i += 16) {
-            const __mmask16 m = tail_mask(n - i);
-            const __m512 v = _mm512_maskz_loadu_ps(m, g + r * ld + i);
-            const __m512 z = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));
-            const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
-            const __m512 numerator = _mm512_mask_mul_ps(v, negative, v, z);
-            const __m512 silu = _mm512_div_ps(numerator, _mm512_add_ps(_mm512_set1_ps(1.0f), z));
-            _mm512_mask_storeu_ps(g + r * ld + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, u + r * ld + i)));
-        }
-    }
+    for (long r = 0; r < rows; ++r) silu_mul(g + r * ld, u + r * ld, g + r * ld, n);
 }
 
 /* Rows of one MLP by the GEMM, GEMM_CHUNK rows at a time: out[ids[r]] += scales[r] * down(silu(gate(x[ids[r]]))
@@ -395,7 +402,7 @@ static void few_rows_mlp(const float *x, long hidden, const void *gate, const vo
             for (long i = 0; i < hidden; ++i) gathered[r * hidden + i] = x[ids[first + r] * hidden + i];
         linear(gathered, gate, bf16, gated, chunk, hidden, inter);
         linear(gathered, up, bf16, upped, chunk, hidden, inter);
-        for (long i = 0; i < chunk * inter; ++i) act[i] = gated[i] / (1.0f + expf(-gated[i])) * upped[i];
+        silu_mul(gated, upped, act, chunk * inter);
         linear(act, down, bf16, down_out, chunk, inter, hidden);
         for (long r = 0; r < chunk; ++r)
             for (long i = 0; i < hidden; ++i)

@@ -136,6 +136,27 @@ def test_bf16_storage_keeps_the_matrices_as_stored_and_refuses_training(monkeypa
     widened.eval()
 
 
+def test_bf16_storage_maps_the_file_copy_on_write(tmp_path):
+    """The kept matrices are a copy-on-write mapping of the shard: writing a parameter changes the model,
+    never the file."""
+    from paddlemix_vl2.models.deepseek_vl2 import native
+
+    if not native.bf16_weights_supported():
+        pytest.skip("the kernels here do not read bf16 weights (no AVX512BW build), so nothing is mapped")
+    folder = tmp_path / "copy"
+    shutil.copytree(checkpoint_dir("micro-tiny"), folder)
+    before = {name: open(folder / name, "rb").read() for name in os.listdir(folder) if name.endswith(".safetensors")}
+    lm = DeepseekV2ForCausalLM.from_pretrained(str(folder), progress=False, weight_dtype="auto")
+    weight = lm.lm_head.weight
+    assert weight.dtype == paddle.bfloat16
+    with paddle.no_grad():
+        weight.set_value(paddle.zeros(weight.shape, dtype=paddle.bfloat16))
+    assert not weight.astype("float32").numpy().any()
+    del lm, weight
+    after = {name: open(folder / name, "rb").read() for name in before}
+    assert after == before
+
+
 def test_bad_weight_dtype_is_named():
     with pytest.raises(ValueError, match="unknown weight_dtype 'int8'"):
         DeepseekV2ForCausalLM.from_pretrained(checkpoint_dir("micro-tiny"), progress=False, weight_dtype="int8")

@@ -19,6 +19,7 @@ BENCH_SCRIPT = os.path.join(TESTS_DIR, "..", "benchmarks", "bench_infer.py")
 LOAD_FIELDS = {
     "load_average_1min", "file_bytes", "file_read_seconds", "seconds", "peak_rss_bytes", "fp32_weight_bytes",
     "rss_limit_bytes", "rss_ratio", "time_ratio", "weight_dtype", "matrix_dtype", "stored_weight_bytes",
+    "map_weights",
 }
 PROMPT_FIELDS = {
     "load_average_1min", "images", "processor_seconds", "synthetic_text_ids", "prompt_tokens", "tiles",
@@ -64,7 +65,10 @@ def assert_positive_numbers(section, fields):
 def check_common(report, config):
     assert set(report) == TOP_FIELDS
     assert set(report["load"]) == LOAD_FIELDS
-    assert_positive_numbers(report["load"], LOAD_FIELDS - {"load_average_1min", "weight_dtype", "matrix_dtype"})
+    assert_positive_numbers(
+        report["load"], LOAD_FIELDS - {"load_average_1min", "weight_dtype", "matrix_dtype", "map_weights"}
+    )
+    assert report["load"]["map_weights"] is True
     assert report["load"]["weight_dtype"] == "auto" and report["load"]["matrix_dtype"] in ("float32", "bfloat16")
     assert report["image_size"] == [640, 480]
     for key, images, tiles in (("one_image", 1, 5), ("three_images", 3, 6)):

@@ -27,9 +27,10 @@ them, so results are the same as with float32 copies (bf16 to float32 is exact) 
 half the bytes a decode step streams. Those matrices are not copied at all: each is a copy-on-write
 mapping of its shard, its pages mapped in at load (the tiny model: 1.5-4 s against 12 s to read them into
 fresh memory on the benchmark machine, whose first touch of fresh memory is slow). Decode steps run about
-9% slower from mapped pages than from a copy (57 against 52 ms on tiny), which a load saving 5-10 s pays
-for over the first thousand or so tokens; mapped pages are also clean, so the kernel can reclaim them under
-memory pressure, and processes that load one checkpoint share them. Norms, embeddings, routers and biases
+9-17% slower from mapped pages than from a copy on that machine (57 against 52 ms on tiny), so a load
+that saves 5-10 s pays for the first several hundred tokens; ``map_weights=False`` reads them into fresh
+memory instead (long-running servers). Mapped pages are clean, so the kernel can reclaim them under memory
+pressure, and processes that load one checkpoint share them. Norms, embeddings, routers and biases
 stay float32.
 """
 from __future__ import annotations
@@ -243,6 +244,12 @@ class _ShardReader:
             array[:: mmap.PAGESIZE // 2].max(initial=0)
         return array.reshape(entry["shape"])
 
+    def read_into(self, name: str, dst: np.ndarray) -> None:
+        """The tensor's bytes as stored, straight into ``dst`` (C-contiguous, of the same size and dtype)."""
+        entry = self.entries[name]
+        with open(self.file, "rb", buffering=0) as handle:
+            self._read_exact(handle, entry["offset"], memoryview(dst.reshape(-1)).cast("B"), name)
+
 def _write_rows(dst: np.ndarray, rows: np.ndarray) -> None:
     """Convert checkpoint rows into float32 ``dst`` of the same shape (bf16 bits -> float32 bits)."""
     if rows.dtype == np.uint16:
@@ -255,11 +262,14 @@ _thread_buffers = threading.local()
 
 
 def _fill_host_array(shard: _ShardReader, name: str, dst: np.ndarray) -> None:
-    """Read ``name`` into the float32 array ``dst`` of its checkpoint shape.
+    """Read ``name`` into ``dst`` of its checkpoint shape: float32, or bf16 bits (uint16) as stored.
 
-    Runs on a loader thread; each thread reads through its own buffer.
+    Runs on a loader thread; each thread converts through its own buffer.
     """
     if dst.size == 0:
+        return
+    if dst.dtype == np.uint16:
+        shard.read_into(name, dst)
         return
     if not hasattr(_thread_buffers, "buffer"):
         _thread_buffers.buffer = bytearray(_READ_CHUNK_BYTES)
@@ -286,7 +296,8 @@ def _host_float32_storage(param: paddle.Tensor) -> Optional[paddle.Tensor]:
 class _ParameterFiller:
     """Fills parameters from shards: host float32 ones on a thread pool, the rest inline."""
 
-    def __init__(self, on_done):
+    def __init__(self, on_done, map_bf16: bool):
+        self._map_bf16 = map_bf16
         self._pool = ThreadPoolExecutor(max_workers=_LOAD_THREADS, thread_name_prefix="load_weights")
         self._pending: collections.deque = collections.deque()
         self._on_done = on_done
@@ -303,15 +314,21 @@ class _ParameterFiller:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     def fill(self, param: paddle.Tensor, shard: _ShardReader, name: str, keep_bf16: bool = False) -> None:
-        """Fill ``param`` from ``name``; ``keep_bf16``: a bf16 tensor stays bf16, mapped from the file (a lazy
-        host parameter)."""
-        if keep_bf16 and shard.entries[name]["dtype"] == "BF16" and _lazy_on_host(param) and param.size > 0:
+        """Fill ``param`` from ``name``; ``keep_bf16``: a bf16 tensor stays bf16 (a lazy host parameter),
+        mapped from the file or read into fresh memory."""
+        keep_bf16 = keep_bf16 and shard.entries[name]["dtype"] == "BF16" and _lazy_on_host(param)
+        if keep_bf16 and self._map_bf16 and param.size > 0:
             bits = shard.mapped_bf16(name)
             # Zero-copy: the parameter holds the mapped array (DLPack keeps it, and so the mapping, alive).
             paddle.utils.dlpack.from_dlpack(bits.view(np.int16)).view(paddle.bfloat16)._share_buffer_to(param)
             self._on_done()
             return
-        storage = _host_float32_storage(param)
+        if keep_bf16:  # NumPy has no bf16: the memory is written as uint16 bits
+            bits = paddle.empty(param.shape, dtype=paddle.int16)
+            storage, target = bits.view(paddle.bfloat16), np.from_dlpack(bits).view(np.uint16)
+        else:
+            storage = _host_float32_storage(param)
+            target = None if storage is None else np.from_dlpack(storage)  # a writable view of its memory
         if storage is None:
             if not param._is_initialized():
                 param.initialize()
@@ -319,7 +336,6 @@ class _ParameterFiller:
             param.set_value(tensor.astype(param.dtype) if tensor.dtype != param.dtype else tensor)
             self._on_done()
             return
-        target = np.from_dlpack(storage)  # a writable view of the storage's memory
         future = self._pool.submit(_fill_host_array, shard, name, target)
         self._pending.append((future, storage, param))
         # Bounded look-ahead keeps errors prompt; the arrays are the parameters' own memory anyway.
@@ -358,6 +374,7 @@ def load_weights(
     skip: Sequence[re.Pattern] = SKIPPED_KEYS,
     progress: bool = True,
     keep_bf16: Sequence[str] = (),
+    map_weights: bool = True,
 ) -> List[str]:
     """Stream the tensors under ``prefix`` from the checkpoint at ``path`` into ``layer``.
 
@@ -365,7 +382,8 @@ def load_weights(
     (see the module docstring for the host float32 path). Parameters of a layer built under
     ``paddle.LazyGuard`` get their memory here. Missing keys, unexpected keys and
     shape mismatches are collected and raised together as one ``CheckpointError``. ``keep_bf16``: names
-    (relative to ``layer``) of lazy host parameters that keep a bf16 checkpoint tensor as stored.
+    (relative to ``layer``) of lazy host parameters that keep a bf16 checkpoint tensor as stored, mapped from
+    the shard (``map_weights``) or read into fresh memory.
 
     Returns:
         the checkpoint names that were loaded.
@@ -390,7 +408,7 @@ def load_weights(
     mismatched: List[str] = []
     loaded: List[str] = []
     bar = _Progress(sum(len(v) for v in wanted.values()), f"loading {os.path.basename(os.path.normpath(path))}", progress)
-    with _ParameterFiller(on_done=bar.step) as filler:
+    with _ParameterFiller(on_done=bar.step, map_bf16=map_weights) as filler:
         for file in sorted(wanted):
             shard = _ShardReader(file)
             missing_in_shard = [n for n in wanted[file] if n not in shard.entries]
@@ -541,16 +559,17 @@ def _keeps_bf16(weight_dtype, compute_dtype) -> bool:
 
 
 def build_and_load(build, path: str, prefix: str = "", dtype=None, progress: bool = True,
-                   weight_dtype=None) -> paddle.nn.Layer:
+                   weight_dtype=None, map_weights: bool = True) -> paddle.nn.Layer:
     """Construct a model with ``build()`` in the compute dtype without allocating its parameters, stream
     its weights in, and return it in eval mode. ``weight_dtype``: None or "float32" keeps every parameter
     in the compute dtype (what training needs); "auto" or "bfloat16" keeps the ``Linear`` matrices of a
-    bf16 checkpoint as stored for float32 CPU inference (see the module docstring)."""
+    bf16 checkpoint as stored for float32 CPU inference, mapped from the shards unless ``map_weights`` is
+    False (see the module docstring)."""
     compute_dtype = resolve_dtype(dtype)
     # LazyGuard: parameters get their memory while loading, so nothing is zero-filled first.
     with zero_init(compute_dtype), paddle.LazyGuard():
         model = build()
     keep = bf16_storage_names(model) if _keeps_bf16(weight_dtype, compute_dtype) else ()
-    load_weights(model, path, prefix=prefix, progress=progress, keep_bf16=keep)
+    load_weights(model, path, prefix=prefix, progress=progress, keep_bf16=keep, map_weights=map_weights)
     model.eval()
     return model

@@ -182,7 +182,8 @@ class DeepseekV2ForCausalLM(nn.Layer):
         return generate(self, inputs_embeds, attention_mask, input_ids, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, progress: bool = True, weight_dtype="auto") -> "DeepseekV2ForCausalLM":
+    def from_pretrained(cls, path: str, dtype=None, progress: bool = True, weight_dtype="auto",
+                        map_weights: bool = True) -> "DeepseekV2ForCausalLM":
         """Load a DeepSeek-V2 LM from an official DeepSeek-VL2 (``language.`` subtree) or DeepSeek-V2 folder.
         ``weight_dtype`` as in ``DeepseekVLV2ForCausalLM.from_pretrained``."""
         raw = read_config_json(path)
@@ -196,7 +197,8 @@ class DeepseekV2ForCausalLM(nn.Layer):
                 f"{path}: model_type={model_type!r}; expected a DeepSeek-VL2 ('deepseek_vl_v2') or DeepSeek-V2 checkpoint"
             )
         return build_and_load(
-            lambda: cls(config), path, prefix=prefix, dtype=dtype, progress=progress, weight_dtype=weight_dtype
+            lambda: cls(config), path, prefix=prefix, dtype=dtype, progress=progress, weight_dtype=weight_dtype,
+            map_weights=map_weights,
         )
 
     def train(self, mode: bool = True):

@@ -229,17 +229,23 @@ class DeepseekVLV2ForCausalLM(nn.Layer):
         return stream_generate(self.language, tokenizer, embeds, attention_mask, input_ids, config, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype=None, progress: bool = True, weight_dtype="auto") -> "DeepseekVLV2ForCausalLM":
+    def from_pretrained(cls, path: str, dtype=None, progress: bool = True, weight_dtype="auto",
+                        map_weights: bool = True) -> "DeepseekVLV2ForCausalLM":
         """Load an official DeepSeek-VL2 checkpoint folder as it is (sharded bf16 safetensors, torch layout).
 
         dtype: the compute dtype; default float32 on CPU and bfloat16 on GPU.
         weight_dtype: "auto" keeps the ``Linear`` matrices of a bf16 checkpoint in bf16 for float32 CPU
         inference where the package's kernels read them (same results, half the memory; such a model
         refuses ``train()``); "float32" (what training needs) keeps every parameter in the compute dtype;
-        "bfloat16" insists on bf16 storage.
+        "bfloat16" insists on bf16 storage. map_weights: bf16-kept matrices are mapped from the shard files
+        (fast loads, shared between processes); False reads them into fresh memory (decode steps about 10%
+        faster on the benchmark machine, for long-running servers).
         """
         config = DeepseekVLV2Config.from_pretrained(path)
-        return build_and_load(lambda: cls(config), path, dtype=dtype, progress=progress, weight_dtype=weight_dtype)
+        return build_and_load(
+            lambda: cls(config), path, dtype=dtype, progress=progress, weight_dtype=weight_dtype,
+            map_weights=map_weights,
+        )
 
     def train(self, mode: bool = True):
         refuse_training_bf16_storage(self, mode)

@@ -12,6 +12,9 @@ use, called through ctypes.
   GEMM. Paddle's bundled MKL (2019) reaches about 230-250 GFLOP/s on the tiny model's prefill and vision
   shapes and 100-230 on a MoE expert's ~100 rows on this 2-core Xeon; the GEMM runs 380-410 and 290-300
   (numpy's OpenBLAS: about 400). ``swiglu_mlps`` runs prefill's experts through the same GEMM.
+* Weights: every kernel above that multiplies by a weight matrix takes it in float32 or, on AVX512BW
+  builds (``bf16_weights_supported``), as the checkpoint's bf16, widened to float32 in registers (the
+  GEMM as it packs its panels), so a bf16-stored model computes exactly what its float32 copy would.
 * ``add_bias_``: a Linear's bias added in place into its own output (Paddle's broadcasting add runs at
   about a tenth of that speed).
 * ``mha_decode`` (AVX-512 builds): a decode step's multi-head attention (RoPE, cache write, softmax

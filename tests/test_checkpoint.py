@@ -108,18 +108,19 @@ def test_bf16_on_cpu_falls_back_with_one_notice(caplog):
 
 
 def test_bf16_storage_keeps_the_matrices_as_stored_and_refuses_training(monkeypatch):
-    """weight_dtype="auto" keeps every Linear matrix of a bf16 checkpoint in bf16, bit for bit as stored,
-    where the CPU kernels read bf16 (the parity tests run both storages against the goldens); norms,
-    embeddings and routers stay float32; such a model refuses train()."""
+    """weight_dtype="auto" keeps every Linear matrix and the token embedding table of a bf16 checkpoint in
+    bf16, bit for bit as stored, where the CPU kernels read bf16 (the parity tests run both storages against
+    the goldens); norms and routers stay float32; such a model refuses train()."""
     from paddlemix_vl2.models.deepseek_vl2 import checkpoint, native
-    from paddlemix_vl2.models.deepseek_vl2.layers import Linear
+    from paddlemix_vl2.models.deepseek_vl2.layers import Linear, TokenEmbedding
 
     if not native.bf16_weights_supported():
         pytest.skip("the kernels here do not read bf16 weights (no AVX512BW build): loads keep float32 "
                     "matrices, which every other test of this file checks")
     stored, widened = load_lm("micro-small", "auto"), load_lm("micro-small", "float32")
-    linears = {name for name, layer in stored.named_sublayers() if type(layer) is Linear}
-    assert linears and set(checkpoint.bf16_storage_names(stored)) == {f"{name}.weight" for name in linears}
+    linears = {name for name, layer in stored.named_sublayers() if type(layer) in (Linear, TokenEmbedding)}
+    assert "model.embed_tokens" in linears
+    assert set(checkpoint.bf16_storage_names(stored)) == {f"{name}.weight" for name in linears}
     widened_params = dict(widened.named_parameters())
     for name, param in stored.named_parameters():
         expected_dtype = paddle.bfloat16 if name.rpartition(".")[0] in linears and name.endswith(".weight") else paddle.float32

@@ -30,8 +30,9 @@ fresh memory on the benchmark machine, whose first touch of fresh memory is slow
 9-17% slower from mapped pages than from a copy on that machine (57 against 52 ms on tiny), so a load
 that saves 5-10 s pays for the first several hundred tokens; ``map_weights=False`` reads them into fresh
 memory instead (long-running servers). Mapped pages are clean, so the kernel can reclaim them under memory
-pressure, and processes that load one checkpoint share them. Norms, embeddings, routers and biases
-stay float32.
+pressure, and processes that load one checkpoint share them. The token embedding table is kept the same
+way (its rows are widened as they are looked up); norms, routers, biases and the vision tower's patch and
+position embeddings stay float32.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ import numpy as np
 import paddle
 from safetensors.paddle import save_file
 
-from .layers import Linear
+from .layers import Linear, TokenEmbedding
 from .native import bf16_weights_supported
 
 __all__ = [
@@ -522,10 +523,10 @@ def zero_init(dtype=paddle.float32):
 
 def bf16_storage_names(model: paddle.nn.Layer) -> List[str]:
     """The parameters bf16 storage applies to: the weights of the model's ``Linear`` layers (every matrix
-    the CPU kernels multiply by)."""
+    the CPU kernels multiply by) and the token embedding table (looked up, then widened)."""
     return [
         f"{name}.weight" if name else "weight"
-        for name, layer in model.named_sublayers(include_self=True) if type(layer) is Linear
+        for name, layer in model.named_sublayers(include_self=True) if type(layer) in (Linear, TokenEmbedding)
     ]
 
 

@@ -20,7 +20,7 @@ from .native import (
 )
 
 __all__ = [
-    "Linear", "DeepseekV2RMSNorm", "DeepseekV2MLP", "attend", "masked_softmax", "softmax_float32", "gelu_tanh",
+    "Linear", "TokenEmbedding", "DeepseekV2RMSNorm", "DeepseekV2MLP", "attend", "masked_softmax", "softmax_float32", "gelu_tanh",
     "cpu_has_avx512f",
     "ACTIVATION_BLOCK_BYTES",
 ]
@@ -87,6 +87,17 @@ class Linear(nn.Layer):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class TokenEmbedding(nn.Embedding):
+    """``nn.Embedding`` whose rows come out in float32 when its table is kept in bf16 for float32 CPU
+    inference (bf16 storage, ``checkpoint.py``): the lookup copies the rows as stored, and the model
+    goes on in float32. Anywhere else exactly ``nn.Embedding``."""
+
+    def forward(self, ids: paddle.Tensor) -> paddle.Tensor:
+        """ids [...] int64 -> [..., embedding_dim]."""
+        rows = super().forward(ids)
+        return rows.astype(paddle.float32) if rows.dtype == paddle.bfloat16 and rows.place.is_cpu_place() else rows
 
 
 class DeepseekV2RMSNorm(nn.Layer):

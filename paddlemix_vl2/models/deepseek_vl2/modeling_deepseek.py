@@ -17,7 +17,7 @@ from .attention import build_attention
 from .checkpoint import build_and_load, refuse_training_bf16_storage, save_weights
 from .configuration_deepseek import ConfigError, DeepseekV2Config, read_config_json
 from .kv_cache import KVCache
-from .layers import DeepseekV2MLP, DeepseekV2RMSNorm, Linear
+from .layers import DeepseekV2MLP, DeepseekV2RMSNorm, Linear, TokenEmbedding
 from .moe import DeepseekV2MoE
 from .rotary import DeepseekV2RotaryEmbedding
 
@@ -87,7 +87,7 @@ class DeepseekV2Model(nn.Layer):
     def __init__(self, config: DeepseekV2Config):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = TokenEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.LayerList([DeepseekV2DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         # One table for every layer: all rotate the same dimensions (the rope part of MLA's heads, or the
         # whole MHA head), so cos/sin are computed once per forward rather than once per layer.

@@ -134,6 +134,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="compute dtype; default bfloat16 on a GPU, float32 on a CPU. A CPU always computes in float32. "
         "Use float16 on GPUs without bfloat16 (V100, T4); those pick it by themselves",
     )
+    group.add_argument(
+        "--weight_dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+        help="how a CPU holds a bf16 checkpoint's matrices: auto (default) keeps them bf16 where the package's "
+        "AVX-512 kernels read them (same float32 results, half the memory), float32 widens them at load",
+    )
+    group.add_argument(
+        "--no_map_weights", dest="map_weights", action="store_false",
+        help="read the bf16-kept matrices into memory instead of mapping them from the shard files: a slower "
+        "start, faster decoding on some machines (long chats)",
+    )
 
 
 def add_generation_args(parser: argparse.ArgumentParser, defaults: GenerationDefaults) -> None:
@@ -262,11 +272,15 @@ def _gpu_capability() -> Optional[Tuple[int, int]]:
     return tuple(paddle.device.cuda.get_device_capability())
 
 
-def load_model(model_path: str, dtype: Optional[str]):
+def load_model(args: argparse.Namespace):
+    """The model of the parsed model flags (``add_model_args``)."""
     from .models.deepseek_vl2 import DeepseekVLV2ForCausalLM
 
-    check_checkpoint_dir(model_path)
-    return DeepseekVLV2ForCausalLM.from_pretrained(model_path, dtype=choose_dtype(dtype, _gpu_capability()))
+    check_checkpoint_dir(args.model_path)
+    return DeepseekVLV2ForCausalLM.from_pretrained(
+        args.model_path, dtype=choose_dtype(args.dtype, _gpu_capability()), weight_dtype=args.weight_dtype,
+        map_weights=args.map_weights,
+    )
 
 
 @dataclass
@@ -348,7 +362,7 @@ def answer_one_turn(
     prompt_tokens = int(inputs.input_ids.shape[1])
     check_prompt_fits(prompt_tokens, context_length(args.model_path))
     status(f"prompt: {prompt_tokens} tokens ({len(images)} image(s))")
-    model = load_model(args.model_path, args.dtype)
+    model = load_model(args)
 
     out.write(f"{inputs.sft_format[0]} ")
     answer = generate_answer(model, processor, inputs, config, stream=out if args.stream else None)
@@ -387,7 +401,7 @@ def answer_each(
     prompt_tokens = int(inputs.input_ids.shape[1])
     check_prompt_fits(prompt_tokens, context_length(args.model_path))
     status(f"prompts: {len(samples)} conversations of up to {prompt_tokens} tokens")
-    model = load_model(args.model_path, args.dtype)
+    model = load_model(args)
     eos_id = processor.eos_id
     eos_text = processor.decode([eos_id])
     start = time.perf_counter()

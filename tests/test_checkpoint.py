@@ -170,7 +170,7 @@ def test_bf16_storage_where_the_kernels_cannot_read_it_is_refused(monkeypatch):
     from paddlemix_vl2.models.deepseek_vl2 import checkpoint
 
     monkeypatch.setattr(checkpoint, "bf16_weights_supported", lambda: False)
-    with pytest.raises(ValueError, match="use weight_dtype='float32'"):
+    with pytest.raises(CheckpointError, match="use weight_dtype='float32'"):
         DeepseekV2ForCausalLM.from_pretrained(checkpoint_dir("micro-tiny"), progress=False, weight_dtype="bfloat16")
     auto = DeepseekV2ForCausalLM.from_pretrained(checkpoint_dir("micro-tiny"), progress=False, weight_dtype="auto")
     assert {p.dtype for p in auto.parameters()} == {paddle.float32}

@@ -204,6 +204,28 @@ def test_default_run_asks_each_demo_image_its_question_in_one_batch(capsys):
     assert "3 conversations" in printed.err
 
 
+def test_weight_storage_flags_leave_the_answers_unchanged(capsys):
+    """--weight_dtype float32 and --no_map_weights hold the matrices differently, never compute differently."""
+    from paddlemix_vl2.apps.multi_image_infer import main, parse_args
+
+    outputs = []
+    for flags in ([], ["--no_map_weights"], ["--weight_dtype", "float32"]):
+        assert main(parse_args(["--max_new_tokens", "12", *flags])) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] and outputs[1:] == outputs[:1] * 2
+
+
+def test_bf16_storage_where_the_kernels_cannot_read_it_is_one_error_line(monkeypatch, capsys):
+    from paddlemix_vl2.apps.multi_image_infer import main, parse_args
+    from paddlemix_vl2.cli import EXIT_INPUT_ERROR, run_cli
+    from paddlemix_vl2.models.deepseek_vl2 import checkpoint
+
+    monkeypatch.setattr(checkpoint, "bf16_weights_supported", lambda: False)
+    assert run_cli(main, parse_args, ["--weight_dtype", "bfloat16"]) == EXIT_INPUT_ERROR
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "use weight_dtype='float32'" in lines[-1], lines  # the status line, the error
+
+
 def test_a_question_asks_about_all_demo_images_at_once(capsys):
     from paddlemix_vl2.apps.multi_image_infer import main, parse_args
     from paddlemix_vl2.demo import DEMO_IMAGES

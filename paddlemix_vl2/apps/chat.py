@@ -134,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
     first_images = open_images(args.image_file or [])
     processor = load_processor(args.model_path)
     context = context_length(args.model_path)
-    model = load_model(args.model_path, args.dtype)
+    model = load_model(args)
     session = ChatSession(model, processor, config, context)
     session.attach(first_images)
     interactive = sys.stdin.isatty()

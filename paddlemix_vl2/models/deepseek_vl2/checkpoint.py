@@ -552,7 +552,7 @@ def _keeps_bf16(weight_dtype, compute_dtype) -> bool:
         raise ValueError(f"unknown weight_dtype {weight_dtype!r}; use 'auto', 'bfloat16' or 'float32'")
     possible = compute_dtype == paddle.float32 and paddle.get_device() == "cpu" and bf16_weights_supported()
     if name == "bfloat16" and not possible:
-        raise ValueError(
+        raise CheckpointError(
             "weight_dtype='bfloat16' needs float32 CPU inference and the package's CPU kernels built with "
             "AVX-512 (AVX512BW), which this machine or run lacks; use weight_dtype='float32'"
         )

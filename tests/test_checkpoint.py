@@ -123,8 +123,8 @@ def test_bf16_storage_keeps_the_matrices_as_stored_and_refuses_training(monkeypa
     assert set(checkpoint.bf16_storage_names(stored)) == {f"{name}.weight" for name in linears}
     widened_params = dict(widened.named_parameters())
     for name, param in stored.named_parameters():
-        expected_dtype = paddle.bfloat16 if name.rpartition(".")[0] in linears and name.endswith(".weight") else paddle.float32
-        assert param.dtype == expected_dtype, name
+        kept = name.rpartition(".")[0] in linears and name.endswith(".weight")
+        assert param.dtype == (paddle.bfloat16 if kept else paddle.float32), name
         np.testing.assert_array_equal(param.astype("float32").numpy(), widened_params[name].numpy())
     shard = os.path.join(checkpoint_dir("micro-small"), "model-00001-of-00002.safetensors")
     with safe_open(shard, framework="paddle") as f:

@@ -564,8 +564,8 @@ def build_and_load(build, path: str, prefix: str = "", dtype=None, progress: boo
     """Construct a model with ``build()`` in the compute dtype without allocating its parameters, stream
     its weights in, and return it in eval mode. ``weight_dtype``: None or "float32" keeps every parameter
     in the compute dtype (what training needs); "auto" or "bfloat16" keeps the ``Linear`` matrices and the
-    token embedding table of a bf16 checkpoint as stored for float32 CPU inference, mapped from the shards unless ``map_weights`` is
-    False (see the module docstring)."""
+    token embedding table of a bf16 checkpoint as stored for float32 CPU inference, mapped from the shards
+    unless ``map_weights`` is False (see the module docstring)."""
     compute_dtype = resolve_dtype(dtype)
     # LazyGuard: parameters get their memory while loading, so nothing is zero-filled first.
     with zero_init(compute_dtype), paddle.LazyGuard():

@@ -1,8 +1,8 @@
-/* CPU kernels for inference, float32, called through ctypes by native.py (which builds this file and
- * cpu_gemm.c at first use with -O3 -march=native): few_rows_linear for one to eight rows, swiglu_mlps (a
- * layer's MLPs in one call; prefill's through the GEMM of cpu_gemm.c), add_bias_rows, and in AVX-512
- * builds softmax_rows (attention), gelu_tanh_inplace (the vision tower) and mha_decode (a decode step's
- * attention). Summation orders differ from MKL's and the exponential is a polynomial: results agree with
+/* CPU kernels for inference, float32 arithmetic (weights in float32 or bfloat16), called through ctypes by
+ * native.py (which builds this file and cpu_gemm.c at first use with -O3 -march=native): few_rows_linear
+ * for one to eight rows, swiglu_mlps (a layer's MLPs in one call; prefill's through the GEMM of
+ * cpu_gemm.c), add_bias_rows, and in AVX-512 builds softmax_rows (attention), gelu_tanh_inplace (the
+ * vision tower) and mha_decode (a decode step's attention). Summation orders differ from MKL's and the exponential is a polynomial: results agree with
  * Paddle's kernels to float32 rounding.
  *
  * few_rows_linear, y[R, N] = x[R, K] @ w[N, K]^T for a few rows R: decode multiplies one to a few
@@ -20,7 +20,8 @@
 typedef __m512 vec;
 #define VZERO() _mm512_setzero_ps()
 #define VLOAD(p) _mm512_loadu_ps(p)
-#define VLOAD_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define VLOAD_BF16(p) \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VSUM(v) _mm512_reduce_add_ps(v)
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -28,7 +29,8 @@ typedef __m512 vec;
 typedef __m256 vec;
 #define VZERO() _mm256_setzero_ps()
 #define VLOAD(p) _mm256_loadu_ps(p)
-#define VLOAD_BF16(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define VLOAD_BF16(p) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 static inline float VSUM(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -46,7 +48,8 @@ typedef float vec;
 #define VSUM(v) (v)
 #endif
 
-/* Weights element i of w, float32 or bfloat16 (bf16: a compile-time constant after inlining). */
+/* Weights i .. i + LANES - 1 of w (weight_at: weight i) as float32, w float32 or, when bf16, bfloat16 (bf16
+ * is a compile-time constant after inlining). */
 static inline __attribute__((always_inline)) vec weight_vec(const void *w, long i, const int bf16) {
     return bf16 ? VLOAD_BF16((const bf16_t *)w + i) : VLOAD((const float *)w + i);
 }
@@ -87,7 +90,8 @@ static inline __attribute__((always_inline)) void tile(const float *x, const voi
     }
     for (long k = k_main; k < k_dim; ++k)
         for (int r = 0; r < rows; ++r)
-            for (int j = 0; j < outputs; ++j) tail[r][j] += x[r * k_dim + k] * weight_at(w, (n + j) * k_dim + k, bf16);
+            for (int j = 0; j < outputs; ++j)
+                tail[r][j] += x[r * k_dim + k] * weight_at(w, (n + j) * k_dim + k, bf16);
     for (int r = 0; r < rows; ++r)
         for (int j = 0; j < outputs; ++j) y[r * n_dim + n + j] = VSUM(acc[r][j]) + tail[r][j];
 }

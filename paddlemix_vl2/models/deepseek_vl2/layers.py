@@ -20,8 +20,8 @@ from .native import (
 )
 
 __all__ = [
-    "Linear", "TokenEmbedding", "DeepseekV2RMSNorm", "DeepseekV2MLP", "attend", "masked_softmax", "softmax_float32", "gelu_tanh",
-    "cpu_has_avx512f",
+    "Linear", "TokenEmbedding", "DeepseekV2RMSNorm", "DeepseekV2MLP", "attend", "masked_softmax", "softmax_float32",
+    "gelu_tanh", "cpu_has_avx512f",
     "ACTIVATION_BLOCK_BYTES",
 ]
 

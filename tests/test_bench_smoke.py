@@ -45,10 +45,11 @@ TOP_FIELDS = {
 }
 
 
-def run_bench(tmp_path, name):
+def run_bench(tmp_path, name, *flags):
     report_path = tmp_path / f"{name}.json"
     completed = subprocess.run(
-        [sys.executable, BENCH_SCRIPT, "--checkpoint", checkpoint_dir(name), "--quick", "--json", str(report_path)],
+        [sys.executable, BENCH_SCRIPT, "--checkpoint", checkpoint_dir(name), "--quick", "--json", str(report_path),
+         *flags],
         capture_output=True, text=True, timeout=120,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -68,8 +69,7 @@ def check_common(report, config):
     assert_positive_numbers(
         report["load"], LOAD_FIELDS - {"load_average_1min", "weight_dtype", "matrix_dtype", "map_weights"}
     )
-    assert report["load"]["map_weights"] is True
-    assert report["load"]["weight_dtype"] == "auto" and report["load"]["matrix_dtype"] in ("float32", "bfloat16")
+    assert report["load"]["matrix_dtype"] in ("float32", "bfloat16")
     assert report["image_size"] == [640, 480]
     for key, images, tiles in (("one_image", 1, 5), ("three_images", 3, 6)):
         section = report[key]
@@ -107,9 +107,18 @@ def bf16_bytes_in_checkpoint(folder):
 
 def test_quick_run_on_mha_checkpoint_reports_every_field(tmp_path):
     report = run_bench(tmp_path, "micro-tiny")
+    assert report["load"]["weight_dtype"] == "auto" and report["load"]["map_weights"] is True
     config = json.load(open(os.path.join(checkpoint_dir("micro-tiny"), "config.json")))
     check_common(report, config)
     assert report["mla"] is None
+
+
+def test_storage_flags_reach_the_load(tmp_path):
+    """--weight_dtype float32 holds every matrix in float32; --no_map_weights is recorded."""
+    report = run_bench(tmp_path, "micro-tiny", "--weight_dtype", "float32", "--no_map_weights")
+    load = report["load"]
+    assert (load["weight_dtype"], load["matrix_dtype"], load["map_weights"]) == ("float32", "float32", False)
+    assert load["stored_weight_bytes"] == load["fp32_weight_bytes"]
 
 
 def test_quick_run_on_mla_checkpoint_reports_cache_size(tmp_path):

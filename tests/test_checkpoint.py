@@ -146,7 +146,8 @@ def test_bf16_storage_maps_the_file_copy_on_write(tmp_path):
     from paddlemix_vl2.models.deepseek_vl2 import native
 
     if not native.bf16_weights_supported():
-        pytest.skip("the kernels here do not read bf16 weights (no AVX512BW build), so nothing is mapped")
+        pytest.skip("the kernels here do not read bf16 weights (no AVX512BW build), so nothing is mapped: loads "
+                    "read float32 copies, which test_save_load_round_trip_is_exact checks")
     folder = tmp_path / "copy"
     shutil.copytree(checkpoint_dir("micro-tiny"), folder)
     before = {name: open(folder / name, "rb").read() for name in os.listdir(folder) if name.endswith(".safetensors")}
@@ -174,3 +175,26 @@ def test_bf16_storage_where_the_kernels_cannot_read_it_is_refused(monkeypatch):
         DeepseekV2ForCausalLM.from_pretrained(checkpoint_dir("micro-tiny"), progress=False, weight_dtype="bfloat16")
     auto = DeepseekV2ForCausalLM.from_pretrained(checkpoint_dir("micro-tiny"), progress=False, weight_dtype="auto")
     assert {p.dtype for p in auto.parameters()} == {paddle.float32}
+
+
+def test_a_float32_matrix_among_bf16_ones_takes_the_plain_path():
+    """A LoRA merge into bf16 storage leaves its merged matrices float32: such MLPs and MoE layers leave the
+    one-dtype kernel call for the per-Linear path, with the same logits."""
+    from paddlemix_vl2.models.deepseek_vl2 import native
+
+    if not native.bf16_weights_supported():
+        pytest.skip("the kernels here do not read bf16 weights (no AVX512BW build), so every matrix is float32")
+    mixed = DeepseekV2ForCausalLM.from_pretrained(checkpoint_dir("micro-small"), progress=False)
+    widened = load_lm("micro-small", "float32")
+    moe_layer = next(layer.mlp for layer in mixed.model.layers if hasattr(layer.mlp, "experts"))
+    expert = moe_layer.experts[0]
+    expert.down_proj.weight = paddle.create_parameter(
+        expert.down_proj.weight.shape, paddle.float32,
+        default_initializer=paddle.nn.initializer.Assign(expert.down_proj.weight.astype("float32")),
+    )
+    ids = paddle.to_tensor([[5, 17, 3, 99, 42, 7, 11, 250, 31, 64]])
+    with paddle.no_grad():
+        for rows in (ids, ids[:, :1]):  # prefill rows and one decode-sized row
+            np.testing.assert_allclose(
+                mixed(input_ids=rows).logits.numpy(), widened(input_ids=rows).logits.numpy(), rtol=1e-5, atol=1e-5
+            )

@@ -157,11 +157,13 @@ class DeepseekV2MLP(nn.Layer):
 
     def native_weights(self):
         """(gate [I, H], up [I, H], down [H, I]) as ``native.swiglu_mlps`` takes them, or None when a
-        projection is not a plain ``Linear`` (a LoRA wrapper: the kernel would leave its adapter out)."""
+        projection is not a plain ``Linear`` (a LoRA wrapper: the kernel would leave its adapter out) or
+        the three differ in dtype (a LoRA merge into bf16 storage leaves its merged weights float32)."""
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         if not all(type(projection) is Linear for projection in projections):
             return None
-        return tuple(projection.weight for projection in projections)
+        weights = tuple(projection.weight for projection in projections)
+        return weights if weights[0].dtype == weights[1].dtype == weights[2].dtype else None
 
 
 def attend(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mask: Optional[paddle.Tensor],

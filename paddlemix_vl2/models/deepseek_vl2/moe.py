@@ -209,7 +209,7 @@ class DeepseekV2MoE(nn.Layer):
     ) -> Optional[paddle.Tensor]:
         """x [N, H] -> routed and shared experts together [N, H] by one ``native.swiglu_mlps`` call: each
         chosen expert takes the tokens that chose it, with their router weights. None when an expert's
-        projections are wrapped (LoRA), which the plain path handles."""
+        projections are wrapped (LoRA) or the MLPs' weights differ in dtype, which the plain path handles."""
         chosen, weights = topk_idx.numpy().reshape([-1]), topk_weight.numpy().reshape([-1])
         order = np.argsort(chosen, kind="stable")  # (token, slot) pairs grouped by expert
         expert_ids, counts = np.unique(chosen, return_counts=True)
@@ -221,7 +221,7 @@ class DeepseekV2MoE(nn.Layer):
             row_ids = np.concatenate([row_ids, np.arange(n)])
             row_scales = np.concatenate([row_scales, np.ones(n, dtype=np.float32)])
             row_counts.append(n)
-        if any(expert_weights is None for expert_weights in mlps):
+        if any(expert_weights is None for expert_weights in mlps) or len({w[0].dtype for w in mlps}) > 1:
             return None
         return swiglu_mlps(x, mlps, row_counts, row_ids, row_scales)
 

@@ -142,6 +142,8 @@ def kernel_library() -> Optional[ctypes.CDLL]:
     )
     library.swiglu_mlps.restype = ctypes.c_int
     library.bf16_weights.restype = ctypes.c_int
+    # Asked once here: the predicates below run on every Linear call of a decode step.
+    library.reads_bf16_weights = library.vector_lanes() == 16 and library.bf16_weights() == 1
     library.add_bias_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2
     library.add_bias_rows.restype = None
     library.vector_lanes.restype = ctypes.c_int
@@ -180,7 +182,7 @@ def bf16_weights_supported() -> bool:
     inference can keep a bf16 checkpoint's matrices as they are stored, at half the memory, with the same
     results (bf16 to float32 is exact)."""
     library = kernel_library()
-    return library is not None and library.vector_lanes() == 16 and library.bf16_weights() == 1
+    return library is not None and library.reads_bf16_weights
 
 
 def _weights_readable(weight: paddle.Tensor) -> bool:

@@ -84,6 +84,11 @@ class DemoTrainingSettings:
     vision_batch_size: int = 16  # over all processes
     vision_learning_rate: float = 1e-3
     vision_warmup_steps: int = 50
+    # Weights of the hundreds-digit, box and count heads beside the presence loss (``pretraining_loss``):
+    # the box L1 is in units of the whole 0..999 range, so about 0.07 once trained.
+    vision_digit_weight: float = 0.3
+    vision_box_weight: float = 2.0
+    vision_count_weight: float = 0.1
     # Stage 2, the projector and the language model on the questions (the tower stays frozen).
     train_images: int = 15000
     dataset_seed: int = 1

@@ -13,7 +13,7 @@ thread do more steps per second than one process of two threads.
 2. ``WORK/init``: the random-initialisation checkpoint in the official layout, with the demo tokenizer
    and processor files (``recipe.write_initial_checkpoint``, seed ``init_seed``);
 3. ``WORK/vision``: stage 1, the vision tower of ``WORK/init`` pretrained alone on ``vision_images``
-   scenes with a throw-away presence head (``vision_pretraining``; checkpoints for ``--resume``);
+   scenes with throw-away presence, box and count heads (``vision_pretraining``; checkpoints for ``--resume``);
    the model with that tower is written to ``WORK/stage2_init`` (float32);
 4. ``WORK/train``: stage 2, the projector and the language model trained from ``WORK/stage2_init`` with
    the tower frozen (``prepare_model(freeze_vision=True)``), with ``paddlemix_vl2.finetune``
@@ -112,6 +112,7 @@ def train_demo(
             model, processor.image_transform, settings.vision_images, settings.vision_seed,
             _stage_config(settings, vision_dir, settings.vision_learning_rate, 1.0,
                           settings.vision_batch_size // world_size, settings.vision_warmup_steps, save_steps),
+            (settings.vision_digit_weight, settings.vision_box_weight, settings.vision_count_weight),
             resume=resume,
         )
         if is_first:

@@ -41,10 +41,10 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from ..finetune import Trainer, TrainingConfig, latest_checkpoint
+from ..grounding import COORDINATE_MAX, box_from_pixels
 from ..models.deepseek_vl2 import DeepseekVLV2ForCausalLM
 from ..models.deepseek_vl2.siglip_vit import VisionTransformer
 from ..processors.image_processing import ImageTransform
-from ..grounding import box_from_pixels
 from .shapes import COLORS, SHAPE_COUNT_RANGE, SHAPE_KINDS, Shape, draw_scene
 
 __all__ = [
@@ -197,7 +197,7 @@ def pretraining_loss(model: PretrainingHeads, batch: Dict[str, paddle.Tensor], d
     hundreds = paddle.where(box == NO_BOX, paddle.zeros_like(box), box // 100)
     digit_loss = F.cross_entropy(digit_logits, hundreds.unsqueeze(-1), reduction="none").reshape([-1, 4]).mean(axis=1)
     box_fraction = F.sigmoid(dense[:, DIGIT_COLUMNS:DIGIT_COLUMNS + BOX_COLUMNS])
-    box_error = (box_fraction - box.astype(dense.dtype) / 999.0).abs().mean(axis=1)
+    box_error = (box_fraction - box.astype(dense.dtype) / COORDINATE_MAX).abs().mean(axis=1)
     count_loss = F.cross_entropy(dense[:, DIGIT_COLUMNS + BOX_COLUMNS:], targets[:, 4:5])
     return (F.binary_cross_entropy_with_logits(presence, batch["labels"])
             + digit_weight * _masked_mean(digit_loss, inside) + box_weight * _masked_mean(box_error, inside)

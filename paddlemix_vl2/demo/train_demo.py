@@ -13,7 +13,7 @@ thread do more steps per second than one process of two threads.
 2. ``WORK/init``: the random-initialisation checkpoint in the official layout, with the demo tokenizer
    and processor files (``recipe.write_initial_checkpoint``, seed ``init_seed``);
 3. ``WORK/vision``: stage 1, the vision tower of ``WORK/init`` pretrained alone on ``vision_images``
-   scenes with throw-away presence, box and count heads (``vision_pretraining``; checkpoints for ``--resume``);
+   scenes with throw-away heads (``vision_pretraining``; checkpoints for ``--resume``);
    the model with that tower is written to ``WORK/stage2_init`` (float32);
 4. ``WORK/train``: stage 2, the projector and the language model trained from ``WORK/stage2_init`` with
    the tower frozen (``prepare_model(freeze_vision=True)``), with ``paddlemix_vl2.finetune``
@@ -215,6 +215,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--vision_images", type=int, default=defaults.vision_images, help="stage 1 scenes")
     parser.add_argument("--train_images", type=int, default=defaults.train_images, help="stage 2 conversations")
     parser.add_argument("--epochs", type=float, default=defaults.num_train_epochs)
+    parser.add_argument(
+        "--box_heads", nargs=3, type=float, metavar=("DIGIT", "BOX", "COUNT"),
+        default=(defaults.vision_digit_weight, defaults.vision_box_weight, defaults.vision_count_weight),
+        help="stage-1 loss weights of the hundreds-digit, box and count heads (default 0 0 0: presence only, "
+             "the shipped model's recipe; README.md's dense-head runs used 0.3 2.0 0.1)",
+    )
     parser.add_argument("--eval_images", type=int, default=100)
     parser.add_argument("--eval_seed", type=int, default=7)
     parser.add_argument("--max_shard_mb", type=float, default=2.0)
@@ -278,7 +284,9 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 def _settings(args: argparse.Namespace) -> DemoTrainingSettings:
     return DemoTrainingSettings().replace(
-        vision_images=args.vision_images, train_images=args.train_images, num_train_epochs=args.epochs
+        vision_images=args.vision_images, train_images=args.train_images, num_train_epochs=args.epochs,
+        vision_digit_weight=args.box_heads[0], vision_box_weight=args.box_heads[1],
+        vision_count_weight=args.box_heads[2],
     )
 
 

@@ -21,7 +21,7 @@ from paddlemix_vl2.demo.answer_loss import answer_weights
 from paddlemix_vl2.demo.conversations import scene_questions, training_questions
 from paddlemix_vl2.demo.shapes import draw_scene
 from paddlemix_vl2.demo.recipe import DemoTrainingSettings
-from paddlemix_vl2.demo.train_demo import _settings, join_or_stop, main as train_demo_main, parse_args
+from paddlemix_vl2.demo.train_demo import join_or_stop, main as train_demo_main, parse_args, settings_from_args
 from paddlemix_vl2.demo.evaluate import QUESTION_KINDS, box_iou, evaluate, grounding_iou
 from paddlemix_vl2.demo.vocabulary import write_tokenizer_files
 from paddlemix_vl2.models.deepseek_vl2 import DeepseekVLV2ForCausalLM
@@ -155,10 +155,10 @@ def test_training_conversations_never_give_an_answer_away():
 
 
 def test_box_heads_flag_sets_the_stage_1_loss_weights_and_defaults_to_the_shipped_recipe():
-    default = _settings(parse_args(["--out", "x"]))
+    default = settings_from_args(parse_args(["--out", "x"]))
     assert default == DemoTrainingSettings()
     assert (default.vision_digit_weight, default.vision_box_weight, default.vision_count_weight) == (0, 0, 0)
-    chosen = _settings(parse_args(["--out", "x", "--box_heads", "0.3", "2", "0.1"]))
+    chosen = settings_from_args(parse_args(["--out", "x", "--box_heads", "0.3", "2", "0.1"]))
     assert (chosen.vision_digit_weight, chosen.vision_box_weight, chosen.vision_count_weight) == (0.3, 2.0, 0.1)
 
 

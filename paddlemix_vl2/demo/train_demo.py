@@ -241,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     work_dir = args.work_dir or os.path.abspath(args.out) + ".work"
     if args.nproc == 1:
         return _run(args, work_dir)
-    seconds = write_inputs(work_dir, _settings(args), DemoModelSizes(), args.resume)
+    seconds = write_inputs(work_dir, settings_from_args(args), DemoModelSizes(), args.resume)
     # One process per share of the cores: on this small model one thread per process does nearly the
     # work of two in one process (measured: 1.3 against 1.2 s per step of 8 conversations).
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc))
@@ -282,7 +282,8 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _settings(args: argparse.Namespace) -> DemoTrainingSettings:
+def settings_from_args(args: argparse.Namespace) -> DemoTrainingSettings:
+    """The recipe's settings with the command line's changes (``parse_args``'s namespace)."""
     return DemoTrainingSettings().replace(
         vision_images=args.vision_images, train_images=args.train_images, num_train_epochs=args.epochs,
         vision_digit_weight=args.box_heads[0], vision_box_weight=args.box_heads[1],
@@ -291,7 +292,7 @@ def _settings(args: argparse.Namespace) -> DemoTrainingSettings:
 
 
 def _run(args: argparse.Namespace, work_dir: str) -> Optional[Dict[str, Any]]:
-    settings = _settings(args)
+    settings = settings_from_args(args)
     return train_demo(
         args.out, work_dir, settings, eval_images=args.eval_images, eval_seed=args.eval_seed,
         max_shard_mb=args.max_shard_mb, save_steps=args.save_steps, resume=args.resume,

@@ -142,11 +142,11 @@ def kernel_library() -> Optional[ctypes.CDLL]:
     )
     library.swiglu_mlps.restype = ctypes.c_int
     library.bf16_weights.restype = ctypes.c_int
-    # Asked once here: the predicates below run on every Linear call of a decode step.
-    library.reads_bf16_weights = library.vector_lanes() == 16 and library.bf16_weights() == 1
     library.add_bias_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2
     library.add_bias_rows.restype = None
     library.vector_lanes.restype = ctypes.c_int
+    # Asked once here: the predicates below run on every Linear call of a decode step.
+    library.reads_bf16_weights = library.vector_lanes() == 16 and library.bf16_weights() == 1
     if library.vector_lanes() == 16:
         library.softmax_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 5
         library.softmax_rows.restype = None

@@ -184,7 +184,8 @@ def test_a_float32_matrix_among_bf16_ones_takes_the_plain_path():
 
     if not native.bf16_weights_supported():
         pytest.skip("the kernels here do not read bf16 weights (no AVX512BW build), so every matrix loads "
-                    "float32 and no dtypes mix; test_lora_run_lowers_loss_resumes_exactly_and_merges covers the merge there")
+                    "float32 and no dtypes mix; test_lora_run_lowers_loss_resumes_exactly_and_merges "
+                    "covers the merge there")
     mixed = DeepseekV2ForCausalLM.from_pretrained(checkpoint_dir("micro-small"), progress=False)
     widened = load_lm("micro-small", "float32")
     moe_layer = next(layer.mlp for layer in mixed.model.layers if hasattr(layer.mlp, "experts"))

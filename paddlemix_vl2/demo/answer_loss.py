@@ -3,7 +3,7 @@
 The stack's default loss averages over labelled tokens, so a grounding answer (about 26 tokens) weighs
 13 times a one-word answer plus its end-of-sentence token. Early in training nearly all of that weight
 sits on box digits the model cannot predict yet, and the shape/colour/count answers were learnt
-several times slower in the measurements of the earlier one-stage runs (see README.md). Here every
+several times slower in the earlier one-stage runs (measured then, not repeated since). Here every
 answer (a maximal run of labelled tokens) has weight 1, spread evenly over its tokens.
 
 Targets whose predicting position is padding are dropped: with left padding the processor's

@@ -22,6 +22,7 @@ from paddlemix_vl2.finetune import (
     merge_lora,
     prepare_model,
 )
+from paddlemix_vl2.finetune import StateFileError
 from paddlemix_vl2.finetune import state as state_module
 from paddlemix_vl2.finetune.data import Record
 from paddlemix_vl2.finetune.lora import lora_layers
@@ -381,9 +382,9 @@ def test_interrupted_checkpoint_save_leaves_the_previous_one_intact(tmp_path, mo
     assert latest_checkpoint(str(tmp_path)) == str(first)
     snapshot = {name: (first / name).read_bytes() for name in os.listdir(first)}
 
-    # Re-saving the same step and failing half-way keeps the old folder too.
-    calls["n"] = 2
-    with pytest.raises(OSError, match="simulated"):
+    # A fresh run into the same folder is refused before it trains: its checkpoints would rotate the
+    # older run's in and its own out.
+    with pytest.raises(FileExistsError, match="resume_from_checkpoint latest, or choose a new --output_dir"):
         Trainer(_ToyRegression(), data, _toy_collate, config, loss_fn=_toy_loss).train()
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]
     assert {name: (first / name).read_bytes() for name in os.listdir(first)} == snapshot
@@ -393,6 +394,17 @@ def test_interrupted_checkpoint_save_leaves_the_previous_one_intact(tmp_path, mo
     resumed = Trainer(_ToyRegression(), data, _toy_collate, config, loss_fn=_toy_loss).train("latest")
     assert [h["step"] for h in resumed] == [1, 2]
     assert [step for step, _ in list_checkpoints(str(tmp_path))] == [1, 2]
+
+
+@pytest.mark.parametrize("broken", ["optimizer.safetensors", "trainer_state.json"])
+def test_resuming_from_a_truncated_checkpoint_file_is_one_clear_error(tmp_path, broken):
+    data = _toy_data()
+    config = TrainingConfig(output_dir=str(tmp_path), learning_rate=0.1, max_steps=1, save_steps=1, seed=3)
+    Trainer(_ToyRegression(), data, _toy_collate, config, loss_fn=_toy_loss).train()
+    path = tmp_path / "checkpoint-1" / broken
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(StateFileError, match="truncated or corrupt|is not valid JSON"):
+        Trainer(_ToyRegression(), data, _toy_collate, config, loss_fn=_toy_loss).train("latest")
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -22,9 +22,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import paddle
 from paddle import nn
-from safetensors import safe_open
 
-from .files import STAGING_PREFIX, atomic_directory, load_named_tensors, save_named_tensors
+from .files import (
+    STAGING_PREFIX, StateFileError, atomic_directory, load_named_tensors, open_tensor_file, save_named_tensors,
+)
 from .lora import ADAPTER_WEIGHTS_FILE, LoRAConfig, adapter_state_dict, write_adapter_files
 from .optim import AdamW
 
@@ -47,9 +48,7 @@ NamedParams = List[Tuple[str, paddle.Tensor]]
 
 
 def _read_tensors(path: str) -> Dict[str, paddle.Tensor]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; the checkpoint is incomplete")
-    with safe_open(path, framework="paddle") as f:
+    with open_tensor_file(path) as f:
         return {key: f.get_tensor(key) for key in f.keys()}
 
 
@@ -79,8 +78,13 @@ def load_checkpoint(
     state_file = os.path.join(directory, TRAINER_STATE_FILE)
     if not os.path.isfile(state_file):
         raise FileNotFoundError(f"{state_file} not found; --resume_from_checkpoint must be a checkpoint-<step> folder")
-    with open(state_file, encoding="utf-8") as f:
-        trainer_state = json.load(f)
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            trainer_state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StateFileError(f"{state_file} is not valid JSON ({err}); resume from another checkpoint") from None
+    if not isinstance(trainer_state, dict):
+        raise StateFileError(f"{state_file} must hold a JSON object; resume from another checkpoint")
     if lora:
         load_named_tensors(adapter_state_dict(model), os.path.join(directory, ADAPTER_WEIGHTS_FILE), what="adapter")
     else:

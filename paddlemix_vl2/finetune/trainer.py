@@ -183,6 +183,14 @@ class Trainer:
             if changed:
                 logger.warning("resuming with changed settings %s: the run cannot repeat the interrupted one", changed)
             logger.info("resumed from %s at step %d", path, start)
+        elif os.path.isdir(config.output_dir) and latest_checkpoint(config.output_dir):
+            # Checkpoint rotation keeps the highest steps, so a fresh run here would delete its own newest
+            # checkpoint and leave the older run's for a later resume to pick up.
+            raise FileExistsError(
+                f"{config.output_dir} already holds checkpoints of another run "
+                f"({os.path.basename(latest_checkpoint(config.output_dir))}); continue it with "
+                "--resume_from_checkpoint latest, or choose a new --output_dir"
+            )
         trainable, everything = count_parameters(self.model)
         logger.info(
             "training %d steps: %s of %s parameters train, %d records, batch %d x %d accumulation x %d processes",

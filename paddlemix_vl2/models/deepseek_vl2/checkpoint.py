@@ -43,9 +43,7 @@ import logging
 import mmap
 import os
 import re
-import shutil
 import sys
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -54,6 +52,7 @@ import numpy as np
 import paddle
 from safetensors.paddle import save_file
 
+from ...output_folders import atomic_directory
 from .layers import Linear, TokenEmbedding
 from .native import bf16_weights_supported
 
@@ -459,14 +458,12 @@ def save_weights(
     """Write ``layer`` as official sharded safetensors (torch ``[out, in]`` orientation) plus an index.
 
     Everything is first written into a temporary folder beside ``directory`` and moved into place at the
-    end, so an interrupted save never leaves a half-written checkpoint. ``extra_files`` maps file names
-    to text contents (config.json, processor_config.json, ...) written in the same step.
+    end (``output_folders.atomic_directory``), so an interrupted save never leaves a half-written
+    checkpoint, and an existing ``directory`` is only replaced when it holds checkpoint files alone.
+    ``extra_files`` maps file names to text contents (config.json, processor_config.json, ...) written in
+    the same step.
     """
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
-    try:
+    with atomic_directory(directory) as staging:
         size = 0
         shard_tensors: List[Dict[str, paddle.Tensor]] = [{}]
         for name, tensor in _iter_export(layer, prefix, dtype):
@@ -490,17 +487,6 @@ def save_weights(
         for fname, text in (extra_files or {}).items():
             with open(os.path.join(staging, fname), "w", encoding="utf-8") as f:
                 f.write(text)
-        if os.path.isdir(directory):
-            backup = directory + ".old"
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(directory, backup)
-            os.replace(staging, directory)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 @contextlib.contextmanager

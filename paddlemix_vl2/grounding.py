@@ -17,7 +17,7 @@ from __future__ import annotations
 import colorsys
 import os
 import re
-import tempfile
+import secrets
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -185,7 +185,9 @@ def save_png(image: Image.Image, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot save {path!r}: folder {folder!r} does not exist; create it first")
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    # os.open with 0o666 rather than mkstemp, whose file is private (0600) whatever the umask says.
+    temporary = os.path.join(folder, f".tmp-{secrets.token_hex(8)}.png")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb") as stream:
             image.save(stream, format="PNG")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from typing import Iterator
 
@@ -39,6 +40,19 @@ def check_replaceable(path: str) -> None:
         )
 
 
+def _give_files_the_umask_mode(folder: str) -> None:
+    """chmod every file of ``folder`` to the mode a new file gets under the process umask: safetensors
+    writes its files private (0600), unlike everything else the folder holds. A probe file tells the mode
+    without setting the umask, which would race with other threads."""
+    probe = os.path.join(folder, ".mode-probe")
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = stat.S_IMODE(os.stat(probe).st_mode)
+    os.remove(probe)
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            os.chmod(entry.path, mode)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str) -> Iterator[str]:
     """Yield a staging folder; on success it replaces ``path`` in one rename (``check_replaceable`` first).
@@ -57,6 +71,7 @@ def atomic_directory(path: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _give_files_the_umask_mode(staging)
     check_replaceable(path)  # something else may have written there meanwhile
     if os.path.isdir(path):
         retired = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.path.basename(path)}.old.", dir=parent)

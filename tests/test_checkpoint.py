@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from lm_golden import checkpoint_dir, load_lm
-from paddlemix_vl2.models.deepseek_vl2 import CheckpointError, DeepseekV2ForCausalLM
+from paddlemix_vl2.models.deepseek_vl2 import CheckpointError, ConfigError, DeepseekV2ForCausalLM, DeepseekVLV2Config
 from paddlemix_vl2.models.deepseek_vl2.checkpoint import checkpoint_weight_map, resolve_dtype
 
 
@@ -200,3 +200,20 @@ def test_a_float32_matrix_among_bf16_ones_takes_the_plain_path():
             np.testing.assert_allclose(
                 mixed(input_ids=rows).logits.numpy(), widened(input_ids=rows).logits.numpy(), rtol=1e-5, atol=1e-5
             )
+
+
+@pytest.mark.parametrize("file, text, error, message", [
+    ("config.json", "[1, 2]", ConfigError, "must hold a JSON object, got list"),
+    ("model.safetensors.index.json", "[1]", CheckpointError, "not a valid safetensors index"),
+    ("model.safetensors.index.json", '{"weight_map": {"a": 3}}', CheckpointError, "not a valid safetensors index"),
+])
+def test_json_files_of_the_wrong_shape_are_one_clear_error(tmp_path, file, text, error, message):
+    ckpt = _copy_ckpt(tmp_path)
+    (ckpt / file).write_text(text, encoding="utf-8")
+    with pytest.raises(error, match=message):
+        DeepseekV2ForCausalLM.from_pretrained(str(ckpt), progress=False)
+
+
+def test_a_sub_config_that_is_not_an_object_is_named():
+    with pytest.raises(ConfigError, match="config.json's language_config must be a JSON object, got str"):
+        DeepseekVLV2Config.from_dict({"model_type": "deepseek_vl_v2", "language_config": "oops"})

@@ -312,6 +312,7 @@ def test_bad_input_gives_one_error_line(case, tmp_path):
 
 @pytest.mark.parametrize("script, argv, message", [
     ("grounding_infer.py", ["--output", "/no/such/folder/out.png"], "does not exist"),
+    ("grounding_infer.py", ["--output", EXAMPLES], "is a folder; give the PNG file to write"),
     ("chat.py", ["--image_file", "no_such_image.png"], "no_such_image.png' not found"),
 ])
 def test_other_examples_report_bad_input_in_one_line(script, argv, message):

@@ -451,6 +451,42 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().startswith("error: dataset ")
     assert main(["--model_path", MICRO_TINY, "--dataset", "x", "--output_dir", str(tmp_path), "--fp16"]) == 2
     assert "use --bf16" in capsys.readouterr().err
+    assert main(["--model_path", MICRO_TINY, "--dataset", str(tmp_path), "--output_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: dataset {tmp_path} is a folder; pass a .json/.jsonl "
+                                                    "annotation file or a mixture .json")
+    assert main(["--model_path", MICRO_TINY, "--dataset", "x", "--output_dir", str(tmp_path), "--warmup_ratio", "5"]) == 2
+    assert "--warmup_ratio is a fraction of the steps, from 0 to 1; got 5.0" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_output_file_before_training_and_ctrl_c_is_one_line(shapes_dataset, tmp_path, capsys, monkeypatch):
+    from paddlemix_vl2.finetune import cli
+
+    taken = tmp_path / "taken"
+    taken.write_text("a file", encoding="utf-8")
+    args = ["--model_path", MICRO_TINY, "--dataset", shapes_dataset, "--output_dir", str(taken), "--max_steps", "1"]
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --output_dir {taken} is a file; choose a folder"
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", interrupted)
+    assert cli.main(args) == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_merge_refuses_a_folder_of_other_files_before_loading(tmp_path, capsys, monkeypatch):
+    from paddlemix_vl2.finetune import cli
+
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("the user's", encoding="utf-8")
+    monkeypatch.setattr(cli.DeepseekVLV2ForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded first"))
+    assert cli.merge_main(["--model_path", MICRO_TINY, "--lora_path", str(tmp_path), "--merge_model_path", str(keep)]) == 2
+    assert "writing there would delete them" in capsys.readouterr().err
+    assert os.listdir(keep) == ["notes.txt"]
+    assert cli.merge_main(["--model_path", MICRO_TINY, "--lora_path", str(tmp_path), "--merge_model_path",
+                           str(tmp_path / "new"), "--dtype", "int8"]) == 2
+    assert "--dtype 'int8' is not supported" in capsys.readouterr().err
 
 
 def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path):

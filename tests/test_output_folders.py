@@ -1,5 +1,6 @@
 """Output folders: written whole or not at all, and never over a user's other files."""
 import os
+import stat
 
 import paddle
 import pytest
@@ -62,3 +63,15 @@ def test_save_weights_refuses_a_folder_of_other_files(tmp_path):
     assert os.listdir(target) == ["notes.txt"] and os.listdir(tmp_path) == ["merged"]
     save_weights(paddle.nn.Linear(2, 3), str(tmp_path / "fresh"))
     assert sorted(os.listdir(tmp_path / "fresh")) == ["model.safetensors"]
+
+
+def test_files_get_the_mode_the_umask_gives_a_new_file(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        with atomic_directory(str(tmp_path / "out")) as staging:
+            private = os.path.join(staging, "model.safetensors")
+            os.close(os.open(private, os.O_WRONLY | os.O_CREAT, 0o600))  # as safetensors writes it
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "out" / "model.safetensors").st_mode) == 0o640
+    assert os.listdir(tmp_path / "out") == ["model.safetensors"]  # the probe is gone

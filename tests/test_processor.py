@@ -9,6 +9,8 @@ import glob
 import json
 import math
 import os
+import struct
+import zlib
 
 import numpy as np
 import paddle
@@ -326,6 +328,16 @@ def test_image_file_errors(tmp_path):
         processor(conversations=one_image_turn(), images=[str(tmp_path / "missing.png")])
     with pytest.raises(ImageLoadError, match="zero size"):
         processor(conversations=one_image_turn(), images=[Image.new("RGB", (0, 12))])
+    with pytest.raises(ImageLoadError, match="is a folder, not an image file"):
+        processor(conversations=one_image_turn(), images=[str(tmp_path)])
+    # A header claiming 30000 x 30000 pixels: PIL's decompression-bomb guard, reported like any bad image.
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    with pytest.raises(ImageLoadError, match="bomb.png.*decompression bomb.*resize it first"):
+        processor(conversations=one_image_turn(), images=[str(bomb)])
     with pytest.raises(TypeError, match="PIL images or file paths"):
         processor(conversations=one_image_turn(), images=[np.zeros((4, 4, 3))])
 

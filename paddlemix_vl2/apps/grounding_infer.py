@@ -77,6 +77,8 @@ def save_grounding_image(answer_text: str, image: Image.Image, output: str, out:
 
 
 def _check_output(path: str) -> None:
+    if os.path.isdir(path):
+        raise CLIInputError(f"--output {path!r} is a folder; give the PNG file to write, e.g. {path}/grounding.png")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CLIInputError(f"--output {path!r}: folder {folder!r} does not exist; create it first")

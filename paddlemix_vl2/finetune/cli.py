@@ -15,8 +15,9 @@ from typing import List, Optional, Sequence
 
 import paddle
 
+from ..cli import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, error_line, user_errors
 from ..models.deepseek_vl2 import DeepseekVLV2ForCausalLM
-from ..models.deepseek_vl2.checkpoint import CheckpointError
+from ..output_folders import check_replaceable
 from ..processors import DeepseekVLV2Processor
 from .build import load_model_for_training, prepare_model
 from .data import FinetuneCollator, load_dataset
@@ -27,7 +28,6 @@ __all__ = ["parse_args", "main", "parse_merge_args", "merge_main"]
 
 logger = logging.getLogger("paddlemix_vl2.finetune")
 
-EXIT_INPUT_ERROR = 2
 # PaddleMIX / PaddleNLP flags that change nothing in this single-process trainer.
 IGNORED_FLAGS = (
     "do_train", "overwrite_output_dir", "dataloader_num_workers", "report_to", "evaluation_strategy",
@@ -148,6 +148,15 @@ def run(args: argparse.Namespace) -> List[dict]:
                 f"--{name} {getattr(args, name)} is not supported; use data parallelism (paddle.distributed.launch)"
             )
     dtype = _training_dtype(args)
+    config = TrainingConfig(
+        output_dir=args.output_dir, learning_rate=args.learning_rate, num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps, per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
+        weight_decay=args.weight_decay, lr_scheduler_type=args.lr_scheduler_type, warmup_ratio=args.warmup_ratio,
+        warmup_steps=args.warmup_steps, logging_steps=args.logging_steps, save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, seed=args.seed,
+    )
+    config.check_output_dir(resuming=bool(args.resume_from_checkpoint))
     processor = DeepseekVLV2Processor.from_pretrained(args.model_path, mask_prompt=args.mask_prompt)
     dataset = load_dataset(args.dataset, processor, args.max_seq_length)
     model = load_model_for_training(
@@ -166,14 +175,6 @@ def run(args: argparse.Namespace) -> List[dict]:
                 base_model_name_or_path=os.path.abspath(args.model_path),
             )
         prepare_model(model, lora_config, args.freeze_vision, args.freeze_projector, args.freeze_language)
-    config = TrainingConfig(
-        output_dir=args.output_dir, learning_rate=args.learning_rate, num_train_epochs=args.num_train_epochs,
-        max_steps=args.max_steps, per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
-        weight_decay=args.weight_decay, lr_scheduler_type=args.lr_scheduler_type, warmup_ratio=args.warmup_ratio,
-        warmup_steps=args.warmup_steps, logging_steps=args.logging_steps, save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit, seed=args.seed,
-    )
     trainer = Trainer(model, dataset, FinetuneCollator(processor), config, lora_config, assets_from=args.model_path)
     return trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
@@ -202,15 +203,19 @@ def parse_merge_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace
 
 def merge(args: argparse.Namespace) -> str:
     """Load base + adapters, merge, save in the official layout; returns the output folder."""
+    storage = {"bfloat16": paddle.bfloat16, "float32": paddle.float32, "float16": paddle.float16}.get(args.dtype)
+    if storage is None:
+        raise ValueError(f"--dtype {args.dtype!r} is not supported; use bfloat16, float16 or float32")
+    check_replaceable(os.path.abspath(args.merge_model_path))  # before the minutes of loading, not after
     if args.device:
-        paddle.set_device(args.device)
+        try:
+            paddle.set_device(args.device)
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(f"--device {args.device!r} is not available here ({err}); use cpu or gpu") from None
     # Full-precision matrices: the adapters are added to float32 weights, rounded once when saved.
     model = DeepseekVLV2ForCausalLM.from_pretrained(args.model_path, weight_dtype="float32")
     load_adapters(model, args.lora_path)
     merge_lora(model)
-    storage = {"bfloat16": paddle.bfloat16, "float32": paddle.float32, "float16": paddle.float16}.get(args.dtype)
-    if storage is None:
-        raise ValueError(f"--dtype {args.dtype!r} is not supported; use bfloat16, float16 or float32")
     model.save_pretrained(args.merge_model_path, dtype=storage, assets_from=args.model_path)
     logger.info("merged %s into %s -> %s", args.lora_path, args.model_path, args.merge_model_path)
     return args.merge_model_path
@@ -224,9 +229,14 @@ def merge_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run_reporting_errors(job) -> int:
+    """Bad input -> one ``error:`` line and 2; Ctrl-C -> ``interrupted`` and 130 (a checkpoint being
+    written is left out whole, see ``output_folders``); anything else is a bug and keeps its traceback."""
     try:
         job()
-    except (ValueError, OSError, CheckpointError) as err:
-        sys.stderr.write(f"error: {err}\n")
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return EXIT_INTERRUPTED
+    except (ValueError, *user_errors()) as err:
+        sys.stderr.write(error_line(err) + "\n")
         return EXIT_INPUT_ERROR
     return 0

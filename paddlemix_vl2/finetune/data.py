@@ -135,7 +135,8 @@ def load_dataset(path: str, processor: DeepseekVLV2Processor, max_seq_length: in
     Raises DatasetFormatError when a file cannot be read at all or no record is usable.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"dataset {path} not found; pass a .json/.jsonl annotation file or a mixture .json")
+        problem = "is a folder" if os.path.isdir(path) else "not found"
+        raise FileNotFoundError(f"dataset {path} {problem}; pass a .json/.jsonl annotation file or a mixture .json")
     entries = read_mixture(path) if _is_mixture(path) else [(os.path.abspath(path), None, 1.0)]
     report = DatasetReport()
     records: List[Record] = []

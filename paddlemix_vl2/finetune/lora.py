@@ -242,9 +242,12 @@ def read_adapter_config(directory: str) -> LoRAConfig:
         )
     try:
         with open(path, encoding="utf-8") as f:
-            return LoRAConfig.from_dict(json.load(f))
-    except json.JSONDecodeError as err:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LoRAError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise LoRAError(f"{path} must hold a JSON object, got {type(data).__name__}; save the adapters again")
+    return LoRAConfig.from_dict(data)
 
 
 def load_adapters(model: nn.Layer, directory: str, config: Optional[LoRAConfig] = None) -> LoRAConfig:

@@ -76,6 +76,21 @@ class TrainingConfig:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set --max_steps or a positive --num_train_epochs")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"--warmup_ratio is a fraction of the steps, from 0 to 1; got {self.warmup_ratio}")
+
+    def check_output_dir(self, resuming: bool) -> None:
+        """Raise ``FileExistsError`` when ``output_dir`` is a file, or, for a fresh run, already holds another
+        run's checkpoints: rotation keeps the highest steps, so the fresh run would delete its own newest
+        checkpoint and leave the older run's for a later resume to pick up."""
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise FileExistsError(f"--output_dir {self.output_dir} is a file; choose a folder")
+        newest = None if resuming or not os.path.isdir(self.output_dir) else latest_checkpoint(self.output_dir)
+        if newest:
+            raise FileExistsError(
+                f"{self.output_dir} already holds checkpoints of another run ({os.path.basename(newest)}); "
+                "continue it with --resume_from_checkpoint latest, or choose a new --output_dir"
+            )
 
 
 def learning_rate_at(step: int, total_steps: int, config: TrainingConfig) -> float:
@@ -183,14 +198,8 @@ class Trainer:
             if changed:
                 logger.warning("resuming with changed settings %s: the run cannot repeat the interrupted one", changed)
             logger.info("resumed from %s at step %d", path, start)
-        elif os.path.isdir(config.output_dir) and latest_checkpoint(config.output_dir):
-            # Checkpoint rotation keeps the highest steps, so a fresh run here would delete its own newest
-            # checkpoint and leave the older run's for a later resume to pick up.
-            raise FileExistsError(
-                f"{config.output_dir} already holds checkpoints of another run "
-                f"({os.path.basename(latest_checkpoint(config.output_dir))}); continue it with "
-                "--resume_from_checkpoint latest, or choose a new --output_dir"
-            )
+        else:
+            config.check_output_dir(resuming=False)
         trainable, everything = count_parameters(self.model)
         logger.info(
             "training %d steps: %s of %s parameters train, %d records, batch %d x %d accumulation x %d processes",

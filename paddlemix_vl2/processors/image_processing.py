@@ -41,11 +41,15 @@ def load_image(image: ImageInput) -> Image.Image:
             raise ImageLoadError(f"cannot decode {name} ({err})") from err
     elif isinstance(image, (str, os.PathLike)):
         name = os.fspath(image)
+        if os.path.isdir(name):
+            raise ImageLoadError(f"{name!r} is a folder, not an image file; pass the path of the image itself")
         if not os.path.isfile(name):
             raise FileNotFoundError(f"image file {name!r} not found")
         try:
             with Image.open(name) as opened:
                 rgb = opened.convert("RGB")
+        except Image.DecompressionBombError as err:
+            raise ImageLoadError(f"refusing image file {name!r} ({err}); resize it first") from err
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise ImageLoadError(
                 f"cannot read image file {name!r} ({err}); check that it is a complete image in a format PIL reads"

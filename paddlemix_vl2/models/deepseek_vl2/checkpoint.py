@@ -128,7 +128,9 @@ def checkpoint_weight_map(path: str) -> Dict[str, str]:
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            if not all(isinstance(shard, str) for shard in weight_map.values()):
+                raise TypeError("its weight_map must map tensor names to shard file names")
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download it") from None
         files = {name: os.path.join(path, shard) for name, shard in weight_map.items()}
     elif os.path.isfile(os.path.join(path, SINGLE_FILE)):

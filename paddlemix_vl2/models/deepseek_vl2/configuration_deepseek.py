@@ -231,11 +231,14 @@ class DeepseekVLV2Config:
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "DeepseekVLV2Config":
         data = dict(data)
-        subs = {
-            "vision_config": VisionEncoderConfig.from_dict(data.pop("vision_config", {}) or {}),
-            "projector_config": MlpProjectorConfig.from_dict(data.pop("projector_config", {}) or {}),
-            "language_config": DeepseekV2Config.from_dict(data.pop("language_config", {}) or {}),
-        }
+        subs = {}
+        for key, sub_config in (("vision_config", VisionEncoderConfig), ("projector_config", MlpProjectorConfig),
+                                ("language_config", DeepseekV2Config)):
+            value = data.pop(key, {}) or {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"config.json's {key} must be a JSON object, got {type(value).__name__}; "
+                                  "re-download the checkpoint's config.json")
+            subs[key] = sub_config.from_dict(value)
         if "model_type" not in data:
             raise ConfigError("config.json has no model_type; a DeepSeek-VL2 config has model_type 'deepseek_vl_v2'")
         known, extra = _split_known(cls, data)
@@ -272,6 +275,9 @@ def read_config_json(path: str) -> Dict[str, Any]:
         raise ConfigError(f"{file} not found; --model_path must be a DeepSeek-VL2 checkpoint folder with config.json")
     try:
         with open(file, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{file} is not valid JSON ({e}); re-download the checkpoint's config.json") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must hold a JSON object, got {type(data).__name__}; re-download it")
+    return data

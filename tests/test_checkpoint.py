@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 
 import numpy as np
@@ -214,6 +215,25 @@ def test_json_files_of_the_wrong_shape_are_one_clear_error(tmp_path, file, text,
         DeepseekV2ForCausalLM.from_pretrained(str(ckpt), progress=False)
 
 
-def test_a_sub_config_that_is_not_an_object_is_named():
+def test_a_sub_config_that_is_not_an_object_or_missing_is_named():
+    parts = {"model_type": "deepseek_vl_v2", "vision_config": {}, "projector_config": {}}
     with pytest.raises(ConfigError, match="config.json's language_config must be a JSON object, got str"):
-        DeepseekVLV2Config.from_dict({"model_type": "deepseek_vl_v2", "language_config": "oops"})
+        DeepseekVLV2Config.from_dict({**parts, "language_config": "oops"})
+    with pytest.raises(ConfigError, match="config.json has no language_config"):
+        DeepseekVLV2Config.from_dict(parts)
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("language_config", "hidden_size", "big", "language_config.hidden_size='big' must be of type int"),
+    ("language_config", "num_hidden_layers", -1, "language_config.num_hidden_layers=-1 must be at least 1"),
+    ("language_config", "max_position_embeddings", 0, "must be at least 1"),
+    ("language_config", "use_mla", 1, "language_config.use_mla=1 must be of type bool"),
+    ("language_config", "rms_norm_eps", True, "must be of type float"),
+    ("vision_config", "width", 12.5, "vision_config.width=12.5 must be of type int"),
+    ("projector_config", "projector_type", 3, "projector_config.projector_type=3 must be of type str"),
+])
+def test_values_of_the_wrong_type_or_below_one_name_their_key(section, key, value, message):
+    config = {"model_type": "deepseek_vl_v2", "vision_config": {}, "projector_config": {}, "language_config": {}}
+    config[section][key] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        DeepseekVLV2Config.from_dict(config)

@@ -37,11 +37,36 @@ def _split_known(cls, data: Dict[str, Any]):
     return known, extra
 
 
+# JSON types a field of each annotation accepts (a JSON integer is a valid float).
+_JSON_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
 class _ConfigBase:
+    SECTION = ""  # the key of this part in config.json, for messages
+    POSITIVE: tuple = ()  # sizes that must be at least 1
+
     @classmethod
     def from_dict(cls, data: Dict[str, Any]):
         known, extra = _split_known(cls, dict(data))
+        cls._check_values(known)
         return cls(**known, extra=extra)
+
+    @classmethod
+    def _check_values(cls, known: Dict[str, Any]) -> None:
+        """A value of the wrong JSON type (``"hidden_size": "big"``) or a size below 1 is a ConfigError naming
+        the key, where it would otherwise fail later with a message about something else."""
+        for spec in dataclasses.fields(cls):
+            if spec.name not in known:
+                continue
+            value, annotation = known[spec.name], spec.type
+            optional = annotation.startswith("Optional[")
+            accepted = _JSON_TYPES.get(annotation[len("Optional["):-1] if optional else annotation)
+            if accepted is None or (value is None and optional):
+                continue
+            if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+                raise ConfigError(f"{cls.SECTION}.{spec.name}={value!r} must be of type {annotation}; fix config.json")
+            if spec.name in cls.POSITIVE and value < 1:
+                raise ConfigError(f"{cls.SECTION}.{spec.name}={value!r} must be at least 1; fix config.json")
 
     def to_dict(self) -> Dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
@@ -52,6 +77,10 @@ class _ConfigBase:
 @dataclass
 class DeepseekV2Config(_ConfigBase):
     """The DeepSeek-V2 MoE language model (``language_config``); defaults are the official ones."""
+
+    SECTION = "language_config"
+    POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings", "ep_size", "moe_layer_freq")
 
     vocab_size: int = 102400
     hidden_size: int = 4096
@@ -152,6 +181,9 @@ class DeepseekV2Config(_ConfigBase):
 class VisionEncoderConfig(_ConfigBase):
     """The SigLIP ViT (``vision_config``)."""
 
+    SECTION = "vision_config"
+    POSITIVE = ("image_size", "patch_size", "width", "layers", "heads")
+
     model_name: str = "siglip_large_patch16_384"
     image_size: int = 384
     patch_size: int = 16
@@ -183,6 +215,9 @@ class VisionEncoderConfig(_ConfigBase):
 @dataclass
 class MlpProjectorConfig(_ConfigBase):
     """The vision-to-language projector (``projector_config``)."""
+
+    SECTION = "projector_config"
+    POSITIVE = ("input_dim", "n_embed", "depth", "downsample_ratio")
 
     projector_type: str = "downsample_mlp_gelu"
     input_dim: int = 1152
@@ -234,7 +269,10 @@ class DeepseekVLV2Config:
         subs = {}
         for key, sub_config in (("vision_config", VisionEncoderConfig), ("projector_config", MlpProjectorConfig),
                                 ("language_config", DeepseekV2Config)):
-            value = data.pop(key, {}) or {}
+            if key not in data:
+                raise ConfigError(f"config.json has no {key}; a DeepSeek-VL2 config.json has vision_config, "
+                                  "projector_config and language_config: re-download it")
+            value = data.pop(key) or {}
             if not isinstance(value, dict):
                 raise ConfigError(f"config.json's {key} must be a JSON object, got {type(value).__name__}; "
                                   "re-download the checkpoint's config.json")

@@ -21,6 +21,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
+from ..json_files import read_json_object
 from ..models.deepseek_vl2.layers import Linear
 from .files import atomic_directory, load_named_tensors, save_named_tensors
 
@@ -240,14 +241,7 @@ def read_adapter_config(directory: str) -> LoRAConfig:
         raise FileNotFoundError(
             f"{path} not found; --lora_path must be a folder written by save_adapters or a LoRA checkpoint"
         )
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LoRAError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise LoRAError(f"{path} must hold a JSON object, got {type(data).__name__}; save the adapters again")
-    return LoRAConfig.from_dict(data)
+    return LoRAConfig.from_dict(read_json_object(path, LoRAError, "save the adapters again"))
 
 
 def load_adapters(model: nn.Layer, directory: str, config: Optional[LoRAConfig] = None) -> LoRAConfig:

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import paddle
 from paddle import nn
 
+from ..json_files import read_json_object
 from .files import (
     STAGING_PREFIX, StateFileError, atomic_directory, load_named_tensors, open_tensor_file, save_named_tensors,
 )
@@ -78,13 +79,7 @@ def load_checkpoint(
     state_file = os.path.join(directory, TRAINER_STATE_FILE)
     if not os.path.isfile(state_file):
         raise FileNotFoundError(f"{state_file} not found; --resume_from_checkpoint must be a checkpoint-<step> folder")
-    try:
-        with open(state_file, encoding="utf-8") as f:
-            trainer_state = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StateFileError(f"{state_file} is not valid JSON ({err}); resume from another checkpoint") from None
-    if not isinstance(trainer_state, dict):
-        raise StateFileError(f"{state_file} must hold a JSON object; resume from another checkpoint")
+    trainer_state = read_json_object(state_file, StateFileError, "resume from another checkpoint")
     if lora:
         load_named_tensors(adapter_state_dict(model), os.path.join(directory, ADAPTER_WEIGHTS_FILE), what="adapter")
     else:

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Dict, List, Tuple, Union
 
+from ..json_files import read_json_object
 from .conversation import get_conv_template
 
 __all__ = ["PROCESSOR_CONFIG_FILE", "DeepseekVLV2ProcessorConfig", "ProcessorConfigError"]
@@ -69,11 +69,4 @@ class DeepseekVLV2ProcessorConfig:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: pass the checkpoint folder that holds {PROCESSOR_CONFIG_FILE}")
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ProcessorConfigError(f"{path} is not valid JSON ({err})") from err
-        if not isinstance(data, dict):
-            raise ProcessorConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, ProcessorConfigError, "re-download it from the checkpoint"))

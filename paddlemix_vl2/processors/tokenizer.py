@@ -9,12 +9,13 @@ the ``tokenizers`` library. This wrapper reads the same three files and gives th
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 from tokenizers import Tokenizer
+
+from ..json_files import read_json_object
 
 __all__ = ["DeepseekTokenizer", "TokenizerFileError", "UnknownTokenError"]
 
@@ -32,14 +33,7 @@ class UnknownTokenError(ValueError):
 
 
 def _read_json(path: str) -> Dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TokenizerFileError(f"{path} is not valid JSON ({err}); re-download it from the checkpoint") from err
-    if not isinstance(data, dict):
-        raise TokenizerFileError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, TokenizerFileError, "re-download it from the checkpoint")
 
 
 def _token_content(value: Any) -> Optional[str]:

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from ...json_files import read_json_object
+
 __all__ = [
     "ConfigError",
     "DeepseekV2Config",
@@ -311,11 +313,4 @@ def read_config_json(path: str) -> Dict[str, Any]:
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise ConfigError(f"{file} not found; --model_path must be a DeepSeek-VL2 checkpoint folder with config.json")
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{file} is not valid JSON ({e}); re-download the checkpoint's config.json") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file} must hold a JSON object, got {type(data).__name__}; re-download it")
-    return data
+    return read_json_object(file, ConfigError, "re-download the checkpoint's config.json")

@@ -236,3 +236,13 @@ def tensor_bytes(path):
     with open(path, "rb") as f:
         header_length = int.from_bytes(f.read(8), "little")
     return os.path.getsize(path) - 8 - header_length
+
+
+def test_a_new_run_refuses_a_work_folder_with_an_earlier_run(tmp_path, capsys):
+    work = tmp_path / "out.work"
+    (work / "vision").mkdir(parents=True)
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    assert f"the work folder {work} holds an earlier run; pass --resume" in capsys.readouterr().err
+    assert parse_args(["--out", str(tmp_path / "out"), "--resume"]).work_dir == str(work)

@@ -233,12 +233,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    args.work_dir = args.work_dir or os.path.abspath(args.out) + ".work"
+    if not args.resume and os.path.isdir(args.work_dir) and os.listdir(args.work_dir):
+        parser.error(f"the work folder {args.work_dir} holds an earlier run; pass --resume to continue it, "
+                     "or choose another --out or --work_dir")
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
-    work_dir = args.work_dir or os.path.abspath(args.out) + ".work"
+    work_dir = args.work_dir
     if args.nproc == 1:
         return _run(args, work_dir)
     seconds = write_inputs(work_dir, settings_from_args(args), DemoModelSizes(), args.resume)

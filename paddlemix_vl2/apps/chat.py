@@ -19,8 +19,8 @@ import sys
 from typing import Iterator, List, Optional, Sequence, TextIO
 
 from ..cli import (
-    ASSISTANT_ROLE, CHAT_DEFAULTS, USER_ROLE, Answer, CLIArgumentParser, add_generation_args, add_model_args,
-    check_prompt_fits, context_length, error_line, generate_answer, generation_config, load_model,
+    ASSISTANT_ROLE, CHAT_DEFAULTS, EXIT_INPUT_ERROR, USER_ROLE, Answer, CLIArgumentParser, add_generation_args,
+    add_model_args, check_prompt_fits, context_length, error_line, generate_answer, generation_config, load_model,
     load_processor, open_images, run_cli, status, user_errors,
 )
 
@@ -97,8 +97,11 @@ def _lines(stream: TextIO, interactive: bool) -> Iterator[str]:
 
 
 def chat_loop(session: ChatSession, lines: Iterator[str], out: TextIO) -> int:
-    """Run the conversation over ``lines`` until ``/quit`` or their end; returns the exit code (0)."""
+    """Run the conversation over ``lines`` until ``/quit`` or their end. Returns the exit code: 0, or
+    ``EXIT_INPUT_ERROR`` when a turn failed (its error is printed and the conversation goes on), so that a
+    script piping questions in learns that some went unanswered."""
     errors = user_errors()
+    failed = False
     for line in lines:
         text = line.strip()
         if not text:
@@ -126,7 +129,8 @@ def chat_loop(session: ChatSession, lines: Iterator[str], out: TextIO) -> int:
                 status(f"({answer.prompt_tokens} prompt tokens; {answer.timing()})")
         except errors as err:
             status(error_line(err))
-    return 0
+            failed = True
+    return EXIT_INPUT_ERROR if failed else 0
 
 
 def main(args: argparse.Namespace) -> int:

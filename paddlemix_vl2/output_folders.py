@@ -40,43 +40,52 @@ def check_replaceable(path: str) -> None:
         )
 
 
-def _give_files_the_umask_mode(folder: str) -> None:
-    """chmod every file of ``folder`` to the mode a new file gets under the process umask: safetensors
-    writes its files private (0600), unlike everything else the folder holds. A probe file tells the mode
-    without setting the umask, which would race with other threads."""
-    probe = os.path.join(folder, ".mode-probe")
-    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    mode = stat.S_IMODE(os.stat(probe).st_mode)
-    os.remove(probe)
+def _give_the_umask_modes(folder: str) -> None:
+    """chmod ``folder`` and its files to the modes new ones get under the process umask: mkdtemp makes the
+    folder private (0700) and safetensors writes its files private (0600), unlike everything else a user
+    creates. Probes tell the modes without setting the umask, which would race with other threads."""
+    probe_file, probe_dir = os.path.join(folder, ".mode-probe"), os.path.join(folder, ".mode-probe-dir")
+    os.close(os.open(probe_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    os.mkdir(probe_dir, 0o777)
+    file_mode, dir_mode = (stat.S_IMODE(os.stat(probe).st_mode) for probe in (probe_file, probe_dir))
+    os.remove(probe_file)
+    os.rmdir(probe_dir)
     for entry in os.scandir(folder):
         if entry.is_file(follow_symlinks=False):
-            os.chmod(entry.path, mode)
+            os.chmod(entry.path, file_mode)
+    os.chmod(folder, dir_mode)
 
 
 @contextlib.contextmanager
 def atomic_directory(path: str) -> Iterator[str]:
     """Yield a staging folder; on success it replaces ``path`` in one rename (``check_replaceable`` first).
 
-    An existing ``path`` is moved into a ``.staging-<name>.old.*`` folder and deleted after the rename;
-    only a crash between those two renames leaves the old contents there instead of at ``path``.
+    An existing ``path`` is moved into a ``.staging-<name>.old.*`` folder and deleted after the rename
+    (put back if the rename fails); only a crash between those two renames leaves the old contents there
+    instead of at ``path``. Whatever fails, the staging folder is removed.
     """
     path = os.path.abspath(path)
     check_replaceable(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.path.basename(path)}.", dir=parent)
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield staging
+        _give_the_umask_modes(staging)
+        check_replaceable(path)  # something else may have written there meanwhile
+        if not os.path.isdir(path):
+            os.replace(staging, path)
+            return
+        retired = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.path.basename(path)}.old.", dir=parent)
+        previous = os.path.join(retired, "previous")
+        os.replace(path, previous)
+        try:
+            os.replace(staging, path)
+        except BaseException:
+            os.replace(previous, path)  # if even this fails, the old contents stay in ``retired``
+            os.rmdir(retired)
+            raise
+        shutil.rmtree(retired, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _give_files_the_umask_mode(staging)
-    check_replaceable(path)  # something else may have written there meanwhile
-    if os.path.isdir(path):
-        retired = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.path.basename(path)}.old.", dir=parent)
-        os.replace(path, os.path.join(retired, "previous"))
-        os.replace(staging, path)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, path)

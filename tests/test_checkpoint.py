@@ -205,7 +205,7 @@ def test_a_float32_matrix_among_bf16_ones_takes_the_plain_path():
 
 @pytest.mark.parametrize("file, text, error, message", [
     ("config.json", "[1, 2]", ConfigError, "must hold a JSON object, got list"),
-    ("model.safetensors.index.json", "[1]", CheckpointError, "not a valid safetensors index"),
+    ("model.safetensors.index.json", "[1]", CheckpointError, "must hold a JSON object, got list; re-download it"),
     ("model.safetensors.index.json", '{"weight_map": {"a": 3}}', CheckpointError, "not a valid safetensors index"),
 ])
 def test_json_files_of_the_wrong_shape_are_one_clear_error(tmp_path, file, text, error, message):
@@ -219,8 +219,9 @@ def test_a_sub_config_that_is_not_an_object_or_missing_is_named():
     parts = {"model_type": "deepseek_vl_v2", "vision_config": {}, "projector_config": {}}
     with pytest.raises(ConfigError, match="config.json's language_config must be a JSON object, got str"):
         DeepseekVLV2Config.from_dict({**parts, "language_config": "oops"})
-    with pytest.raises(ConfigError, match="config.json has no language_config"):
-        DeepseekVLV2Config.from_dict(parts)
+    for missing in (parts, {**parts, "language_config": None}):
+        with pytest.raises(ConfigError, match="config.json has no language_config"):
+            DeepseekVLV2Config.from_dict(missing)
 
 
 @pytest.mark.parametrize("section, key, value, message", [

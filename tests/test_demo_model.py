@@ -246,3 +246,10 @@ def test_a_new_run_refuses_a_work_folder_with_an_earlier_run(tmp_path, capsys):
     assert stopped.value.code == 2
     assert f"the work folder {work} holds an earlier run; pass --resume" in capsys.readouterr().err
     assert parse_args(["--out", str(tmp_path / "out"), "--resume"]).work_dir == str(work)
+    (tmp_path / "empty.work").mkdir()
+    assert parse_args(["--out", str(tmp_path / "empty")]).work_dir == str(tmp_path / "empty.work")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("the user's", encoding="utf-8")
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path / "notes")])
+    assert "--out: " in capsys.readouterr().err and os.listdir(tmp_path / "notes") == ["README.md"]

@@ -487,6 +487,22 @@ def test_merge_refuses_a_folder_of_other_files_before_loading(tmp_path, capsys, 
     assert cli.merge_main(["--model_path", MICRO_TINY, "--lora_path", str(tmp_path), "--merge_model_path",
                            str(tmp_path / "new"), "--dtype", "int8"]) == 2
     assert "--dtype 'int8' is not supported" in capsys.readouterr().err
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    (adapters / "lora_config.json").write_text("{}", encoding="utf-8")
+    assert cli.merge_main(["--model_path", MICRO_TINY, "--lora_path", str(adapters), "--merge_model_path",
+                           str(adapters)]) == 2
+    assert "--merge_model_path is the --lora_path folder, which the merge would replace" in capsys.readouterr().err
+    assert os.listdir(adapters) == ["lora_config.json"]
+
+
+def test_a_final_folder_of_other_files_is_refused_before_training(tmp_path):
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "notes.txt").write_text("the user's", encoding="utf-8")
+    config = TrainingConfig(output_dir=str(tmp_path), learning_rate=0.1, max_steps=1, seed=3)
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        Trainer(_ToyRegression(), _toy_data(), _toy_collate, config, loss_fn=_toy_loss).train()
+    assert sorted(os.listdir(tmp_path)) == ["final"]
 
 
 def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path):

@@ -74,4 +74,20 @@ def test_files_get_the_mode_the_umask_gives_a_new_file(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(os.stat(tmp_path / "out" / "model.safetensors").st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o750
     assert os.listdir(tmp_path / "out") == ["model.safetensors"]  # the probe is gone
+
+
+def test_a_failure_inside_or_at_the_end_keeps_the_old_folder_and_leaves_no_staging(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    _write(target / "config.json", "old")
+    with pytest.raises(RuntimeError, match="half-way"):
+        with atomic_directory(str(target)) as staging:
+            _write(os.path.join(staging, "config.json"), "new")
+            raise RuntimeError("failed half-way")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        with atomic_directory(str(target)) as staging:
+            _write(os.path.join(staging, "config.json"), "new")
+            _write(target / "notes.txt", "written meanwhile by someone else")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (target / "config.json").read_text() == "old"

@@ -117,6 +117,7 @@ def chat_loop(session: ChatSession, lines: Iterator[str], out: TextIO) -> int:
                 path = argument.strip().strip("'\"")
                 if not path:
                     status("usage: /image PATH")
+                    failed = True
                     continue
                 session.attach(open_images([path]))
                 status(f"(attached {path} to your next message)")
@@ -124,6 +125,7 @@ def chat_loop(session: ChatSession, lines: Iterator[str], out: TextIO) -> int:
                 status(HELP)
             elif command.startswith("/"):
                 status(f"unknown command {command}; {HELP}")
+                failed = True
             else:
                 answer = session.ask(text, out)
                 status(f"({answer.prompt_tokens} prompt tokens; {answer.timing()})")

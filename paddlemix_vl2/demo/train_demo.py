@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import paddle
 
 from ..models.deepseek_vl2 import DeepseekVLV2ForCausalLM
+from ..output_folders import check_replaceable
 from ..models.deepseek_vl2.checkpoint import save_weights
 from ..models.deepseek_vl2.modeling_deepseek_vl_v2 import CHECKPOINT_ASSETS
 from ..processors import DeepseekVLV2Processor
@@ -234,6 +235,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.nproc < 1:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
     args.work_dir = args.work_dir or os.path.abspath(args.out) + ".work"
+    try:
+        check_replaceable(os.path.abspath(args.out))  # now, not after the hour of training
+    except FileExistsError as err:
+        parser.error(f"--out: {err}")
     if not args.resume and os.path.isdir(args.work_dir) and os.listdir(args.work_dir):
         parser.error(f"the work folder {args.work_dir} holds an earlier run; pass --resume to continue it, "
                      "or choose another --out or --work_dir")

@@ -207,6 +207,10 @@ def merge(args: argparse.Namespace) -> str:
     if storage is None:
         raise ValueError(f"--dtype {args.dtype!r} is not supported; use bfloat16, float16 or float32")
     check_replaceable(os.path.abspath(args.merge_model_path))  # before the minutes of loading, not after
+    for flag, source in (("--lora_path", args.lora_path), ("--model_path", args.model_path)):
+        if os.path.exists(args.merge_model_path) and os.path.samefile(args.merge_model_path, source):
+            raise ValueError(f"--merge_model_path is the {flag} folder, which the merge would replace; "
+                             "write the merged model to a new folder")
     if args.device:
         try:
             paddle.set_device(args.device)

@@ -25,6 +25,7 @@ import numpy as np
 import paddle
 from paddle import nn
 
+from ..output_folders import check_replaceable
 from .files import atomic_directory, save_named_tensors
 from .lora import LoRAConfig, save_adapters
 from .loss import causal_lm_training_loss
@@ -80,11 +81,13 @@ class TrainingConfig:
             raise ValueError(f"--warmup_ratio is a fraction of the steps, from 0 to 1; got {self.warmup_ratio}")
 
     def check_output_dir(self, resuming: bool) -> None:
-        """Raise ``FileExistsError`` when ``output_dir`` is a file, or, for a fresh run, already holds another
+        """Raise ``FileExistsError`` when ``output_dir`` is a file, its ``final`` folder could not be replaced
+        (``output_folders.check_replaceable``), or, for a fresh run, ``output_dir`` already holds another
         run's checkpoints: rotation keeps the highest steps, so the fresh run would delete its own newest
         checkpoint and leave the older run's for a later resume to pick up."""
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise FileExistsError(f"--output_dir {self.output_dir} is a file; choose a folder")
+        check_replaceable(os.path.join(self.output_dir, FINAL_DIR))  # now, not after the training
         newest = None if resuming or not os.path.isdir(self.output_dir) else latest_checkpoint(self.output_dir)
         if newest:
             raise FileExistsError(

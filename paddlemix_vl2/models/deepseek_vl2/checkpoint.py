@@ -52,6 +52,7 @@ import numpy as np
 import paddle
 from safetensors.paddle import save_file
 
+from ...json_files import read_json_object
 from ...output_folders import atomic_directory
 from .layers import Linear, TokenEmbedding
 from .native import bf16_weights_supported
@@ -125,13 +126,10 @@ def checkpoint_weight_map(path: str) -> Dict[str, str]:
         raise CheckpointError(f"{path} is not a folder; pass the checkpoint folder that holds config.json")
     index = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            if not all(isinstance(shard, str) for shard in weight_map.values()):
-                raise TypeError("its weight_map must map tensor names to shard file names")
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download it") from None
+        weight_map = read_json_object(index, CheckpointError, "re-download it").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise CheckpointError(f"{index} is not a valid safetensors index: its weight_map must map tensor "
+                                  "names to shard file names; re-download it")
         files = {name: os.path.join(path, shard) for name, shard in weight_map.items()}
     elif os.path.isfile(os.path.join(path, SINGLE_FILE)):
         single = os.path.join(path, SINGLE_FILE)

@@ -271,10 +271,10 @@ class DeepseekVLV2Config:
         subs = {}
         for key, sub_config in (("vision_config", VisionEncoderConfig), ("projector_config", MlpProjectorConfig),
                                 ("language_config", DeepseekV2Config)):
-            if key not in data:
+            value = data.pop(key, None)
+            if value is None:
                 raise ConfigError(f"config.json has no {key}; a DeepSeek-VL2 config.json has vision_config, "
                                   "projector_config and language_config: re-download it")
-            value = data.pop(key) or {}
             if not isinstance(value, dict):
                 raise ConfigError(f"config.json's {key} must be a JSON object, got {type(value).__name__}; "
                                   "re-download the checkpoint's config.json")

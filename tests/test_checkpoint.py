@@ -232,6 +232,7 @@ def test_a_sub_config_that_is_not_an_object_or_missing_is_named():
     ("language_config", "rms_norm_eps", True, "must be of type float"),
     ("vision_config", "width", 12.5, "vision_config.width=12.5 must be of type int"),
     ("projector_config", "projector_type", 3, "projector_config.projector_type=3 must be of type str"),
+    ("language_config", "rope_scaling", "yarn", "language_config.rope_scaling='yarn' must be null or an object"),
 ])
 def test_values_of_the_wrong_type_or_below_one_name_their_key(section, key, value, message):
     config = {"model_type": "deepseek_vl_v2", "vision_config": {}, "projector_config": {}, "language_config": {}}

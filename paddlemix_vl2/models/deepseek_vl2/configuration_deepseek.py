@@ -142,6 +142,9 @@ class DeepseekV2Config(_ConfigBase):
                 f"language_config.scoring_func={self.scoring_func!r} is not supported; use softmax or sigmoid"
             )
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise ConfigError(f"language_config.rope_scaling={self.rope_scaling!r} must be null or an object "
+                                  f"with a type ({', '.join(ROPE_SCALING_TYPES)})")
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind not in ROPE_SCALING_TYPES:
                 raise ConfigError(

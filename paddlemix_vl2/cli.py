@@ -457,15 +457,26 @@ def run_cli(
     """
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
-    try:
+
+    def job() -> int:
         _import_paddle_quietly()
         return main(args)
+
+    return call_reporting_errors(job, user_errors)
+
+
+def call_reporting_errors(job: Callable[[], int], input_errors: Callable[[], tuple]) -> int:
+    """``job()``'s exit code; an exception of the types ``input_errors()`` returns -> ``error: ...`` on stderr
+    and 2; Ctrl-C -> 130; anything else is a bug and keeps its traceback. (``input_errors`` is called only
+    on failure: the error types' modules import Paddle, which ``job`` imports quietly first.)"""
+    try:
+        return job()
     except KeyboardInterrupt:
         sys.stdout.flush()
         sys.stderr.write("\ninterrupted\n")
         return EXIT_INTERRUPTED
     except Exception as err:
-        if not isinstance(err, user_errors()):
+        if not isinstance(err, input_errors()):
             raise
         sys.stdout.flush()
         sys.stderr.write(error_line(err) + "\n")

@@ -40,9 +40,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import paddle
 
 from ..models.deepseek_vl2 import DeepseekVLV2ForCausalLM
-from ..output_folders import check_replaceable
 from ..models.deepseek_vl2.checkpoint import save_weights
 from ..models.deepseek_vl2.modeling_deepseek_vl_v2 import CHECKPOINT_ASSETS
+from ..output_folders import check_replaceable
 from ..processors import DeepseekVLV2Processor
 from ..finetune import FinetuneCollator, Trainer, TrainingConfig, load_dataset, load_model_for_training, prepare_model
 from .answer_loss import per_answer_loss
@@ -247,7 +247,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
-    work_dir = args.work_dir
+    work_dir = args.work_dir  # parse_args resolves the default (OUT.work)
     if args.nproc == 1:
         return _run(args, work_dir)
     seconds = write_inputs(work_dir, settings_from_args(args), DemoModelSizes(), args.resume)

@@ -11,11 +11,11 @@ import argparse
 import logging
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import paddle
 
-from ..cli import EXIT_INPUT_ERROR, EXIT_INTERRUPTED, error_line, user_errors
+from ..cli import call_reporting_errors, user_errors
 from ..models.deepseek_vl2 import DeepseekVLV2ForCausalLM
 from ..output_folders import check_replaceable
 from ..processors import DeepseekVLV2Processor
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> List[dict]:
         warmup_steps=args.warmup_steps, logging_steps=args.logging_steps, save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, seed=args.seed,
     )
-    config.check_output_dir(resuming=bool(args.resume_from_checkpoint))
+    config.check_output_dir(resuming=bool(args.resume_from_checkpoint))  # before loading; train() checks again
     processor = DeepseekVLV2Processor.from_pretrained(args.model_path, mask_prompt=args.mask_prompt)
     dataset = load_dataset(args.dataset, processor, args.max_seq_length)
     model = load_model_for_training(
@@ -208,7 +208,8 @@ def merge(args: argparse.Namespace) -> str:
         raise ValueError(f"--dtype {args.dtype!r} is not supported; use bfloat16, float16 or float32")
     check_replaceable(os.path.abspath(args.merge_model_path))  # before the minutes of loading, not after
     for flag, source in (("--lora_path", args.lora_path), ("--model_path", args.model_path)):
-        if os.path.exists(args.merge_model_path) and os.path.samefile(args.merge_model_path, source):
+        if os.path.exists(args.merge_model_path) and os.path.exists(source) \
+                and os.path.samefile(args.merge_model_path, source):
             raise ValueError(f"--merge_model_path is the {flag} folder, which the merge would replace; "
                              "write the merged model to a new folder")
     if args.device:
@@ -232,15 +233,12 @@ def merge_main(argv: Optional[Sequence[str]] = None) -> int:
     return _run_reporting_errors(lambda: merge(args))
 
 
-def _run_reporting_errors(job) -> int:
-    """Bad input -> one ``error:`` line and 2; Ctrl-C -> ``interrupted`` and 130 (a checkpoint being
-    written is left out whole, see ``output_folders``); anything else is a bug and keeps its traceback."""
-    try:
+def _run_reporting_errors(job: Callable[[], object]) -> int:
+    """Run ``job``: 0, or 2 with one ``error:`` line for bad input (the flags' own checks raise ValueError),
+    or 130 on Ctrl-C (a checkpoint being written is left out whole, see ``output_folders``)."""
+
+    def run_job() -> int:
         job()
-    except KeyboardInterrupt:
-        sys.stderr.write("\ninterrupted\n")
-        return EXIT_INTERRUPTED
-    except (ValueError, *user_errors()) as err:
-        sys.stderr.write(error_line(err) + "\n")
-        return EXIT_INPUT_ERROR
-    return 0
+        return 0
+
+    return call_reporting_errors(run_job, lambda: (ValueError, *user_errors()))

@@ -191,6 +191,7 @@ class Trainer:
         config, total = self.config, self.total_steps
         optimizer = self._build_optimizer()
         start = 0
+        config.check_output_dir(resuming=bool(resume_from_checkpoint))
         if resume_from_checkpoint:
             path = self._resolve_checkpoint(resume_from_checkpoint)
             state = load_checkpoint(path, self.model, optimizer, self.params, lora=self.lora_config is not None)
@@ -201,8 +202,6 @@ class Trainer:
             if changed:
                 logger.warning("resuming with changed settings %s: the run cannot repeat the interrupted one", changed)
             logger.info("resumed from %s at step %d", path, start)
-        else:
-            config.check_output_dir(resuming=False)
         trainable, everything = count_parameters(self.model)
         logger.info(
             "training %d steps: %s of %s parameters train, %d records, batch %d x %d accumulation x %d processes",

@@ -26,10 +26,14 @@ of the ``Linear`` layers as the checkpoint stores them; the kernels widen them t
 them, so results are the same as with float32 copies (bf16 to float32 is exact) at half the memory and
 half the bytes a decode step streams. Those matrices are not copied at all: each is a copy-on-write
 mapping of its shard, its pages mapped in at load (the tiny model: 1.5-4 s against 12 s to read them into
-fresh memory on the benchmark machine, whose first touch of fresh memory is slow). Decode steps run about
-9-17% slower from mapped pages than from a copy on that machine (57 against 52 ms on tiny), so a load
-that saves 5-10 s pays for the first several hundred tokens; ``map_weights=False`` reads them into fresh
-memory instead (long-running servers). Mapped pages are clean, so the kernel can reclaim them under memory
+fresh memory on the benchmark machine, whose first touch of fresh memory is slow). How fast a decode step
+streams mapped matrices depends on how the page cache holds the shards: in 2 MiB folios (what reading an
+uncached shard through the mapping gives, and a plain copy of the files) the tiny model's step took 62 ms,
+as from a copy; in small folios left by earlier page-cache history, 76 ms, the 331 MB lm_head alone
+streaming at 15 against 25 GB/s (benchmarks/README.md). The cached pages cannot be collapsed into huge
+pages afterwards (this machine's Linux 6.18 refuses ``MADV_COLLAPSE`` for these mappings), so
+``map_weights=False``, which reads the matrices into fresh memory, is the choice for a long-running server
+whatever the page cache holds. Mapped pages are clean, so the kernel can reclaim them under memory
 pressure, and processes that load one checkpoint share them. The token embedding table is kept the same
 way (its rows are widened as they are looked up); norms, routers, biases and the vision tower's patch and
 position embeddings stay float32.

@@ -47,6 +47,7 @@ __all__ = [
     "error_line",
     "generate_answer",
     "generation_config",
+    "import_paddle_quietly",
     "load_model",
     "load_pil_images",
     "load_processor",
@@ -459,7 +460,7 @@ def run_cli(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
 
     def job() -> int:
-        _import_paddle_quietly()
+        import_paddle_quietly()
         return main(args)
 
     return call_reporting_errors(job, user_errors)
@@ -483,7 +484,7 @@ def call_reporting_errors(job: Callable[[], int], input_errors: Callable[[], tup
         return EXIT_INPUT_ERROR
 
 
-def _import_paddle_quietly() -> None:
+def import_paddle_quietly() -> None:
     """Import Paddle without its import-time chatter: a ccache warning for people building C++ extensions
     and an OMP_NUM_THREADS notice for data-parallel training. Anything else it prints is passed on."""
     if "paddle" in sys.modules:

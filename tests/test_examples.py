@@ -319,6 +319,9 @@ def test_bad_input_gives_one_error_line(case, tmp_path):
     ("grounding_infer.py", ["--output", "/no/such/folder/out.png"], "does not exist"),
     ("grounding_infer.py", ["--output", EXAMPLES], "is a folder; give the PNG file to write"),
     ("chat.py", ["--image_file", "no_such_image.png"], "no_such_image.png' not found"),
+    # The fine-tuning scripts: a flag error is one line (no usage block), and Paddle's import notices stay quiet.
+    ("finetune/finetune.py", ["--model_path", "x"], "required: --dataset/--meta_path, --output_dir (see --help)"),
+    ("finetune/lora_merge.py", ["--lora_path", "x"], "required: --model_name_or_path/--model_path, --merge_model_path"),
 ])
 def test_other_examples_report_bad_input_in_one_line(script, argv, message):
     result = run_example(script, *argv, stdin="")

@@ -8,7 +8,10 @@ The program is ``paddlemix_vl2.finetune.cli.merge_main``.
 """
 import sys
 
-from paddlemix_vl2.finetune.cli import merge_main
+from paddlemix_vl2.cli import import_paddle_quietly
+
+import_paddle_quietly()  # before the fine-tuning modules import Paddle with its notices
+from paddlemix_vl2.finetune.cli import merge_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(merge_main())

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import paddle
 from PIL import Image
 
+from ..cli import CLIArgumentParser
 from ..generation import split_at_eos
 from ..grounding import GroundingParseWarning, boxes_to_pixels, parse_grounding
 from ..models.deepseek_vl2 import DeepseekVLV2ForCausalLM
@@ -173,7 +174,7 @@ def _answer(
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CLIArgumentParser(
         prog="python -m paddlemix_vl2.demo.evaluate",
         description="Score a checkpoint on fresh synthetic-shapes images (every question type, greedy answers).",
     )

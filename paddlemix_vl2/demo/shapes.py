@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
+from ..cli import CLIArgumentParser
 from ..grounding import box_from_pixels, format_grounding, save_png
 
 __all__ = [
@@ -199,7 +200,7 @@ def write_image_records(
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CLIArgumentParser(
         prog="python -m paddlemix_vl2.demo.shapes",
         description="Write the synthetic shapes data set (PNG images + a fine-tune JSONL file).",
     )

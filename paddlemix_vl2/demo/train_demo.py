@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import paddle
 
+from ..cli import CLIArgumentParser
 from ..models.deepseek_vl2 import DeepseekVLV2ForCausalLM
 from ..models.deepseek_vl2.checkpoint import save_weights
 from ..models.deepseek_vl2.modeling_deepseek_vl_v2 import CHECKPOINT_ASSETS
@@ -207,7 +208,7 @@ def _has_checkpoint(train_dir: str) -> bool:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     defaults = DemoTrainingSettings()
-    parser = argparse.ArgumentParser(
+    parser = CLIArgumentParser(
         prog="python -m paddlemix_vl2.demo.train_demo",
         description="Train the demo DeepSeek-VL2 model on synthetic shapes from random initialisation.",
     )

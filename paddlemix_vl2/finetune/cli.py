@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence
 
 import paddle
 
-from ..cli import call_reporting_errors, user_errors
+from ..cli import CLIArgumentParser, call_reporting_errors, user_errors
 from ..models.deepseek_vl2 import DeepseekVLV2ForCausalLM
 from ..output_folders import check_replaceable
 from ..processors import DeepseekVLV2Processor
@@ -54,7 +54,7 @@ def _add_bool(parser, *names: str, default: Optional[bool], help: str, dest: Opt
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CLIArgumentParser(
         prog="finetune.py",
         description="Fine-tune DeepSeek-VL2 (full-parameter or LoRA) on a conversation dataset.",
     )
@@ -187,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def parse_merge_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = CLIArgumentParser(
         prog="lora_merge.py",
         description="Merge LoRA adapters into the base weights and write an official DeepSeek-VL2 checkpoint.",
     )

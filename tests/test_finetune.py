@@ -1,5 +1,6 @@
 """Fine-tuning: the training forward against the official training golden (fixtures/README.md §8), LoRA,
 merge, the training loop with exact resume, dataset checks and atomic checkpoints."""
+import dataclasses
 import json
 import os
 
@@ -384,7 +385,7 @@ def test_interrupted_checkpoint_save_leaves_the_previous_one_intact(tmp_path, mo
 
     # A fresh run into the same folder is refused before it trains: its checkpoints would rotate the
     # older run's in and its own out.
-    with pytest.raises(FileExistsError, match="resume_from_checkpoint latest, or choose a new --output_dir"):
+    with pytest.raises(FileExistsError, match="resume_from_checkpoint latest, replace them with --overwrite_output_dir"):
         Trainer(_ToyRegression(), data, _toy_collate, config, loss_fn=_toy_loss).train()
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1"]
     assert {name: (first / name).read_bytes() for name in os.listdir(first)} == snapshot
@@ -394,6 +395,22 @@ def test_interrupted_checkpoint_save_leaves_the_previous_one_intact(tmp_path, mo
     resumed = Trainer(_ToyRegression(), data, _toy_collate, config, loss_fn=_toy_loss).train("latest")
     assert [h["step"] for h in resumed] == [1, 2]
     assert [step for step, _ in list_checkpoints(str(tmp_path))] == [1, 2]
+
+
+def test_overwrite_output_dir_replaces_an_earlier_runs_checkpoints(tmp_path):
+    data = _toy_data()
+    earlier = TrainingConfig(output_dir=str(tmp_path), learning_rate=0.1, max_steps=4, save_steps=1, seed=3)
+    Trainer(_ToyRegression(), data, _toy_collate, earlier, loss_fn=_toy_loss).train()
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == [1, 2, 3, 4]
+    (tmp_path / "notes.txt").write_text("the user's", encoding="utf-8")
+
+    again = dataclasses.replace(earlier, max_steps=2, overwrite_output_dir=True)
+    history = Trainer(_ToyRegression(), data, _toy_collate, again, loss_fn=_toy_loss).train()
+    assert [h["step"] for h in history] == [1, 2]
+    # Only the new run's checkpoints are left, so "latest" resumes the new run; other files stay.
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-2", "final", "notes.txt"]
+    state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["training_config"]["max_steps"] == 2
 
 
 @pytest.mark.parametrize("broken", ["optimizer.safetensors", "trainer_state.json"])

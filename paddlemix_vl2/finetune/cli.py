@@ -30,7 +30,7 @@ logger = logging.getLogger("paddlemix_vl2.finetune")
 
 # PaddleMIX / PaddleNLP flags that change nothing in this single-process trainer.
 IGNORED_FLAGS = (
-    "do_train", "overwrite_output_dir", "dataloader_num_workers", "report_to", "evaluation_strategy",
+    "do_train", "dataloader_num_workers", "report_to", "evaluation_strategy",
     "save_strategy", "logging_dir", "conv_style", "fp16_opt_level", "use_data_resampling", "image_resolution",
     "amp_master_grad", "sharding", "hybrid_parallel_topo_order", "recompute", "disable_tqdm", "optim",
 )
@@ -106,6 +106,8 @@ def _build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--save_steps", type=int, default=500, help="checkpoint every N steps (<= 0: none)")
     loop.add_argument("--save_total_limit", type=int, default=0, help="keep only the newest N checkpoints (<= 0: all)")
     loop.add_argument("--seed", type=int, default=42)
+    _add_bool(loop, "--overwrite_output_dir", default=False,
+              help="a fresh run deletes the checkpoints an earlier run left in --output_dir (without it: refused)")
     loop.add_argument("--resume_from_checkpoint", default=None,
                       help="a checkpoint-<step> folder, or 'latest' (also 'true') for the newest in --output_dir")
 
@@ -154,7 +156,7 @@ def run(args: argparse.Namespace) -> List[dict]:
         gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
         weight_decay=args.weight_decay, lr_scheduler_type=args.lr_scheduler_type, warmup_ratio=args.warmup_ratio,
         warmup_steps=args.warmup_steps, logging_steps=args.logging_steps, save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit, seed=args.seed,
+        save_total_limit=args.save_total_limit, seed=args.seed, overwrite_output_dir=args.overwrite_output_dir,
     )
     config.check_output_dir(resuming=bool(args.resume_from_checkpoint))  # before loading; train() checks again
     processor = DeepseekVLV2Processor.from_pretrained(args.model_path, mask_prompt=args.mask_prompt)

@@ -38,6 +38,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "remove_old_checkpoints",
+    "remove_all_checkpoints",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -106,6 +107,12 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     """The newest finished checkpoint folder in ``output_dir``, or None."""
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
+
+
+def remove_all_checkpoints(output_dir: str) -> None:
+    """Delete every finished checkpoint in ``output_dir`` (a fresh run that overwrites an earlier one's)."""
+    for _, path in list_checkpoints(output_dir):
+        shutil.rmtree(path)
 
 
 def remove_old_checkpoints(output_dir: str, keep: int) -> None:

@@ -31,13 +31,18 @@ from .lora import LoRAConfig, save_adapters
 from .loss import causal_lm_training_loss
 from .optim import AdamW
 from .parts import count_parameters, trainable_parameters
-from .state import CHECKPOINT_PREFIX, latest_checkpoint, load_checkpoint, remove_old_checkpoints, save_checkpoint
+from .state import (
+    CHECKPOINT_PREFIX, latest_checkpoint, load_checkpoint, remove_all_checkpoints, remove_old_checkpoints,
+    save_checkpoint,
+)
 
 __all__ = ["LR_SCHEDULES", "TrainingConfig", "Trainer", "learning_rate_at"]
 
 logger = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
+# Settings that say where a run writes, not how it trains: a resume may change them without a warning.
+_PLACEMENT_SETTINGS = ("output_dir", "overwrite_output_dir")
 FINAL_DIR = "final"
 
 
@@ -64,6 +69,9 @@ class TrainingConfig:
     save_total_limit: int = 0  # <= 0: keep every checkpoint
     seed: int = 42
     shuffle: bool = True
+    # A fresh run deletes the checkpoints an earlier run left in output_dir (PaddleNLP's flag); without it,
+    # such a folder is refused (check_output_dir).
+    overwrite_output_dir: bool = False
 
     def __post_init__(self):
         if self.lr_scheduler_type not in LR_SCHEDULES:
@@ -82,17 +90,20 @@ class TrainingConfig:
 
     def check_output_dir(self, resuming: bool) -> None:
         """Raise ``FileExistsError`` when ``output_dir`` is a file, its ``final`` folder could not be replaced
-        (``output_folders.check_replaceable``), or, for a fresh run, ``output_dir`` already holds another
-        run's checkpoints: rotation keeps the highest steps, so the fresh run would delete its own newest
-        checkpoint and leave the older run's for a later resume to pick up."""
+        (``output_folders.check_replaceable``), or, for a fresh run without ``overwrite_output_dir``,
+        ``output_dir`` already holds another run's checkpoints: rotation keeps the highest steps, so the
+        fresh run would delete its own newest checkpoint and leave the older run's for a later resume to
+        pick up."""
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise FileExistsError(f"--output_dir {self.output_dir} is a file; choose a folder")
         check_replaceable(os.path.join(self.output_dir, FINAL_DIR))  # now, not after the training
-        newest = None if resuming or not os.path.isdir(self.output_dir) else latest_checkpoint(self.output_dir)
+        fresh = not resuming and not self.overwrite_output_dir and os.path.isdir(self.output_dir)
+        newest = latest_checkpoint(self.output_dir) if fresh else None
         if newest:
             raise FileExistsError(
                 f"{self.output_dir} already holds checkpoints of another run ({os.path.basename(newest)}); "
-                "continue it with --resume_from_checkpoint latest, or choose a new --output_dir"
+                "continue it with --resume_from_checkpoint latest, replace them with --overwrite_output_dir, "
+                "or choose a new --output_dir"
             )
 
 
@@ -192,13 +203,15 @@ class Trainer:
         optimizer = self._build_optimizer()
         start = 0
         config.check_output_dir(resuming=bool(resume_from_checkpoint))
+        if config.overwrite_output_dir and not resume_from_checkpoint and self.rank == 0:
+            remove_all_checkpoints(config.output_dir)
         if resume_from_checkpoint:
             path = self._resolve_checkpoint(resume_from_checkpoint)
             state = load_checkpoint(path, self.model, optimizer, self.params, lora=self.lora_config is not None)
             start = int(state["global_step"])
             self.log_history = list(state.get("log_history", []))
             saved, current = state.get("training_config", {}), dataclasses.asdict(config)
-            changed = sorted(k for k in current if k != "output_dir" and k in saved and saved[k] != current[k])
+            changed = sorted(k for k in current if k not in _PLACEMENT_SETTINGS and k in saved and saved[k] != current[k])
             if changed:
                 logger.warning("resuming with changed settings %s: the run cannot repeat the interrupted one", changed)
             logger.info("resumed from %s at step %d", path, start)

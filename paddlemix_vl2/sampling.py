@@ -61,6 +61,8 @@ class SamplingParams:
             raise SamplingConfigError(
                 f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature}"
             )
+        if self.temperature:
+            _check_sampling_temperature(self.temperature)
         _check_top_p(self.top_p)
         _check_top_k(self.top_k)
         _check_penalty(self.repetition_penalty)
@@ -158,7 +160,21 @@ def apply_temperature(logits: paddle.Tensor, temperature: float) -> paddle.Tenso
     _check_logits(logits)
     if not (temperature > 0 and math.isfinite(temperature)):
         raise SamplingConfigError(f"temperature for sampling must be a finite number > 0, got {temperature}")
+    _check_sampling_temperature(temperature)
     return logits / temperature
+
+
+# Below this, float32 logits divided by the temperature overflow to inf (a logit of 10 at 1e-38), and the
+# sampler would return an arbitrary token where the user meant the likeliest.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
+def _check_sampling_temperature(temperature: float) -> None:
+    if temperature < MIN_SAMPLING_TEMPERATURE:
+        raise SamplingConfigError(
+            f"temperature {temperature} is too small to sample with (below {MIN_SAMPLING_TEMPERATURE}); "
+            "use 0 for greedy decoding"
+        )
 
 
 def apply_top_k(logits: paddle.Tensor, top_k: int) -> paddle.Tensor:

@@ -1,5 +1,6 @@
 """The command-line examples end to end: golden tokens through the real scripts, the chat driven by stdin,
 the default no-argument run, and one-line errors for bad input."""
+import dataclasses
 import io
 import os
 import re
@@ -183,6 +184,27 @@ def test_chat_keeps_history_attaches_images_and_resets():
     ]
     _, answer_2, _ = library_answer(model, processor, second, [Image.open(SMALL_IMAGE).convert("RGB")], **settings)
     assert result.stdout == "".join(f"<|Assistant|>: {answer}\n" for answer in (answer_1, answer_2, answer_1))
+
+
+def test_an_answer_holding_the_image_tag_does_not_break_later_turns(monkeypatch):
+    from paddlemix_vl2.apps import chat
+    from paddlemix_vl2.generation import GenerationConfig
+
+    model, processor = load_vl("micro-tiny"), load_processor("micro-tiny")
+    real_generate = chat.generate_answer
+    answers = iter(["a picture: <image> of nothing", None])
+
+    def first_answer_has_the_tag(model, processor, inputs, config, stream=None):
+        answer = real_generate(model, processor, inputs, config, stream=stream)
+        text = next(answers)
+        return answer if text is None else dataclasses.replace(answer, text=text)
+
+    monkeypatch.setattr(chat, "generate_answer", first_answer_has_the_tag)
+    session = chat.ChatSession(model, processor, GenerationConfig(max_new_tokens=2), context=4096)
+    session.ask("Hello", io.StringIO())
+    second = session.ask("Tell me more", io.StringIO())  # refused before the fix: <image> in an assistant message
+    assert len(second.token_ids) >= 1
+    assert session.messages[1]["content"] == "a picture:  of nothing"
 
 
 def test_a_chat_whose_turns_all_succeed_exits_0():

@@ -283,6 +283,7 @@ def test_big_vocabulary_row_samples_only_from_the_nucleus():
     [
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
+        ({"do_sample": True, "temperature": 1e-39}, "too small to sample with"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -1}, "top_k"),

@@ -77,7 +77,10 @@ class ChatSession:
         answer = generate_answer(self.model, self.processor, inputs, self.config, stream=out)
         out.write("\n")
         out.flush()
-        self.messages += [user, {"role": ASSISTANT_ROLE, "content": answer.text}]
+        # The model may write the image tag as an ordinary token; in the history it would count as an image
+        # placeholder and the processor would refuse every later turn.
+        saved = answer.text.replace(self.processor.image_token, "")
+        self.messages += [user, {"role": ASSISTANT_ROLE, "content": saved}]
         self.images = images
         return answer
 

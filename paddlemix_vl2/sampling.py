@@ -34,6 +34,9 @@ import paddle.nn.functional as F
 _MAX_NOISE_SEED = 2**31 - 1  # paddle.uniform takes an int32 seed; 0 means "global generator"
 _FLOAT32_TINY = float(paddle.finfo(paddle.float32).tiny)
 _REPLACEMENT_CHAR = "\ufffd"
+# Below this, float32 logits divided by the temperature overflow to inf (a logit of 10 at 1e-38), and the
+# sampler would return an arbitrary token where the user meant the likeliest.
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 class SamplingConfigError(ValueError):
@@ -162,11 +165,6 @@ def apply_temperature(logits: paddle.Tensor, temperature: float) -> paddle.Tenso
         raise SamplingConfigError(f"temperature for sampling must be a finite number > 0, got {temperature}")
     _check_sampling_temperature(temperature)
     return logits / temperature
-
-
-# Below this, float32 logits divided by the temperature overflow to inf (a logit of 10 at 1e-38), and the
-# sampler would return an arbitrary token where the user meant the likeliest.
-MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 def _check_sampling_temperature(temperature: float) -> None:

@@ -17,6 +17,7 @@ import paddle
 
 from ..cli import CLIArgumentParser, call_reporting_errors, user_errors
 from ..models.deepseek_vl2 import DeepseekVLV2ForCausalLM
+from ..models.deepseek_vl2.checkpoint import DTYPES_BY_NAME
 from ..output_folders import check_replaceable
 from ..processors import DeepseekVLV2Processor
 from .build import load_model_for_training, prepare_model
@@ -205,7 +206,7 @@ def parse_merge_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace
 
 def merge(args: argparse.Namespace) -> str:
     """Load base + adapters, merge, save in the official layout; returns the output folder."""
-    storage = {"bfloat16": paddle.bfloat16, "float32": paddle.float32, "float16": paddle.float16}.get(args.dtype)
+    storage = DTYPES_BY_NAME.get(args.dtype.lower())
     if storage is None:
         raise ValueError(f"--dtype {args.dtype!r} is not supported; use bfloat16, float16 or float32")
     check_replaceable(os.path.abspath(args.merge_model_path))  # before the minutes of loading, not after

@@ -64,6 +64,7 @@ from .native import bf16_weights_supported
 __all__ = [
     "CheckpointError",
     "SKIPPED_KEYS",
+    "DTYPES_BY_NAME",
     "resolve_dtype",
     "checkpoint_weight_map",
     "load_weights",
@@ -82,7 +83,8 @@ SINGLE_FILE = "model.safetensors"
 # (ignore_head=True); its tensors are in every checkpoint and are skipped here.
 SKIPPED_KEYS = (re.compile(r"^vision\.attn_pool\."),)
 
-_DTYPES = {
+# What a dtype given by name means, for compute (``resolve_dtype``) and for stored weights alike.
+DTYPES_BY_NAME = {
     "float32": paddle.float32, "fp32": paddle.float32,
     "bfloat16": paddle.bfloat16, "bf16": paddle.bfloat16,
     "float16": paddle.float16, "fp16": paddle.float16,
@@ -112,9 +114,9 @@ def resolve_dtype(dtype=None) -> paddle.dtype:
     if dtype is None:
         return paddle.bfloat16 if on_gpu else paddle.float32
     if isinstance(dtype, str):
-        if dtype.lower() not in _DTYPES:
+        if dtype.lower() not in DTYPES_BY_NAME:
             raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-        dtype = _DTYPES[dtype.lower()]
+        dtype = DTYPES_BY_NAME[dtype.lower()]
     if dtype in (paddle.bfloat16, paddle.float16) and not on_gpu:
         logger.warning(
             "%s was requested but Paddle has no %s compute on CPU; computing in float32 instead",

@@ -18,7 +18,7 @@ from PIL import Image
 
 from paddlemix_vl2.demo import DEFAULT_CHECKPOINT, DEMO_IMAGES, DEMO_QUESTIONS, DEMO_SCENE_SEEDS
 from paddlemix_vl2.demo.answer_loss import answer_weights
-from paddlemix_vl2.demo.conversations import scene_questions, training_questions
+from paddlemix_vl2.demo.conversations import ASK_PROBABILITY, scene_questions, training_questions
 from paddlemix_vl2.demo.shapes import draw_scene
 from paddlemix_vl2.demo.recipe import DemoTrainingSettings
 from paddlemix_vl2.demo.train_demo import join_or_stop, main as train_demo_main, parse_args, settings_from_args
@@ -150,6 +150,21 @@ def test_training_conversations_never_give_an_answer_away():
         firsts.add(asked[0].kind)
         sizes.add(len(asked) == len(everything))
     assert firsts == set(rank) and sizes == {True, False}
+
+
+def test_training_conversations_ask_each_kind_at_its_probability():
+    rng = random.Random(11)
+    offered, asked = {}, {}
+    for _ in range(1000):
+        image, shapes = draw_scene(rng)
+        everything = scene_questions(image, shapes)
+        chosen = training_questions(everything, rng)
+        for question in everything:
+            offered[question.kind] = offered.get(question.kind, 0) + 1
+            asked[question.kind] = asked.get(question.kind, 0) + (question in chosen)
+    for kind, probability in ASK_PROBABILITY.items():
+        # Binomial over at least 300 offers: 0.06 is more than three standard deviations.
+        assert offered[kind] >= 300 and abs(asked[kind] / offered[kind] - probability) < 0.06, (kind, asked, offered)
 
 
 def test_box_heads_flag_sets_the_stage_1_loss_weights_and_defaults_to_the_shipped_recipe():

@@ -6,6 +6,7 @@ type and checks the issue's thresholds: shape, colour and count answers at least
 boxes with IoU >= 0.5 in at least 80% of cases.
 """
 import json
+from collections import Counter
 import multiprocessing
 import os
 import random
@@ -154,14 +155,12 @@ def test_training_conversations_never_give_an_answer_away():
 
 def test_training_conversations_ask_each_kind_at_its_probability():
     rng = random.Random(11)
-    offered, asked = {}, {}
+    offered, asked = Counter(), Counter()
     for _ in range(1000):
         image, shapes = draw_scene(rng)
         everything = scene_questions(image, shapes)
-        chosen = training_questions(everything, rng)
-        for question in everything:
-            offered[question.kind] = offered.get(question.kind, 0) + 1
-            asked[question.kind] = asked.get(question.kind, 0) + (question in chosen)
+        offered.update(question.kind for question in everything)
+        asked.update(question.kind for question in training_questions(everything, rng))
     for kind, probability in ASK_PROBABILITY.items():
         # Binomial over at least 300 offers: 0.06 is more than three standard deviations.
         assert offered[kind] >= 300 and abs(asked[kind] / offered[kind] - probability) < 0.06, (kind, asked, offered)

@@ -235,3 +235,14 @@ def test_vision_flops_equal_the_executed_matmuls():
     attention = 4 * tiles * vision.layers * patches * patches * vision.width
     expected = counter.total + conv + attention
     assert model_costs.vision_flops(vision, model.config.projector_config, tiles) == expected
+
+
+def test_demo_box_tolerance_snaps_boxes_outwards_to_the_patch_grid():
+    sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
+    from demo_box_tolerance import snap_to_patches
+
+    # A square 384-px image is its own view: pixel edges snap to multiples of 24.
+    assert snap_to_patches([30, 50, 100, 200], 384, 384, 24) == [24, 48, 120, 216]
+    # 600 x 300 shrinks by 0.64 and is padded by 96 px above and below: x 64..128 in the view snaps to
+    # 48..144, y 102.4..166.4 to 96..168; back in image pixels that is 75..225 and 0..112.5.
+    assert np.allclose(snap_to_patches([100, 10, 200, 110], 600, 300, 24), [75, 0, 225, 112.5])

@@ -20,13 +20,12 @@ import numpy as np
 from paddlemix_vl2.demo.evaluate import box_iou
 from paddlemix_vl2.demo.recipe import TILE_SIZE, DemoModelSizes
 from paddlemix_vl2.demo.shapes import draw_scene
+from paddlemix_vl2.demo.vision_pretraining import letterbox
 
 
 def snap_to_patches(box_px: Sequence[float], width: int, height: int, patch_px: int) -> List[float]:
     """``box_px`` widened to the patch edges of the centred, padded ``TILE_SIZE`` view, in image pixels."""
-    scale = TILE_SIZE / max(width, height)
-    offset_x = (TILE_SIZE - width * scale) / 2
-    offset_y = (TILE_SIZE - height * scale) / 2
+    scale, offset_x, offset_y = letterbox((width, height), TILE_SIZE)
     x1, y1, x2, y2 = box_px
     return [
         (math.floor((x1 * scale + offset_x) / patch_px) * patch_px - offset_x) / scale,

@@ -18,6 +18,7 @@ import paddle
 
 from paddlemix_vl2.demo import DEFAULT_CHECKPOINT
 from paddlemix_vl2.demo.shapes import COLORS, SHAPE_KINDS, draw_scene
+from paddlemix_vl2.demo.vision_pretraining import patch_centres
 from paddlemix_vl2.models.deepseek_vl2 import DeepseekVLV2ForCausalLM
 from paddlemix_vl2.processors import DeepseekVLV2Processor
 
@@ -28,7 +29,6 @@ def patch_pairs(model: DeepseekVLV2ForCausalLM, processor: DeepseekVLV2Processor
                 ) -> Tuple[np.ndarray, np.ndarray]:
     """Features [N, C] of the in-box patches of ``n`` scenes and their pair indices [N] into ``PAIRS``."""
     view, grid = model.config.vision_config.image_size, model.config.vision_config.grid_size
-    centres = (np.arange(grid) + 0.5) * view / grid
     rng = random.Random(seed)
     features, labels = [], []
     for _ in range(n):
@@ -36,11 +36,7 @@ def patch_pairs(model: DeepseekVLV2ForCausalLM, processor: DeepseekVLV2Processor
         pixels = processor.image_transform.tiles(image, (1, 1), view)[:1]  # the global view [1, 3, S, S]
         with paddle.no_grad():
             patches = model.vision(paddle.to_tensor(pixels)).numpy()[0]  # [P, C]
-        width, height = image.size
-        scale = min(view / width, view / height)
-        left, top = (view - round(width * scale)) / 2, (view - round(height * scale)) / 2
-        xs = np.broadcast_to((centres[None, :] - left) / scale, (grid, grid)).ravel()
-        ys = np.broadcast_to((centres[:, None] - top) / scale, (grid, grid)).ravel()
+        xs, ys = (axis.ravel() for axis in patch_centres(image.size, view, grid))
         label = np.full(grid * grid, -1)
         for shape in shapes:
             x1, y1, x2, y2 = shape.box_px

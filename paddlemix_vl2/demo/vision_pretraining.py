@@ -58,6 +58,8 @@ from .shapes import COLORS, SHAPE_COUNT_RANGE, SHAPE_KINDS, Shape, draw_scene
 __all__ = [
     "PRESENCE_LABELS",
     "presence_labels",
+    "letterbox",
+    "patch_centres",
     "patch_targets",
     "SceneImages",
     "PretrainingHeads",
@@ -89,6 +91,22 @@ def presence_labels(shapes: Sequence[Shape]) -> np.ndarray:
     return np.array([label in present for label in PRESENCE_LABELS], dtype=np.float32)
 
 
+def letterbox(image_size: Tuple[int, int], view: int) -> Tuple[float, float, float]:
+    """``(scale, left, top)`` of an image of ``(width, height)`` resized into ``view`` x ``view`` pixels with
+    centred letterboxing (``ImageOps.pad``): view pixel = image pixel * scale + (left, top)."""
+    width, height = image_size
+    scale = min(view / width, view / height)
+    return scale, (view - round(width * scale)) / 2, (view - round(height * scale)) / 2
+
+
+def patch_centres(image_size: Tuple[int, int], view: int, grid: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Image-pixel ``(x, y)`` [grid, grid] of the centres of the view's ``grid`` x ``grid`` patches."""
+    scale, left, top = letterbox(image_size, view)
+    centres = (np.arange(grid) + 0.5) * view / grid
+    return (np.broadcast_to((centres[None, :] - left) / scale, (grid, grid)),
+            np.broadcast_to((centres[:, None] - top) / scale, (grid, grid)))
+
+
 def patch_targets(image_size: Tuple[int, int], shapes: Sequence[Shape], view: int, grid: int) -> np.ndarray:
     """int64 [grid * grid, 5] for the patches of the padded global view, row-major: the 0..999 grounding box
     ``(x1, y1, x2, y2)`` of the shape whose bounding box holds the patch centre (the nearest box centre
@@ -98,11 +116,7 @@ def patch_targets(image_size: Tuple[int, int], shapes: Sequence[Shape], view: in
     pixels with centred letterboxing (``ImageOps.pad``), so a patch centre maps back to image pixels.
     """
     width, height = image_size
-    scale = min(view / width, view / height)
-    left, top = (view - round(width * scale)) / 2, (view - round(height * scale)) / 2
-    centres = (np.arange(grid) + 0.5) * view / grid
-    xs = np.broadcast_to((centres[None, :] - left) / scale, (grid, grid))
-    ys = np.broadcast_to((centres[:, None] - top) / scale, (grid, grid))
+    xs, ys = patch_centres(image_size, view, grid)
     targets = np.full((grid, grid, 5), NO_BOX, dtype=np.int64)
     nearest = np.full((grid, grid), np.inf)
     for shape in shapes:

@@ -255,3 +255,16 @@ def test_demo_tower_probe_finds_the_shipped_tower_names_the_pairs():
     held_out = float(out.split("held out ")[1].split()[0])
     # Chance among the 12 pairs is 0.083; the shipped tower scored 0.869 with 400 / 150 scenes.
     assert held_out > 0.6, out
+
+
+def test_demo_grounding_attention_splits_the_cells_by_shape():
+    sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
+    from demo_grounding_attention import cell_regions
+
+    # A square 384-px image is its own view of 8 x 8 cells of 48 px: the asked box covers cell 0 alone, the
+    # other box (100..150 px) the four cells of rows and columns 2..3.
+    regions = cell_regions((384, 384), (0, 0, 48, 48), [(100, 100, 150, 150)], view=384, grid=8)
+    expected = np.full(64, 2)
+    expected[0] = 0
+    expected[[18, 19, 26, 27]] = 1
+    assert regions.tolist() == expected.tolist()

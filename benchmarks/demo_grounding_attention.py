@@ -23,12 +23,10 @@ import paddle
 
 from paddlemix_vl2.demo import DEFAULT_CHECKPOINT
 from paddlemix_vl2.demo.conversations import scene_questions
-from paddlemix_vl2.demo.evaluate import box_iou
+from paddlemix_vl2.demo.evaluate import box_iou, load_for_inference
 from paddlemix_vl2.demo.shapes import ASSISTANT_ROLE, IMAGE_TAG, USER_ROLE, draw_scene
 from paddlemix_vl2.demo.vision_pretraining import letterbox
-from paddlemix_vl2.models.deepseek_vl2 import DeepseekVLV2ForCausalLM
 from paddlemix_vl2.models.deepseek_vl2 import attention as attention_module
-from paddlemix_vl2.processors import DeepseekVLV2Processor
 
 REGIONS = ("asked", "other shapes", "rest of image")
 
@@ -75,9 +73,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=20261123)
     args = parser.parse_args()
 
-    model = DeepseekVLV2ForCausalLM.from_pretrained(args.model_path)
-    model.eval()
-    processor = DeepseekVLV2Processor.from_pretrained(args.model_path)
+    model, processor = load_for_inference(args.model_path)
     vision = model.config.vision_config
     grid = vision.grid_size // model.config.projector_config.downsample_ratio
     # Image-token offsets of the cells: each view is `grid` rows of `grid` cells and a newline; the

@@ -17,6 +17,7 @@ import numpy as np
 import paddle
 
 from paddlemix_vl2.demo import DEFAULT_CHECKPOINT
+from paddlemix_vl2.demo.evaluate import load_for_inference
 from paddlemix_vl2.demo.shapes import COLORS, SHAPE_KINDS, draw_scene
 from paddlemix_vl2.demo.vision_pretraining import patch_centres
 from paddlemix_vl2.models.deepseek_vl2 import DeepseekVLV2ForCausalLM
@@ -54,9 +55,7 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=1.0)
     args = parser.parse_args()
 
-    model = DeepseekVLV2ForCausalLM.from_pretrained(args.model_path)
-    model.eval()
-    processor = DeepseekVLV2Processor.from_pretrained(args.model_path)
+    model, processor = load_for_inference(args.model_path)
     train_x, train_y = patch_pairs(model, processor, args.train_scenes, seed=1001)
     test_x, test_y = patch_pairs(model, processor, args.test_scenes, seed=2002)
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6

@@ -35,6 +35,7 @@ from .shapes import ASSISTANT_ROLE, IMAGE_TAG, USER_ROLE, draw_scene
 
 __all__ = [
     "QUESTION_KINDS",
+    "load_for_inference",
     "IOU_THRESHOLD",
     "EvalItem",
     "EvalResult",
@@ -187,11 +188,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def load_for_inference(model_path: str) -> Tuple[DeepseekVLV2ForCausalLM, DeepseekVLV2Processor]:
+    """The checkpoint at ``model_path`` in eval mode, and its processor."""
+    model = DeepseekVLV2ForCausalLM.from_pretrained(model_path, progress=False)
+    model.eval()
+    return model, DeepseekVLV2Processor.from_pretrained(model_path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, float]]:
     """Command-line entry point: prints and returns the per-kind figures."""
     args = parse_args(argv)
-    model = DeepseekVLV2ForCausalLM.from_pretrained(args.model_path, progress=False)
-    processor = DeepseekVLV2Processor.from_pretrained(args.model_path)
+    model, processor = load_for_inference(args.model_path)
     result = evaluate(model, processor, args.n, args.seed, args.batch_size, args.max_new_tokens)
     figures = result.to_dict()
     sys.stdout.write(json.dumps(figures, indent=1) + "\n")

@@ -10,7 +10,7 @@ import paddle
 import pytest
 
 from lm_golden import load_lm, load_vl
-from paddlemix_vl2.models.deepseek_vl2 import layers, siglip_vit
+from paddlemix_vl2.models.deepseek_vl2 import layers, native, siglip_vit
 from paddlemix_vl2.models.deepseek_vl2.layers import DeepseekV2RMSNorm, attend
 
 
@@ -74,6 +74,7 @@ def test_rms_norm_without_avx512_never_calls_the_fused_kernel(monkeypatch):
 
     monkeypatch.setattr(layers, "cpu_has_avx512f", lambda: False)
     monkeypatch.setattr(layers, "fused_rms_norm", no_fused_kernel)
+    monkeypatch.setattr(layers, "inference_kernels_apply", lambda x: False)  # as without the package's kernels
     norm = DeepseekV2RMSNorm(64, eps=1e-6)
     x = np.random.default_rng(4).standard_normal((2, 3, 64)).astype(np.float32)
     with paddle.no_grad():
@@ -82,18 +83,25 @@ def test_rms_norm_without_avx512_never_calls_the_fused_kernel(monkeypatch):
     np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
 
 
-def test_fused_rms_norm_equals_the_written_out_norm():
-    """On a CPU without AVX-512F both calls take the written-out path (see the test above)."""
-    norm = DeepseekV2RMSNorm(64, eps=1e-6)
-    rng = np.random.default_rng(3)
-    norm.weight.set_value(rng.uniform(0.5, 1.5, 64).astype(np.float32))
-    x = rng.standard_normal((2, 3, 64)).astype(np.float32)
+@pytest.mark.parametrize("path", ["package kernel", "fused kernel", "written out"])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_rms_norm_paths_equal_float64(monkeypatch, path, rows):
+    """The package's kernel (one row, a few rows inline, many rows threaded), Paddle's fused kernel and the
+    written-out norm all give the float64 result up to float32 rounding."""
+    if path == "package kernel" and native.kernel_library() is None:
+        pytest.skip("the package's CPU kernels are not built here (no C compiler or PADDLEMIX_VL2_NATIVE=0)")
+    if path == "fused kernel" and not layers.cpu_has_avx512f():
+        pytest.skip("Paddle's fused RMSNorm kernel runs only on CPUs with AVX-512F")
+    if path != "package kernel":
+        monkeypatch.setattr(layers, "inference_kernels_apply", lambda x: False)
+    norm = DeepseekV2RMSNorm(200, eps=1e-6)
+    rng = np.random.default_rng(rows)
+    norm.weight.set_value(rng.uniform(0.5, 1.5, 200).astype(np.float32))
+    x = rng.standard_normal((1, rows, 200)).astype(np.float32)
     expected = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * norm.weight.numpy()
-    with paddle.no_grad():
-        fused = norm(paddle.to_tensor(x)).numpy()
-    written_out = norm(paddle.to_tensor(x)).numpy()  # grad enabled: the written-out path
-    np.testing.assert_allclose(fused, expected, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(written_out, expected, atol=1e-5, rtol=0)
+    with paddle.set_grad_enabled(path != "written out"):
+        out = norm(paddle.to_tensor(x)).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["micro-small", "micro-full"])
@@ -102,7 +110,7 @@ def test_mla_expanded_form_equals_the_absorbed_form(monkeypatch, name):
     training path) agree. The goldens run each form where it is chosen (prefill expanded, decode absorbed)."""
     from paddlemix_vl2.models.deepseek_vl2.attention import DeepseekV2Attention
 
-    lm = load_lm(name)
+    lm = load_lm(name, weight_dtype="float32")  # a gradient is taken: float32 parameters, as training has
     ids = paddle.to_tensor(np.random.default_rng(5).integers(3, lm.config.vocab_size, size=(2, 29)))
     kv_b_proj = lm.model.layers[0].self_attn.kv_b_proj.weight
     results = {}

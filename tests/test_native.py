@@ -107,8 +107,10 @@ def test_swiglu_mlps_equals_numpy(rows, weight_dtype):
         (np.arange(rows), np.ones(rows)), (np.array([rows - 1]), np.array([0.6])),
         (every_other[::-1], rng.uniform(0.1, 1.0, len(every_other))),
     ]
+    # The table holds the MLPs in reverse, so the call's ids pick them out of order.
+    table = native.MLPTable([tuple(w for w, _ in m) for m in reversed(mlps)])
     out = native.swiglu_mlps(
-        paddle.to_tensor(x), [tuple(w for w, _ in m) for m in mlps], [len(ids) for ids, _ in assignments],
+        paddle.to_tensor(x), table, np.array([2, 1, 0]), [len(ids) for ids, _ in assignments],
         np.concatenate([ids for ids, _ in assignments]), np.concatenate([scales for _, scales in assignments]),
     )
     expected = np.zeros((rows, hidden))

@@ -16,7 +16,8 @@ matmul through an element-by-element copy that costs more than reading the unuse
 cache to the generation (``generate`` does: prompt + max_new_tokens).
 
 The cache also memoizes tensors derived from the weights that a layer needs at every step (``memo``),
-e.g. MLA's absorbed projections: a cache lives for one generation, during which the weights are fixed.
+e.g. MLA's absorbed projections and the MLP kernels' weight tables: a cache lives for one generation,
+during which the weights are fixed.
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ from paddle.base.initializer import _global_weight_initializer
 from paddle.nn.initializer.lazy_init import lazy_init_helper
 
 from .native import (
-    add_bias_, few_rows_applies, few_rows_linear, gelu_tanh_, gemm_applies, inference_kernels_apply, linear,
-    mlp_kernels_apply, softmax_last_axis, swiglu_mlps, vector_kernels_apply,
+    MLPTable, add_bias_, few_rows_applies, few_rows_linear, gelu_tanh_, gemm_applies, inference_kernels_apply,
+    linear, mlp_kernels_apply, rms_norm, softmax_last_axis, swiglu_mlps, vector_kernels_apply,
 )
 
 __all__ = [
@@ -103,11 +103,12 @@ class TokenEmbedding(nn.Embedding):
 class DeepseekV2RMSNorm(nn.Layer):
     """RMSNorm that normalises in float32, casts back, then scales (the official order).
 
-    Float32 inference on a CPU with AVX-512F runs Paddle's fused kernel: one op instead of eight, the same
-    math up to rounding (about 1e-6 relative). The kernel has no gradient on CPU and, in Paddle 3.3, no
-    code path without AVX-512F (it dies with SIGILL on an AVX2-only AMD EPYC, Zen 3), so training,
-    half-precision activations (where the cast-back order matters), other CPUs and GPUs (not measured)
-    take the written-out path.
+    Float32 inference on the CPU runs the package's kernel (``native.rms_norm``) or, without it, on a CPU
+    with AVX-512F, Paddle's fused kernel: one call instead of eight ops, the same math up to rounding
+    (about 1e-6 relative). Paddle's has no gradient on CPU and, in Paddle 3.3, no code path without
+    AVX-512F (it dies with SIGILL on an AVX2-only AMD EPYC, Zen 3), so training, half-precision
+    activations (where the cast-back order matters), other CPUs and GPUs (not measured) take the
+    written-out path.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -117,6 +118,8 @@ class DeepseekV2RMSNorm(nn.Layer):
 
     def forward(self, hidden_states: paddle.Tensor) -> paddle.Tensor:
         """hidden_states: [..., hidden_size] -> same shape and dtype."""
+        if inference_kernels_apply(hidden_states) and self.weight.dtype == paddle.float32:
+            return rms_norm(hidden_states, self.weight, self.variance_epsilon)
         if (
             hidden_states.dtype == paddle.float32 and not paddle.is_grad_enabled()
             and hidden_states.place.is_cpu_place() and cpu_has_avx512f()
@@ -148,12 +151,20 @@ class DeepseekV2MLP(nn.Layer):
         self.up_proj = Linear(hidden_size, intermediate_size, bias_attr=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias_attr=False)
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        """x: [..., hidden_size] -> [..., hidden_size]."""
-        weights, rows = self.native_weights(), math.prod(x.shape[:-1])
-        if weights is not None and mlp_kernels_apply(x, weights[0], rows):
-            return swiglu_mlps(x, [weights], [rows], np.arange(rows), np.ones(rows, dtype=np.float32))
+    def forward(self, x: paddle.Tensor, cache=None) -> paddle.Tensor:
+        """x: [..., hidden_size] -> [..., hidden_size]. ``cache``: the generation's ``KVCache``, where the
+        kernel's weight table is kept (``native.MLPTable``), or None."""
+        rows = math.prod(x.shape[:-1])
+        if mlp_kernels_apply(x, self.down_proj.weight, rows):
+            table = self.native_table() if cache is None else cache.memo((id(self), "mlp_table"), self.native_table)
+            if table is not None:
+                scales = np.ones(rows, dtype=np.float32)
+                return swiglu_mlps(x, table, np.zeros(1, dtype=np.int64), [rows], np.arange(rows), scales)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def native_table(self) -> Optional[MLPTable]:
+        """This MLP as a one-entry ``native.MLPTable``, or None (see ``native_weights``)."""
+        return MLPTable.of([self.native_weights()])
 
     def native_weights(self):
         """(gate [I, H], up [I, H], down [H, I]) as ``native.swiglu_mlps`` takes them, or None when a

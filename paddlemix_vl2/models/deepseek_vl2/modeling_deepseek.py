@@ -80,7 +80,7 @@ class DeepseekV2DecoderLayer(nn.Layer):
     def forward(self, x, position_embeddings, mask, cache=None, cache_start=0):
         """x [B, T, H], position_embeddings (cos, sin) -> [B, T, H]; the cache is updated in place."""
         h = x + self.self_attn(self.input_layernorm(x), position_embeddings, mask, cache, cache_start)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h), cache)
 
 
 class DeepseekV2Model(nn.Layer):

@@ -15,7 +15,7 @@ from paddle.autograd import PyLayer
 
 from .configuration_deepseek import DeepseekV2Config
 from .layers import DeepseekV2MLP
-from .native import mlp_kernels_apply, swiglu_mlps
+from .native import MLPTable, mlp_kernels_apply, swiglu_mlps
 
 __all__ = ["MoEGate", "DeepseekV2MoE", "AddAuxiliaryLoss", "route", "moe_aux_loss"]
 
@@ -154,15 +154,16 @@ class DeepseekV2MoE(nn.Layer):
         else:
             self.shared_experts = None
 
-    def forward(self, hidden_states: paddle.Tensor) -> paddle.Tensor:
-        """hidden_states [B, T, H] -> [B, T, H]."""
+    def forward(self, hidden_states: paddle.Tensor, cache=None) -> paddle.Tensor:
+        """hidden_states [B, T, H] -> [B, T, H]. ``cache``: the generation's ``KVCache``, where the
+        kernel's table of expert weights is kept, or None."""
         shape = hidden_states.shape
         topk_idx, topk_weight, aux_loss = self.gate(hidden_states)
         x = hidden_states.reshape([-1, shape[-1]])
         if mlp_kernels_apply(x, self.experts[0].gate_proj.weight, x.shape[0]):
-            y = self._experts_native(x, topk_idx, topk_weight)
-            if y is not None:
-                return y.reshape(shape)
+            table = self.native_table() if cache is None else cache.memo((id(self), "mlp_table"), self.native_table)
+            if table is not None:
+                return self._experts_native(x, topk_idx, topk_weight, table).reshape(shape)
         y = self.moe_infer(x, topk_idx, topk_weight).reshape(shape)
         if aux_loss is not None:
             y = AddAuxiliaryLoss.apply(y, aux_loss)
@@ -204,26 +205,30 @@ class DeepseekV2MoE(nn.Layer):
         outputs = paddle.concat([self.experts[e](x) for e in topk_idx.numpy()[0].tolist()])  # [K, H]
         return _mix_expert_outputs(topk_weight, outputs.unsqueeze(0)).astype(x.dtype)
 
+    def native_table(self) -> Optional[MLPTable]:
+        """Every routed expert, then the shared experts (if any), as one ``native.MLPTable``; None when a
+        projection is wrapped (LoRA) or the weights differ in dtype, which the plain path handles."""
+        mlps = [expert.native_weights() for expert in self.experts]
+        if self.shared_experts is not None:
+            mlps.append(self.shared_experts.native_weights())
+        return MLPTable.of(mlps)
+
     def _experts_native(
-        self, x: paddle.Tensor, topk_idx: paddle.Tensor, topk_weight: paddle.Tensor
-    ) -> Optional[paddle.Tensor]:
+        self, x: paddle.Tensor, topk_idx: paddle.Tensor, topk_weight: paddle.Tensor, table: MLPTable
+    ) -> paddle.Tensor:
         """x [N, H] -> routed and shared experts together [N, H] by one ``native.swiglu_mlps`` call: each
-        chosen expert takes the tokens that chose it, with their router weights. None when an expert's
-        projections are wrapped (LoRA) or the MLPs' weights differ in dtype, which the plain path handles."""
+        chosen expert takes the tokens that chose it, with their router weights."""
         chosen, weights = topk_idx.numpy().reshape([-1]), topk_weight.numpy().reshape([-1])
         order = np.argsort(chosen, kind="stable")  # (token, slot) pairs grouped by expert
-        expert_ids, counts = np.unique(chosen, return_counts=True)
-        mlps = [self.experts[expert_id].native_weights() for expert_id in expert_ids.tolist()]
-        row_ids, row_scales, row_counts = order // self.num_experts_per_tok, weights[order], counts.tolist()
+        mlp_ids, row_counts = np.unique(chosen, return_counts=True)
+        row_ids, row_scales = order // self.num_experts_per_tok, weights[order]
         if self.shared_experts is not None:
             n = x.shape[0]
-            mlps.append(self.shared_experts.native_weights())
+            mlp_ids = np.append(mlp_ids, len(self.experts))
+            row_counts = np.append(row_counts, n)
             row_ids = np.concatenate([row_ids, np.arange(n)])
             row_scales = np.concatenate([row_scales, np.ones(n, dtype=np.float32)])
-            row_counts.append(n)
-        if any(expert_weights is None for expert_weights in mlps) or len({w[0].dtype for w in mlps}) > 1:
-            return None
-        return swiglu_mlps(x, mlps, row_counts, row_ids, row_scales)
+        return swiglu_mlps(x, table, mlp_ids, row_counts, row_ids, row_scales)
 
 
 def _mix_expert_outputs(topk_weight: paddle.Tensor, outputs: paddle.Tensor) -> paddle.Tensor:

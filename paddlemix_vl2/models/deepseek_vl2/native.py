@@ -57,7 +57,7 @@ __all__ = [
     "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "MAX_DECODE_HEAD_DIM", "mha_kernels_apply",
     "mha_decode",
     "attention_qkv", "attention_prefill", "inference_kernels_apply", "add_bias_", "vector_kernels_apply",
-    "softmax_last_axis", "gelu_tanh_", "bf16_weights_supported",
+    "softmax_last_axis", "gelu_tanh_", "bf16_weights_supported", "rms_norm", "MLPTable",
 ]
 
 logger = logging.getLogger(__name__)
@@ -144,6 +144,8 @@ def kernel_library() -> Optional[ctypes.CDLL]:
     library.bf16_weights.restype = ctypes.c_int
     library.add_bias_rows.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2
     library.add_bias_rows.restype = None
+    library.rms_norm_rows.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float]
+    library.rms_norm_rows.restype = None
     library.vector_lanes.restype = ctypes.c_int
     # Asked once here: the predicates below run on every Linear call of a decode step.
     library.reads_bf16_weights = library.vector_lanes() == 16 and library.bf16_weights() == 1
@@ -228,6 +230,16 @@ def add_bias_(y: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
     return y
 
 
+def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
+    """``weight * x / sqrt(mean(x ** 2) + eps)`` over the last axis by the kernel: x [..., N] float32 and
+    weight [N] float32 on the CPU (``inference_kernels_apply``) -> [..., N] float32."""
+    x = x if x.is_contiguous() else x.contiguous()
+    out = paddle.empty(x.shape, dtype=paddle.float32)
+    n = x.shape[-1]
+    kernel_library().rms_norm_rows(x.data_ptr(), weight.data_ptr(), out.data_ptr(), math.prod(x.shape[:-1]), n, eps)
+    return out
+
+
 def few_rows_linear(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
     """``x @ weight.T`` by the kernel: x [..., K] float32 (R rows), weight [N, K] float32 or bfloat16 ->
     [..., N] float32 (CPU)."""
@@ -255,10 +267,39 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor
     return out
 
 
+class MLPTable:
+    """The weights of several SiLU-gated MLPs as ``swiglu_mlps`` takes them, gathered once.
+
+    Collecting a MoE layer's weights and their pointers took about a fifth of a decode step's Python time
+    on the tiny model; a table built once per generation (``KVCache.memo``: the weights are fixed
+    meanwhile) leaves a NumPy gather per step. The table holds the tensors, so its pointers stay valid
+    for as long as it lives.
+
+    Args:
+        mlps: each MLP's (gate [I_m, H], up [I_m, H], down [H, I_m]) weights, all float32 or all bfloat16.
+    """
+
+    def __init__(self, mlps: Sequence[Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]]):
+        self.bf16 = _is_bf16(mlps[0][0])
+        if any(_is_bf16(w) != self.bf16 for mlp in mlps for w in mlp):
+            raise ValueError("swiglu_mlps takes one weight dtype for all its MLPs; cast them to one")
+        self.weights = tuple(tuple(mlp) for mlp in mlps)
+        self.pointers = np.array([[w.data_ptr() for w in mlp] for mlp in mlps], dtype=np.uint64).T.copy()  # [3, n]
+        self.intermediate = np.array([int(mlp[0].shape[0]) for mlp in mlps], dtype=np.int64)
+
+    @classmethod
+    def of(cls, mlps: Sequence[Optional[Tuple[paddle.Tensor, ...]]]) -> Optional["MLPTable"]:
+        """The table, or None when an MLP has no plain weights (None) or their dtypes differ."""
+        if any(mlp is None for mlp in mlps) or len({mlp[0].dtype for mlp in mlps}) > 1:
+            return None
+        return cls(mlps)
+
+
 def swiglu_mlps(
     x: paddle.Tensor,
-    mlps: Sequence[Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]],
-    row_counts: Sequence[int],
+    table: MLPTable,
+    mlp_ids: np.ndarray,
+    row_counts: np.ndarray,
     row_ids: np.ndarray,
     row_scales: np.ndarray,
 ) -> paddle.Tensor:
@@ -269,11 +310,11 @@ def swiglu_mlps(
     Args:
         x: [..., H] float32 on the CPU (``mlp_kernels_apply``: more than ``MAX_FEW_ROWS`` rows need the
             AVX-512 GEMM).
-        mlps: each MLP's (gate [I_m, H], up [I_m, H], down [H, I_m]) weights, all float32 or all bfloat16.
-        row_counts: how many rows each MLP takes; row_ids [sum(row_counts)] int64 and row_scales (same
-            length, float32): those rows and their weights, MLP after MLP. Every row with weight 1 for a
-            dense MLP or the shared experts; the tokens that chose it with their router weights for a
-            routed expert.
+        table: the MLPs' weights; mlp_ids [M] int: the ones that run, in this order.
+        row_counts: [M], how many rows each of them takes; row_ids [sum(row_counts)] int64 and row_scales
+            (same length, float32): those rows and their weights, MLP after MLP. Every row with weight 1
+            for a dense MLP or the shared experts; the tokens that chose it with their router weights for
+            a routed expert.
     Returns:
         [..., H] float32.
 
@@ -284,18 +325,17 @@ def swiglu_mlps(
     """
     *lead, hidden = x.shape
     x = x if x.is_contiguous() else x.contiguous()
-    n = len(mlps)
-    inter = [int(gate.shape[0]) for gate, _, _ in mlps]
-    pointers = [(ctypes.c_void_p * n)(*(mlp[i].data_ptr() for mlp in mlps)) for i in range(3)]
-    bf16 = _is_bf16(mlps[0][0])
-    if any(_is_bf16(w) != bf16 for mlp in mlps for w in mlp):
-        raise ValueError("swiglu_mlps takes one weight dtype for all its MLPs; cast them to one")
+    pointers = np.ascontiguousarray(table.pointers[:, mlp_ids])  # [3, M]
+    intermediate = np.ascontiguousarray(table.intermediate[mlp_ids])
+    row_counts = np.ascontiguousarray(row_counts, dtype=np.int64)
     row_ids = np.ascontiguousarray(row_ids, dtype=np.int64)
     row_scales = np.ascontiguousarray(row_scales, dtype=np.float32)
     out = paddle.empty(lead + [hidden], dtype=paddle.float32)
+    gate, up, down = (pointers[i].ctypes.data for i in range(3))
     _check(kernel_library().swiglu_mlps(
-        x.data_ptr(), math.prod(lead), hidden, n, *pointers, bf16, (ctypes.c_long * n)(*inter),
-        (ctypes.c_long * n)(*row_counts), row_ids.ctypes.data, row_scales.ctypes.data, out.data_ptr(),
+        x.data_ptr(), math.prod(lead), hidden, len(intermediate), gate, up, down, table.bf16,
+        intermediate.ctypes.data, row_counts.ctypes.data, row_ids.ctypes.data, row_scales.ctypes.data,
+        out.data_ptr(),
     ))
     return out
 

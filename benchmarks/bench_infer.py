@@ -273,6 +273,7 @@ def decode_report(lm, seconds: Sequence[float], experts: Sequence[Sequence[int]]
         "median_step_seconds": median,
         "max_step_seconds": max(seconds),
         "max_over_median": max(seconds) / median,
+        "step_seconds": list(seconds),  # in order: slow phases on a shared host show as runs of slow steps
         "tokens_per_second_median_step": batch / median,
         "tokens_per_second_all_steps": batch * len(seconds) / total,
         "weight_bytes_per_step": weight_bytes,

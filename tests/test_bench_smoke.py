@@ -30,8 +30,8 @@ PROMPT_FIELDS = {
     "time_to_first_token_seconds", "decode",
 }
 DECODE_FIELDS = {
-    "steps", "batch", "median_step_seconds", "max_step_seconds", "max_over_median", "tokens_per_second_median_step",
-    "tokens_per_second_all_steps", "weight_bytes_per_step", "kv_cache_bytes_read_per_step", "achieved_weight_gbs",
+    "steps", "batch", "median_step_seconds", "max_step_seconds", "max_over_median", "step_seconds",
+    "tokens_per_second_median_step", "tokens_per_second_all_steps", "weight_bytes_per_step", "kv_cache_bytes_read_per_step", "achieved_weight_gbs",
     "bandwidth_gbs", "bandwidth_ratio", "tokens_per_second_limit",
 }
 BATCH_FIELDS = {"load_average_1min", "batch", "prompt_tokens", "prefill_seconds", "decode", "speedup_over_single"}

@@ -6,12 +6,12 @@ type and checks the issue's thresholds: shape, colour and count answers at least
 boxes with IoU >= 0.5 in at least 80% of cases.
 """
 import json
-from collections import Counter
 import multiprocessing
 import os
 import random
 import signal
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -20,10 +20,10 @@ from PIL import Image
 from paddlemix_vl2.demo import DEFAULT_CHECKPOINT, DEMO_IMAGES, DEMO_QUESTIONS, DEMO_SCENE_SEEDS
 from paddlemix_vl2.demo.answer_loss import answer_weights
 from paddlemix_vl2.demo.conversations import ASK_PROBABILITY, scene_questions, training_questions
-from paddlemix_vl2.demo.shapes import draw_scene
-from paddlemix_vl2.demo.recipe import DemoTrainingSettings
-from paddlemix_vl2.demo.train_demo import join_or_stop, main as train_demo_main, parse_args, settings_from_args
 from paddlemix_vl2.demo.evaluate import QUESTION_KINDS, box_iou, evaluate, grounding_iou
+from paddlemix_vl2.demo.recipe import DemoTrainingSettings
+from paddlemix_vl2.demo.shapes import draw_scene
+from paddlemix_vl2.demo.train_demo import join_or_stop, main as train_demo_main, parse_args, settings_from_args
 from paddlemix_vl2.demo.vocabulary import write_tokenizer_files
 from paddlemix_vl2.models.deepseek_vl2 import DeepseekVLV2ForCausalLM
 from paddlemix_vl2.processors import DeepseekVLV2Processor

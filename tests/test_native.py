@@ -150,8 +150,14 @@ def test_mlp_and_moe_with_the_kernels_equal_the_plain_path(monkeypatch, tokens):
     moe_layer = next(layer for layer in lm.model.layers if isinstance(layer.mlp, DeepseekV2MoE))
     dense_mlp = next(layer.mlp for layer in lm.model.layers if isinstance(layer.mlp, DeepseekV2MLP))
     x = paddle.randn([tokens, 1, lm.config.hidden_size])
+    cache = lm.new_cache(1, 8)
     with paddle.no_grad():
         fast_moe, fast_mlp = moe_layer.mlp(x), dense_mlp(x)
+        # A generation's cache keeps each layer's weight table: the second call reuses the first's.
+        memo_moe = [moe_layer.mlp(x, cache).numpy() for _ in range(2)]
+        memo_mlp = [dense_mlp(x, cache).numpy() for _ in range(2)]
+        assert cache.memo((id(moe_layer.mlp), "mlp_table"), lambda: None).pointers.shape == (
+            3, lm.config.n_routed_experts + 1)
         monkeypatch.setenv(native.NATIVE_VARIABLE, "0")
         native.kernel_library.cache_clear()
         try:
@@ -161,6 +167,10 @@ def test_mlp_and_moe_with_the_kernels_equal_the_plain_path(monkeypatch, tokens):
             native.kernel_library.cache_clear()
     np.testing.assert_allclose(fast_moe.numpy(), plain_moe.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fast_mlp.numpy(), plain_mlp.numpy(), rtol=1e-5, atol=1e-6)
+    for memo_out in memo_moe:
+        np.testing.assert_array_equal(memo_out, fast_moe.numpy())
+    for memo_out in memo_mlp:
+        np.testing.assert_array_equal(memo_out, fast_mlp.numpy())
 
 
 def test_linear_with_gradient_never_takes_the_kernel(monkeypatch):

@@ -87,20 +87,25 @@ def test_rms_norm_without_avx512_never_calls_the_fused_kernel(monkeypatch):
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_rms_norm_paths_equal_float64(monkeypatch, path, rows):
     """The package's kernel (one row, a few rows inline, many rows threaded), Paddle's fused kernel and the
-    written-out norm all give the float64 result up to float32 rounding."""
+    written-out norm all give the float64 result up to float32 rounding; each case checks that its path ran."""
     if path == "package kernel" and native.kernel_library() is None:
         pytest.skip("the package's CPU kernels are not built here (no C compiler or PADDLEMIX_VL2_NATIVE=0)")
     if path == "fused kernel" and not layers.cpu_has_avx512f():
         pytest.skip("Paddle's fused RMSNorm kernel runs only on CPUs with AVX-512F")
     if path != "package kernel":
         monkeypatch.setattr(layers, "inference_kernels_apply", lambda x: False)
+    calls = []
+    for name in ("rms_norm", "fused_rms_norm"):
+        kernel = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *args, _k=kernel, _n=name, **kw: calls.append(_n) or _k(*args, **kw))
     norm = DeepseekV2RMSNorm(200, eps=1e-6)
     rng = np.random.default_rng(rows)
     norm.weight.set_value(rng.uniform(0.5, 1.5, 200).astype(np.float32))
     x = rng.standard_normal((1, rows, 200)).astype(np.float32)
     expected = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * norm.weight.numpy()
-    with paddle.set_grad_enabled(path != "written out"):
+    with paddle.set_grad_enabled(path == "written out"):  # a gradient keeps both kernels out
         out = norm(paddle.to_tensor(x)).numpy()
+    assert calls == {"package kernel": ["rms_norm"], "fused kernel": ["fused_rms_norm"], "written out": []}[path]
     np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
 
 

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import paddle
+import paddle.nn.functional as F
 import pytest
 
 from paddlemix_vl2.models.deepseek_vl2 import layers, native
@@ -365,3 +366,21 @@ def test_attention_qkv_equals_numpy(tokens, heads, head_dim):
     probs /= probs.sum(-1, keepdims=True)
     expected = (probs @ v).transpose(0, 2, 1, 3).reshape(2, tokens, width)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_mlps_refuses_a_table_whose_weights_moved():
+    """A weight table holds pointers: after a cast moves the weights' memory the kernel must not read
+    the old addresses."""
+    if native.kernel_library() is None:
+        pytest.skip("the package's CPU kernels are not built here (no C compiler or PADDLEMIX_VL2_NATIVE=0)")
+    mlp = DeepseekV2MLP(16, 24)
+    table = mlp.native_table()
+    x = paddle.randn([2, 16])
+    rows = np.arange(2)
+    with paddle.no_grad():
+        before = native.swiglu_mlps(x, table, np.zeros(1, dtype=np.int64), [2], rows, np.ones(2, np.float32))
+        np.testing.assert_allclose(before.numpy(), mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        mlp.to(dtype="float64")
+        with pytest.raises(ValueError, match="stale"):
+            native.swiglu_mlps(x, table, np.zeros(1, dtype=np.int64), [2], rows, np.ones(2, np.float32))

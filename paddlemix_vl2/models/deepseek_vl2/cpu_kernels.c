@@ -2,8 +2,8 @@
  * native.py (which builds this file and cpu_gemm.c at first use with -O3 -march=native): few_rows_linear
  * for one to eight rows, swiglu_mlps (a layer's MLPs in one call; prefill's through the GEMM of
  * cpu_gemm.c), add_bias_rows, rms_norm_rows, and in AVX-512 builds softmax_rows (attention),
- * gelu_tanh_inplace (the vision tower) and mha_decode (a decode step's attention). Summation orders differ from MKL's and the
- * exponential is a polynomial: results agree with Paddle's kernels to float32 rounding.
+ * gelu_tanh_inplace (the vision tower) and mha_decode (a decode step's attention). Summation orders differ
+ * from MKL's and the exponential is a polynomial: results agree with Paddle's kernels to float32 rounding.
  *
  * few_rows_linear, y[R, N] = x[R, K] @ w[N, K]^T for a few rows R: decode multiplies one to a few
  * activation rows by every weight matrix, so a step is bound by how fast the weights stream from memory.

@@ -21,7 +21,7 @@ from .native import (
 
 __all__ = [
     "Linear", "TokenEmbedding", "DeepseekV2RMSNorm", "DeepseekV2MLP", "attend", "masked_softmax", "softmax_float32",
-    "gelu_tanh", "cpu_has_avx512f",
+    "gelu_tanh", "cpu_has_avx512f", "memoized_native_table",
     "ACTIVATION_BLOCK_BYTES",
 ]
 
@@ -156,7 +156,7 @@ class DeepseekV2MLP(nn.Layer):
         kernel's weight table is kept (``native.MLPTable``), or None."""
         rows = math.prod(x.shape[:-1])
         if mlp_kernels_apply(x, self.down_proj.weight, rows):
-            table = self.native_table() if cache is None else cache.memo((id(self), "mlp_table"), self.native_table)
+            table = memoized_native_table(self, cache)
             if table is not None:
                 scales = np.ones(rows, dtype=np.float32)
                 return swiglu_mlps(x, table, np.zeros(1, dtype=np.int64), [rows], np.arange(rows), scales)
@@ -175,6 +175,13 @@ class DeepseekV2MLP(nn.Layer):
             return None
         weights = tuple(projection.weight for projection in projections)
         return weights if weights[0].dtype == weights[1].dtype == weights[2].dtype else None
+
+
+def memoized_native_table(layer: nn.Layer, cache) -> Optional[MLPTable]:
+    """``layer.native_table()`` (an MLP or a MoE), kept in the generation's ``KVCache`` when there is one."""
+    if cache is None:
+        return layer.native_table()
+    return cache.memo((id(layer), "mlp_table"), layer.native_table)
 
 
 def attend(query: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mask: Optional[paddle.Tensor],

@@ -14,7 +14,7 @@ from paddle import nn
 from paddle.autograd import PyLayer
 
 from .configuration_deepseek import DeepseekV2Config
-from .layers import DeepseekV2MLP
+from .layers import DeepseekV2MLP, memoized_native_table
 from .native import MLPTable, mlp_kernels_apply, swiglu_mlps
 
 __all__ = ["MoEGate", "DeepseekV2MoE", "AddAuxiliaryLoss", "route", "moe_aux_loss"]
@@ -161,7 +161,7 @@ class DeepseekV2MoE(nn.Layer):
         topk_idx, topk_weight, aux_loss = self.gate(hidden_states)
         x = hidden_states.reshape([-1, shape[-1]])
         if mlp_kernels_apply(x, self.experts[0].gate_proj.weight, x.shape[0]):
-            table = self.native_table() if cache is None else cache.memo((id(self), "mlp_table"), self.native_table)
+            table = memoized_native_table(self, cache)
             if table is not None:
                 return self._experts_native(x, topk_idx, topk_weight, table).reshape(shape)
         y = self.moe_infer(x, topk_idx, topk_weight).reshape(shape)

@@ -67,6 +67,8 @@ CACHE_VARIABLE = "PADDLEMIX_VL2_CACHE"
 # Up to this many rows the kernel beats MKL's sgemm here (8 rows: two passes over the weight, 50 ms on
 # the lm_head against 58-87 ms); beyond it sgemm's packing pays for itself.
 MAX_FEW_ROWS = 8
+# The C kernels' ``long`` index arrays, as NumPy allocates them.
+_C_LONG = np.dtype(ctypes.c_long)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = [os.path.join(_HERE, name) for name in ("cpu_kernels.c", "cpu_gemm.c")]
 _HEADER = os.path.join(_HERE, "cpu_kernels.h")
@@ -85,8 +87,8 @@ def _link_flags() -> List[str]:
     """Shared-library flags, with Paddle's own OpenMP runtime when its wheel ships one."""
     libs = os.path.join(os.path.dirname(os.path.abspath(paddle.__file__)), "libs")
     if os.path.exists(os.path.join(libs, "libiomp5.so")):
-        return ["-shared", f"-L{libs}", "-l:libiomp5.so", f"-Wl,-rpath,{libs}"]
-    return ["-shared", "-fopenmp"]
+        return ["-shared", f"-L{libs}", "-l:libiomp5.so", f"-Wl,-rpath,{libs}", "-lm"]
+    return ["-shared", "-fopenmp", "-lm"]
 
 
 def _build(compiler: str, link_flags: List[str], target: str) -> None:
@@ -233,9 +235,11 @@ def add_bias_(y: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
 def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tensor:
     """``weight * x / sqrt(mean(x ** 2) + eps)`` over the last axis by the kernel: x [..., N] float32 and
     weight [N] float32 on the CPU (``inference_kernels_apply``) -> [..., N] float32."""
+    n = x.shape[-1]
+    if list(weight.shape) != [n]:
+        raise ValueError(f"RMSNorm weight {list(weight.shape)} does not fit inputs of width {n}")
     x = x if x.is_contiguous() else x.contiguous()
     out = paddle.empty(x.shape, dtype=paddle.float32)
-    n = x.shape[-1]
     kernel_library().rms_norm_rows(x.data_ptr(), weight.data_ptr(), out.data_ptr(), math.prod(x.shape[:-1]), n, eps)
     return out
 
@@ -272,8 +276,9 @@ class MLPTable:
 
     Collecting a MoE layer's weights and their pointers took about a fifth of a decode step's Python time
     on the tiny model; a table built once per generation (``KVCache.memo``: the weights are fixed
-    meanwhile) leaves a NumPy gather per step. The table holds the tensors, so its pointers stay valid
-    for as long as it lives.
+    meanwhile) leaves a NumPy gather per step. The table holds the tensors, and in-place updates
+    (``set_value``, an optimizer step) keep their memory, but a cast or a replaced parameter (a LoRA merge
+    into bf16 storage) moves it: ``swiglu_mlps`` refuses a table whose weights have moved.
 
     Args:
         mlps: each MLP's (gate [I_m, H], up [I_m, H], down [H, I_m]) weights, all float32 or all bfloat16.
@@ -284,8 +289,15 @@ class MLPTable:
         if any(_is_bf16(w) != self.bf16 for mlp in mlps for w in mlp):
             raise ValueError("swiglu_mlps takes one weight dtype for all its MLPs; cast them to one")
         self.weights = tuple(tuple(mlp) for mlp in mlps)
-        self.pointers = np.array([[w.data_ptr() for w in mlp] for mlp in mlps], dtype=np.uint64).T.copy()  # [3, n]
-        self.intermediate = np.array([int(mlp[0].shape[0]) for mlp in mlps], dtype=np.int64)
+        self.pointers = np.array([[w.data_ptr() for w in mlp] for mlp in mlps], dtype=np.uintp).T.copy()  # [3, n]
+        self.intermediate = np.array([int(mlp[0].shape[0]) for mlp in mlps], dtype=_C_LONG)
+
+    def check_current(self) -> None:
+        """Raise when a weight no longer lives where the table points (checks the first and last MLP's)."""
+        for index in (0, -1):
+            if self.weights[index][0].data_ptr() != int(self.pointers[0, index]):
+                raise ValueError("the MLP weight table is stale (a weight was cast or replaced since it was "
+                                 "built); start a new KVCache after changing the model's weights")
 
     @classmethod
     def of(cls, mlps: Sequence[Optional[Tuple[paddle.Tensor, ...]]]) -> Optional["MLPTable"]:
@@ -299,7 +311,7 @@ def swiglu_mlps(
     x: paddle.Tensor,
     table: MLPTable,
     mlp_ids: np.ndarray,
-    row_counts: np.ndarray,
+    row_counts: Sequence[int],
     row_ids: np.ndarray,
     row_scales: np.ndarray,
 ) -> paddle.Tensor:
@@ -324,11 +336,12 @@ def swiglu_mlps(
     through the GEMM's row lists.
     """
     *lead, hidden = x.shape
+    table.check_current()
     x = x if x.is_contiguous() else x.contiguous()
     pointers = np.ascontiguousarray(table.pointers[:, mlp_ids])  # [3, M]
     intermediate = np.ascontiguousarray(table.intermediate[mlp_ids])
-    row_counts = np.ascontiguousarray(row_counts, dtype=np.int64)
-    row_ids = np.ascontiguousarray(row_ids, dtype=np.int64)
+    row_counts = np.ascontiguousarray(row_counts, dtype=_C_LONG)
+    row_ids = np.ascontiguousarray(row_ids, dtype=_C_LONG)
     row_scales = np.ascontiguousarray(row_scales, dtype=np.float32)
     out = paddle.empty(lead + [hidden], dtype=paddle.float32)
     gate, up, down = (pointers[i].ctypes.data for i in range(3))

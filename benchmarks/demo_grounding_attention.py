@@ -23,7 +23,7 @@ import paddle
 
 from paddlemix_vl2.demo import DEFAULT_CHECKPOINT
 from paddlemix_vl2.demo.conversations import scene_questions
-from paddlemix_vl2.demo.evaluate import box_iou, load_for_inference
+from paddlemix_vl2.demo.evaluate import load_for_inference
 from paddlemix_vl2.demo.shapes import ASSISTANT_ROLE, IMAGE_TAG, USER_ROLE, draw_scene
 from paddlemix_vl2.demo.vision_pretraining import letterbox
 from paddlemix_vl2.models.deepseek_vl2 import attention as attention_module
@@ -51,18 +51,23 @@ def recorded_attention() -> Iterator[List[np.ndarray]]:
 
 def cell_regions(image_size: Tuple[int, int], asked: Sequence[int], others: Sequence[Sequence[int]], view: int,
                  grid: int) -> np.ndarray:
-    """int [grid * grid]: the ``REGIONS`` index of each cell of the letterboxed view, row-major."""
+    """int [grid * grid]: the ``REGIONS`` index of each cell of the letterboxed view, row-major (a cell
+    counts as over a box when their overlap has a positive area)."""
     scale, left, top = letterbox(image_size, view)
     cell = view / grid
+    starts_x = (np.arange(grid) * cell - left) / scale  # image-pixel edges of the columns and rows
+    starts_y = (np.arange(grid) * cell - top) / scale
+
+    def over(box: Sequence[float]) -> np.ndarray:
+        x1, y1, x2, y2 = box
+        columns = np.minimum(starts_x + cell / scale, x2) > np.maximum(starts_x, x1)
+        rows = np.minimum(starts_y + cell / scale, y2) > np.maximum(starts_y, y1)
+        return (rows[:, None] & columns[None, :]).ravel()
+
     regions = np.full(grid * grid, 2)
-    for index in range(grid * grid):
-        row, col = divmod(index, grid)
-        x1, y1 = (col * cell - left) / scale, (row * cell - top) / scale
-        box = (x1, y1, x1 + cell / scale, y1 + cell / scale)
-        if box_iou(box, asked) > 0:
-            regions[index] = 0
-        elif any(box_iou(box, other) > 0 for other in others):
-            regions[index] = 1
+    for other in others:
+        regions[over(other)] = 1
+    regions[over(asked)] = 0
     return regions
 
 

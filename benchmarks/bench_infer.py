@@ -16,7 +16,8 @@ steps/s over the measured memory bandwidth; the FLOPs and bytes come from the co
 The full ``roofline.measure`` runs once after loading (load runs first, so its
 peak RSS is not inflated by the roofline's buffers), and each stage is also bracketed by quick probes of
 the same measurements (``LimitProbe``): on a shared machine a stage's ratio is taken against the capacity
-the machine had around it. Each section records the 1-minute load average too.
+the machine had around it. The roofline and the probes share one set of operands, held for the whole run
+(``roofline.Operands`` says why). Each section records the 1-minute load average too.
 
 Usage::
 
@@ -145,24 +146,27 @@ class LimitProbe:
 
     def __init__(self, sizes: roofline.RooflineSizes):
         self.sizes = sizes
+        self.operands = roofline.Operands(keep=True)  # freed probe buffers would slow the next stage
 
     def vision_matmul_gflops(self) -> float:
-        return roofline.matmul_gflops(self.sizes.vit_fc1_matmul, PROBE_REPEATS, 1).best
+        return roofline.matmul_gflops(self.sizes.vit_fc1_matmul, PROBE_REPEATS, 1, self.operands).best
 
     def lm_matmul_gflops(self) -> float:
-        return roofline.matmul_gflops(self.sizes.square_matmul, PROBE_REPEATS, 1).best
+        return roofline.matmul_gflops(self.sizes.square_matmul, PROBE_REPEATS, 1, self.operands).best
 
     def vision_gemm_gflops(self) -> float:
         """The package's GEMM at the vision probe's shape (NaN where it does not run)."""
-        return _best_or_nan(roofline.package_gemm_gflops(self.sizes.vit_fc1_matmul, PROBE_REPEATS, 1))
+        rate = roofline.package_gemm_gflops(self.sizes.vit_fc1_matmul, PROBE_REPEATS, 1, self.operands)
+        return _best_or_nan(rate)
 
     def lm_gemm_gflops(self) -> float:
-        return _best_or_nan(roofline.package_gemm_gflops(self.sizes.square_matmul, PROBE_REPEATS, 1))
+        rate = roofline.package_gemm_gflops(self.sizes.square_matmul, PROBE_REPEATS, 1, self.operands)
+        return _best_or_nan(rate)
 
     def bandwidth_gbs(self) -> float:
         """Decode reads each weight once; the better of the two streaming measurements is the limit."""
-        read = roofline.read_bandwidth_gbs(self.sizes.read_bytes, PROBE_REPEATS, 1).best
-        return max(read, roofline.gemv_bandwidth_gbs(self.sizes.gemv_k_n, PROBE_REPEATS, 1).best)
+        read = roofline.read_bandwidth_gbs(self.sizes.read_bytes, PROBE_REPEATS, 1, self.operands).best
+        return max(read, roofline.gemv_bandwidth_gbs(self.sizes.gemv_k_n, PROBE_REPEATS, 1, self.operands).best)
 
     @contextlib.contextmanager
     def around(self, measure: Callable[[], float]) -> Iterator[Limit]:
@@ -434,8 +438,8 @@ def run(checkpoint: Path, image_path: Path, settings: BenchSettings, profile_dir
     profiler = Profiler(profile_dir)
     report = {"checkpoint": str(checkpoint), "settings": dataclasses.asdict(settings)}
     model, report["load"] = bench_load(checkpoint, profiler, weight_dtype, map_weights)
-    report["roofline"] = roofline.measure(quick=settings.roofline_quick)
     probe = LimitProbe(roofline.QUICK_SIZES if settings.roofline_quick else roofline.FULL_SIZES)
+    report["roofline"] = roofline.measure(quick=settings.roofline_quick, operands=probe.operands)
     processor = DeepseekVLV2Processor.from_pretrained(str(checkpoint))
     image = Image.open(image_path).convert("RGB")
     report["image_size"] = list(image.size)

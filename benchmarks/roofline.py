@@ -14,7 +14,7 @@ Usage::
     python benchmarks/roofline.py                  # full sizes, about half a minute
     python benchmarks/roofline.py --quick --json /tmp/roofline.json
 
-Importable: ``measure(quick=False, repeats=None) -> dict`` with the stable keys listed in ``RESULT_KEYS``.
+Importable: ``measure(quick=False, repeats=None, operands=None) -> dict`` with the stable keys listed in ``RESULT_KEYS``.
 """
 
 from __future__ import annotations
@@ -91,23 +91,59 @@ def _rate(work: float, times: Sequence[float]) -> Rate:
     return Rate(best=work / min(times), median=work / statistics.median(times))
 
 
-def matmul_gflops(shape: tuple[int, int, int], repeats: int, warmup: int) -> Rate:
+class Operands:
+    """The tensors the measurements run on, made on first use and, with ``keep``, held for reuse.
+
+    A probe that allocates a gigabyte and frees it is not free on a guest whose balloon device has free
+    page reporting (this benchmark machine): about two seconds after the free, the guest hands the pages
+    back to the host, and for half a second the memory-bound work running then is up to 2.5× slower. The
+    bracketing probes of ``bench_infer`` ran right before each decode stage, so that slow half second landed
+    inside the decode being measured; they keep their operands for the whole run instead.
+    """
+
+    def __init__(self, keep: bool = False):
+        self.keep = keep
+        self._tensors: dict = {}
+
+    def get(self, shape: Sequence[int], make: Callable[[list], paddle.Tensor]) -> paddle.Tensor:
+        """A float32 tensor of ``shape`` from ``make(shape)`` (the same one again while kept; its values are
+        only ever read)."""
+        key = (tuple(shape), make)
+        tensor = self._tensors.get(key)
+        if tensor is None:
+            tensor = make(list(shape))
+            if self.keep:
+                self._tensors[key] = tensor
+        return tensor
+
+
+def _normal(shape: list) -> paddle.Tensor:
+    return paddle.randn(shape, dtype="float32")
+
+
+def _half(shape: list) -> paddle.Tensor:
+    return paddle.full(shape, 0.5, dtype="float32")
+
+
+def matmul_gflops(shape: tuple[int, int, int], repeats: int, warmup: int,
+                  operands: Optional[Operands] = None) -> Rate:
     """fp32 GFLOP/s of [M, K] @ [K, N] (2·M·K·N flops per call)."""
+    operands = operands or Operands()
     m, k, n = shape
-    left = paddle.randn([m, k], dtype="float32")
-    right = paddle.randn([k, n], dtype="float32")
+    left, right = operands.get([m, k], _normal), operands.get([k, n], _normal)
     times = _run_times(lambda: paddle.matmul(left, right), repeats, warmup)
     return _rate(2.0 * m * k * n / 1e9, times)
 
 
-def package_gemm_gflops(shape: tuple[int, int, int], repeats: int, warmup: int) -> Optional[Rate]:
+def package_gemm_gflops(shape: tuple[int, int, int], repeats: int, warmup: int,
+                        operands: Optional[Operands] = None) -> Optional[Rate]:
     """fp32 GFLOP/s of the package's GEMM on [M, K] @ [K, N] (the weight held [N, K], as a Linear holds
     it), or None where it does not run (no AVX-512 build of the CPU kernels)."""
     from paddlemix_vl2.models.deepseek_vl2 import native
 
+    operands = operands or Operands()
     m, k, n = shape
-    left = paddle.randn([m, k], dtype="float32")
-    weight = paddle.randn([n, k], dtype="float32")
+    left, weight = operands.get([m, k], _normal), operands.get([n, k], _normal)
     with paddle.no_grad():
         if not native.gemm_applies(left, weight, m):
             return None
@@ -115,18 +151,19 @@ def package_gemm_gflops(shape: tuple[int, int, int], repeats: int, warmup: int) 
     return _rate(2.0 * m * k * n / 1e9, times)
 
 
-def read_bandwidth_gbs(nbytes: int, repeats: int, warmup: int) -> Rate:
+def read_bandwidth_gbs(nbytes: int, repeats: int, warmup: int, operands: Optional[Operands] = None) -> Rate:
     """GB/s of ``paddle.sum`` over an fp32 tensor of ``nbytes``: a pure streaming read."""
-    values = paddle.full([nbytes // FP32_BYTES], 1.0, dtype="float32")
+    values = (operands or Operands()).get([nbytes // FP32_BYTES], _half)
     times = _run_times(lambda: paddle.sum(values), repeats, warmup)
     return _rate(nbytes / 1e9, times)
 
 
-def gemv_bandwidth_gbs(k_n: tuple[int, int], repeats: int, warmup: int) -> Rate:
+def gemv_bandwidth_gbs(k_n: tuple[int, int], repeats: int, warmup: int,
+                       operands: Optional[Operands] = None) -> Rate:
     """GB/s of weight bytes read by x[1, K] @ W[K, N], the shape of a decode step's projections."""
+    operands = operands or Operands()
     k, n = k_n
-    weight = paddle.full([k, n], 0.5, dtype="float32")
-    activation = paddle.randn([1, k], dtype="float32")
+    weight, activation = operands.get([k, n], _half), operands.get([1, k], _normal)
     times = _run_times(lambda: paddle.matmul(activation, weight), repeats, warmup)
     return _rate(k * n * FP32_BYTES / 1e9, times)
 
@@ -150,7 +187,7 @@ def cpu_info() -> tuple[str, bool]:
     return fields.get("model name", "unknown"), any(flag.startswith("avx512") for flag in flags)
 
 
-def measure(quick: bool = False, repeats: int | None = None) -> dict:
+def measure(quick: bool = False, repeats: int | None = None, operands: Optional[Operands] = None) -> dict:
     """Run all measurements and return a JSON-ready dict.
 
     Stable keys (``RESULT_KEYS``): ``matmul_gflops_2048``, ``matmul_gflops_vit_fc1`` (Paddle, GFLOP/s, best
@@ -158,19 +195,20 @@ def measure(quick: bool = False, repeats: int | None = None) -> dict:
     does not run),
     ``read_bandwidth_gbs``, ``gemv_bandwidth_gbs`` (GB/s, best run), ``cpu_model`` (str), ``avx512`` (bool).
     Each rate also has a ``*_median`` twin. With ``quick=True`` the sizes are tiny (``QUICK_SIZES``) but the
-    keys stay the same; the ``*_shape`` / ``read_bytes`` entries say what was actually run.
+    keys stay the same; the ``*_shape`` / ``read_bytes`` entries say what was actually run. ``operands``:
+    where the tensors come from (fresh ones, freed at the end, by default).
     """
     sizes = QUICK_SIZES if quick else FULL_SIZES
     if repeats is not None:
         if repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {repeats}")
         sizes = dataclasses.replace(sizes, repeats=repeats)
-    square = matmul_gflops(sizes.square_matmul, sizes.repeats, sizes.warmup)
-    vit_fc1 = matmul_gflops(sizes.vit_fc1_matmul, sizes.repeats, sizes.warmup)
-    square_gemm = package_gemm_gflops(sizes.square_matmul, sizes.repeats, sizes.warmup)
-    vit_fc1_gemm = package_gemm_gflops(sizes.vit_fc1_matmul, sizes.repeats, sizes.warmup)
-    read = read_bandwidth_gbs(sizes.read_bytes, sizes.repeats, sizes.warmup)
-    gemv = gemv_bandwidth_gbs(sizes.gemv_k_n, sizes.repeats, sizes.warmup)
+    square = matmul_gflops(sizes.square_matmul, sizes.repeats, sizes.warmup, operands)
+    vit_fc1 = matmul_gflops(sizes.vit_fc1_matmul, sizes.repeats, sizes.warmup, operands)
+    square_gemm = package_gemm_gflops(sizes.square_matmul, sizes.repeats, sizes.warmup, operands)
+    vit_fc1_gemm = package_gemm_gflops(sizes.vit_fc1_matmul, sizes.repeats, sizes.warmup, operands)
+    read = read_bandwidth_gbs(sizes.read_bytes, sizes.repeats, sizes.warmup, operands)
+    gemv = gemv_bandwidth_gbs(sizes.gemv_k_n, sizes.repeats, sizes.warmup, operands)
     cpu_model, avx512 = cpu_info()
     return {
         "matmul_gflops_2048": square.best,

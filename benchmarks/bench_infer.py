@@ -248,17 +248,25 @@ def timed_step(lm, token: paddle.Tensor, cache, positions: paddle.Tensor):
     return token, time.perf_counter() - start
 
 
-def decode_steps(lm, token: paddle.Tensor, cache, positions: paddle.Tensor, steps: int):
-    """Greedy decode ``steps`` tokens; returns (seconds per step, distinct experts per step and MoE layer)."""
-    seconds = []
+def decode_in_turn(lm, streams: Sequence[tuple], steps: int) -> List[tuple]:
+    """Greedy-decode ``steps`` tokens for each (token, cache, positions) stream, one step of each in turn,
+    so a host that drifts between fast and slow phases touches every stream alike.
+
+    Returns per stream (seconds per step, distinct experts per step and MoE layer).
+    """
+    streams = list(streams)
+    seconds = [[] for _ in streams]
+    routing_spans = [[] for _ in streams]
     with record_routing(lm) as routing:
         for _ in range(steps):
-            token, elapsed = timed_step(lm, token, cache, positions)
-            seconds.append(elapsed)
-            positions = positions + 1
-    moe_layers = sum(lm.config.is_moe_layer(i) for i in range(lm.config.num_hidden_layers))
-    experts = [len(np.unique(r.numpy())) for r in routing]
-    return seconds, [experts[i:i + moe_layers] for i in range(0, len(experts), moe_layers)]
+            for i, (token, cache, positions) in enumerate(streams):
+                first = len(routing)
+                token, elapsed = timed_step(lm, token, cache, positions)
+                seconds[i].append(elapsed)
+                routing_spans[i].append((first, len(routing)))
+                streams[i] = (token, cache, positions + 1)
+        experts = [[[len(np.unique(r.numpy())) for r in routing[a:b]] for a, b in spans] for spans in routing_spans]
+    return list(zip(seconds, experts))
 
 
 def decode_report(lm, seconds: Sequence[float], experts: Sequence[Sequence[int]], batch: int,
@@ -289,26 +297,34 @@ def decode_report(lm, seconds: Sequence[float], experts: Sequence[Sequence[int]]
     }
 
 
-def run_generation(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new_tokens: int,
-                   profiler: Profiler, probe: LimitProbe, label: str) -> dict:
-    """Prefill, first token, then ``new_tokens`` decode steps, each stage timed and bracketed by probes."""
-    bsz, prompt_len = embeds.shape[:2]
+def prefilled(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new_tokens: int) -> tuple:
+    """Prefill a prompt into a new cache with room for ``new_tokens``: ((first token, cache, positions),
+    seconds of the prefill alone)."""
     mask = attention_mask.astype(paddle.bool)
-    cache = lm.new_cache(bsz, prompt_len + new_tokens + 1)
+    cache = lm.new_cache(embeds.shape[0], embeds.shape[1] + new_tokens + 1)
+    start = time.perf_counter()
+    logits = prefill(lm, embeds, mask, cache)
+    prefill_seconds = time.perf_counter() - start
+    return (sample_next_token(logits, GREEDY), cache, mask.astype(paddle.int64).sum(axis=1)), prefill_seconds
+
+
+def run_generation(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new_tokens: int,
+                   profiler: Profiler, probe: LimitProbe, label: str, alongside: Optional[tuple] = None) -> dict:
+    """Prefill, first token, then ``new_tokens`` decode steps, each stage timed and bracketed by probes.
+    ``alongside``: another prefilled stream, decoded in turn with this one (its step seconds returned as
+    ``alongside_step_seconds``)."""
     with probe.around(probe.lm_matmul_gflops) as prefill_limit, probe.around(probe.lm_gemm_gflops) as gemm_limit:
         start = time.perf_counter()
         with profiler.stage(f"{label}_prefill"):
-            logits = prefill(lm, embeds, mask, cache)
-        prefill_seconds = time.perf_counter() - start
-        token = sample_next_token(logits, GREEDY)
+            stream, prefill_seconds = prefilled(lm, embeds, attention_mask, new_tokens)
         first_token_seconds = time.perf_counter() - start
-    positions = mask.astype(paddle.int64).sum(axis=1)
     with probe.around(probe.bandwidth_gbs) as bandwidth, profiler.stage(f"{label}_decode"):
-        seconds, experts = decode_steps(lm, token, cache, positions, new_tokens)
+        decoded = decode_in_turn(lm, [stream] if alongside is None else [stream, alongside], new_tokens)
+    (seconds, experts), *others = decoded
     return {"prefill_seconds": prefill_seconds, "prefill_and_first_token_seconds": first_token_seconds,
             "prefill_limit_gflops": prefill_limit.value, "prefill_gemm_limit_gflops": gemm_limit.value,
-            "step_seconds": seconds, "experts": experts,
-            "bandwidth_gbs": bandwidth.value}
+            "step_seconds": seconds, "experts": experts, "bandwidth_gbs": bandwidth.value,
+            "alongside_step_seconds": [other[0] for other in others]}
 
 
 def time_processor(processor, question: str, images: Sequence[Image.Image], repeats: int = 3):
@@ -373,7 +389,8 @@ def bench_prompt(model, processor, images, question, settings: BenchSettings, pr
 
 def bench_batch(model, processor, image, one_image: tuple, settings: BenchSettings, probe: LimitProbe,
                 profiler: Profiler) -> dict:
-    """A left-padded batch of one-image prompts with different questions; aggregate decode rate.
+    """A left-padded batch of one-image prompts with different questions; aggregate decode rate, and its
+    speed-up over the first prompt alone decoded in turn with the batch, step for step.
 
     The image is the same in every row, so its embeddings are taken from the one-image run and
     scattered into each row's image positions instead of running the vision tower again per row.
@@ -389,14 +406,17 @@ def bench_batch(model, processor, image, one_image: tuple, settings: BenchSettin
         text = model.get_input_embeddings()(input_ids)
         image_mask = batch.images_seq_mask.astype(paddle.bool).unsqueeze(-1).expand_as(text)
         embeds = paddle.masked_scatter(text, image_mask, paddle.concat([image_embeds] * len(samples)))
+        single, _ = prefilled(lm, single_embeds, single_inputs.attention_mask, settings.decode_tokens)
         generation = run_generation(
-            lm, embeds, batch.attention_mask, settings.decode_tokens, profiler, probe, "batch"
+            lm, embeds, batch.attention_mask, settings.decode_tokens, profiler, probe, "batch", alongside=single
         )
     section["prefill_seconds"] = generation["prefill_seconds"]
     section["decode"] = decode_report(
         lm, generation["step_seconds"], generation["experts"], len(samples),
         max(batch.seq_lens) + settings.decode_tokens // 2, generation["bandwidth_gbs"],
     )
+    (single_seconds,) = generation["alongside_step_seconds"]
+    section["speedup_over_single_in_turn"] = len(samples) * sum(single_seconds) / sum(generation["step_seconds"])
     return section
 
 
@@ -418,17 +438,12 @@ def bench_mla(lm, settings: BenchSettings) -> Optional[dict]:
             cache = lm.new_cache(1, context + settings.mla_decode_steps + 1)
             logits = prefill(lm, lm.get_input_embeddings()(ids), paddle.ones([1, context], dtype=paddle.bool),
                              cache, chunk_size=settings.prefill_chunk)
-            streams.append((cache, sample_next_token(logits, GREEDY), paddle.to_tensor([context])))
-        seconds = [[] for _ in streams]
-        for _ in range(settings.mla_decode_steps):
-            for i, (cache, token, positions) in enumerate(streams):
-                token, elapsed = timed_step(lm, token, cache, positions)
-                seconds[i].append(elapsed)
-                streams[i] = (cache, token, positions + 1)
+            streams.append((sample_next_token(logits, GREEDY), cache, paddle.to_tensor([context])))
+        seconds = [stream_seconds for stream_seconds, _ in decode_in_turn(lm, streams, settings.mla_decode_steps)]
     medians = [statistics.median(s) for s in seconds]
     section["median_step_seconds"] = medians
     section["step_growth"] = medians[-1] / medians[0] - 1.0
-    section["kv_cache_bytes_per_token"] = streams[0][0].nbytes_per_token()
+    section["kv_cache_bytes_per_token"] = streams[0][1].nbytes_per_token()
     section["kv_cache_bytes_per_token_formula"] = model_costs.mla_cache_bytes_per_token(config)
     return section
 
@@ -480,6 +495,8 @@ def format_table(report: dict) -> str:
     batch = report["batch"]
     rows.extend(_decode_rows(f"batch of {batch['batch']}", batch["decode"]))
     rows.append((f"batch of {batch['batch']}: speed-up over 1 prompt", f"{batch['speedup_over_single']:.2f}x",
+                 f"{batch['batch']}x", ""))
+    rows.append((f"batch of {batch['batch']}: speed-up, steps in turn", f"{batch['speedup_over_single_in_turn']:.2f}x",
                  f"{batch['batch']}x", ""))
     mla = report["mla"]
     if mla is not None:

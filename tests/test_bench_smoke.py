@@ -34,7 +34,10 @@ DECODE_FIELDS = {
     "tokens_per_second_median_step", "tokens_per_second_all_steps", "weight_bytes_per_step", "kv_cache_bytes_read_per_step", "achieved_weight_gbs",
     "bandwidth_gbs", "bandwidth_ratio", "tokens_per_second_limit",
 }
-BATCH_FIELDS = {"load_average_1min", "batch", "prompt_tokens", "prefill_seconds", "decode", "speedup_over_single"}
+BATCH_FIELDS = {
+    "load_average_1min", "batch", "prompt_tokens", "prefill_seconds", "decode", "speedup_over_single",
+    "speedup_over_single_in_turn",
+}
 MLA_FIELDS = {
     "load_average_1min", "contexts", "median_step_seconds", "step_growth", "kv_cache_bytes_per_token",
     "kv_cache_bytes_per_token_formula",
@@ -81,6 +84,7 @@ def check_common(report, config):
     assert set(report["batch"]) == BATCH_FIELDS
     assert set(report["batch"]["decode"]) == DECODE_FIELDS
     assert report["batch"]["decode"]["batch"] == 4 and len(report["batch"]["prompt_tokens"]) == 4
+    assert_positive_numbers(report["batch"], {"speedup_over_single", "speedup_over_single_in_turn"})
     lm = config["language_config"]
     # fp32 bytes of every parameter the port builds, counted independently from the checkpoint's headers.
     assert report["load"]["fp32_weight_bytes"] == 2 * bf16_bytes_in_checkpoint(report["checkpoint"])

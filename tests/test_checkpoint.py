@@ -141,6 +141,35 @@ def test_bf16_storage_keeps_the_matrices_as_stored_and_refuses_training(monkeypa
     widened.eval()
 
 
+def test_bf16_storage_takes_no_gradient_and_passes_float32_ones_to_the_inputs():
+    """An eval-mode gradient of a model with bf16-stored matrices: none for those matrices (it would be
+    rounded to bf16), float32 ones for the rest and for the inputs, equal to the float32 model's."""
+    from paddlemix_vl2.models.deepseek_vl2 import native
+
+    if not native.bf16_weights_supported():
+        pytest.skip("the kernels here do not read bf16 weights (no AVX512BW build): nothing is kept in bf16")
+    stored, widened = load_lm("micro-small", "auto"), load_lm("micro-small", "float32")
+    ids = paddle.to_tensor(np.random.default_rng(0).integers(0, stored.config.vocab_size, size=(1, 12)))
+    grads = []
+    for model in (stored, widened):
+        embeds = model.get_input_embeddings()(ids).detach()
+        embeds.stop_gradient = False
+        model(inputs_embeds=embeds, labels=ids).loss.backward()
+        grads.append((embeds.grad.numpy(), {n: p.grad for n, p in model.named_parameters()}))
+    (stored_input, stored_params), (widened_input, widened_params) = grads
+    np.testing.assert_allclose(stored_input, widened_input, rtol=1e-5, atol=1e-7)
+    for name, param in stored.named_parameters():
+        if param.dtype == paddle.bfloat16:
+            assert param.stop_gradient and stored_params[name] is None, name
+        else:
+            assert stored_params[name].dtype == paddle.float32, name
+            np.testing.assert_allclose(stored_params[name].numpy(), widened_params[name].numpy(),
+                                       rtol=1e-5, atol=1e-7, err_msg=name)
+    # The matrices the stored model freezes do take gradients in float32 (every attention output projection).
+    projections = [n for n, p in stored.named_parameters() if p.dtype == paddle.bfloat16 and "o_proj" in n]
+    assert projections and all(widened_params[name] is not None for name in projections)
+
+
 def test_bf16_storage_maps_the_file_copy_on_write(tmp_path):
     """The kept matrices are a copy-on-write mapping of the shard: writing a parameter changes the model,
     never the file."""

@@ -36,7 +36,10 @@ pages afterwards (this machine's Linux 6.18 refuses ``MADV_COLLAPSE`` for these 
 whatever the page cache holds. Mapped pages are clean, so the kernel can reclaim them under memory
 pressure, and processes that load one checkpoint share them. The token embedding table is kept the same
 way (its rows are widened as they are looked up); norms, routers, biases and the vision tower's patch and
-position embeddings stay float32.
+position embeddings stay float32. The kept matrices are inference storage: such a model refuses
+``train()``, and the matrices take no gradient (``stop_gradient``), so a gradient taken in eval mode (a
+saliency map, say) reaches the inputs and the float32 parameters only; ``weight_dtype="float32"`` gives
+gradients for every parameter.
 """
 from __future__ import annotations
 
@@ -564,5 +567,10 @@ def build_and_load(build, path: str, prefix: str = "", dtype=None, progress: boo
         model = build()
     keep = bf16_storage_names(model) if _keeps_bf16(weight_dtype, compute_dtype) else ()
     load_weights(model, path, prefix=prefix, progress=progress, keep_bf16=keep, map_weights=map_weights)
+    parameters = dict(model.named_parameters())
+    for name in keep:
+        # A gradient reaching a bf16-stored matrix would be rounded to bf16 without a word; inference storage
+        # takes none (gradients still flow through it to the inputs, in float32).
+        parameters[name].stop_gradient = parameters[name].dtype == paddle.bfloat16
     model.eval()
     return model

@@ -14,7 +14,7 @@ Usage::
     python benchmarks/roofline.py                  # full sizes, about half a minute
     python benchmarks/roofline.py --quick --json /tmp/roofline.json
 
-Importable: ``measure(quick=False, repeats=None, operands=None) -> dict`` with the stable keys listed in ``RESULT_KEYS``.
+Importable: ``measure(quick=False, repeats=None, operands=None) -> dict``, its stable keys in ``RESULT_KEYS``.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ class Operands:
         self._tensors: dict = {}
 
     def get(self, shape: Sequence[int], make: Callable[[list], paddle.Tensor]) -> paddle.Tensor:
-        """A float32 tensor of ``shape`` from ``make(shape)`` (the same one again while kept; its values are
-        only ever read)."""
+        """A float32 tensor of ``shape`` from ``make(shape)``: the same one again while kept, so a kept
+        square matmul multiplies one tensor by itself (the measurements only read their operands)."""
         key = (tuple(shape), make)
         tensor = self._tensors.get(key)
         if tensor is None:

@@ -272,3 +272,32 @@ def test_demo_grounding_attention_splits_the_cells_by_shape():
     expected[0] = 0
     expected[[18, 19, 26, 27]] = 1
     assert regions.tolist() == expected.tolist()
+
+
+def test_streams_decoded_in_turn_decode_as_they_would_alone():
+    """bench_infer.decode_in_turn: each stream gets its own tokens and its own routing records (one count
+    per MoE layer per step, at most K per row), the same as when it is decoded alone."""
+    sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
+    import paddle
+    from bench_infer import decode_in_turn, prefilled
+    from lm_golden import load_lm
+
+    lm = load_lm("micro-tiny", "float32")
+    config = lm.config
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    rng = np.random.default_rng(0)
+    prompts = [paddle.to_tensor(rng.integers(0, config.vocab_size, size=(rows, 7))) for rows in (1, 2)]
+
+    def fresh_streams():
+        with paddle.no_grad():
+            return [prefilled(lm, lm.get_input_embeddings()(ids), paddle.ones(ids.shape, dtype=paddle.bool), 3)[0]
+                    for ids in prompts]
+
+    with paddle.no_grad():
+        together = decode_in_turn(lm, fresh_streams(), 3)
+        alone = [decode_in_turn(lm, [stream], 3)[0] for stream in fresh_streams()]
+    for (seconds, experts), (_, experts_alone), ids in zip(together, alone, prompts):
+        assert len(seconds) == 3 and all(s > 0 for s in seconds)
+        assert experts == experts_alone
+        assert all(len(step) == moe_layers for step in experts)
+        assert all(1 <= count <= config.num_experts_per_tok * ids.shape[0] for step in experts for count in step)

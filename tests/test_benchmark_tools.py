@@ -263,3 +263,14 @@ def test_roofline_quick_gives_every_key(tmp_path):
     assert isinstance(measured["cpu_model"], str) and measured["cpu_model"]
     assert isinstance(measured["avx512"], bool)
     assert measured["quick"] is True
+
+
+def test_kept_operands_are_made_once_and_fresh_ones_every_time():
+    import roofline
+
+    kept, fresh = roofline.Operands(keep=True), roofline.Operands()
+    first = kept.get([4, 8], roofline._normal)
+    assert kept.get([4, 8], roofline._normal) is first and kept.get([8, 4], roofline._normal) is not first
+    assert kept.get([4, 8], roofline._half) is not first
+    assert fresh.get([4, 8], roofline._normal) is not fresh.get([4, 8], roofline._normal)
+    assert first.shape == [4, 8] and str(first.dtype) == "paddle.float32"

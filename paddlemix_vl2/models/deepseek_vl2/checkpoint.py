@@ -567,10 +567,10 @@ def build_and_load(build, path: str, prefix: str = "", dtype=None, progress: boo
         model = build()
     keep = bf16_storage_names(model) if _keeps_bf16(weight_dtype, compute_dtype) else ()
     load_weights(model, path, prefix=prefix, progress=progress, keep_bf16=keep, map_weights=map_weights)
-    parameters = dict(model.named_parameters())
-    for name in keep:
-        # A gradient reaching a bf16-stored matrix would be rounded to bf16 without a word; inference storage
-        # takes none (gradients still flow through it to the inputs, in float32).
-        parameters[name].stop_gradient = parameters[name].dtype == paddle.bfloat16
+    for parameter in model.parameters():
+        if parameter.dtype == paddle.bfloat16 and compute_dtype == paddle.float32:
+            # A gradient reaching a bf16-stored matrix would be rounded to bf16 without a word; inference
+            # storage takes none (gradients still flow through it to the inputs, in float32).
+            parameter.stop_gradient = True
     model.eval()
     return model

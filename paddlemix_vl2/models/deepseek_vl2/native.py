@@ -309,8 +309,9 @@ class MLPTable:
 
     @classmethod
     def of(cls, mlps: Sequence[Optional[Tuple[paddle.Tensor, ...]]]) -> Optional["MLPTable"]:
-        """The table, or None when an MLP has no plain weights (None) or their dtypes differ."""
-        if any(mlp is None for mlp in mlps) or len({mlp[0].dtype for mlp in mlps}) > 1:
+        """The table, or None when there are no MLPs, an MLP has no plain weights (None) or their dtypes
+        differ."""
+        if not mlps or any(mlp is None for mlp in mlps) or len({mlp[0].dtype for mlp in mlps}) > 1:
             return None
         return cls(mlps)
 

@@ -297,13 +297,14 @@ def decode_report(lm, seconds: Sequence[float], experts: Sequence[Sequence[int]]
     }
 
 
-def prefilled(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new_tokens: int) -> tuple:
+def prefilled(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new_tokens: int,
+              chunk_size: int = 0) -> tuple:
     """Prefill a prompt into a new cache with room for ``new_tokens``: ((first token, cache, positions),
     seconds of the prefill, seconds of the prefill and the first token). The cache is made untimed."""
     mask = attention_mask.astype(paddle.bool)
     cache = lm.new_cache(embeds.shape[0], embeds.shape[1] + new_tokens + 1)
     start = time.perf_counter()
-    logits = prefill(lm, embeds, mask, cache)
+    logits = prefill(lm, embeds, mask, cache, chunk_size=chunk_size)
     prefill_seconds = time.perf_counter() - start
     token = sample_next_token(logits, GREEDY)
     first_token_seconds = time.perf_counter() - start
@@ -435,10 +436,9 @@ def bench_mla(lm, settings: BenchSettings) -> Optional[dict]:
     with paddle.no_grad():
         for context in settings.mla_contexts:
             ids = paddle.to_tensor(rng.integers(0, config.vocab_size, size=(1, context)))
-            cache = lm.new_cache(1, context + settings.mla_decode_steps + 1)
-            logits = prefill(lm, lm.get_input_embeddings()(ids), paddle.ones([1, context], dtype=paddle.bool),
-                             cache, chunk_size=settings.prefill_chunk)
-            streams.append((sample_next_token(logits, GREEDY), cache, paddle.to_tensor([context])))
+            stream, _, _ = prefilled(lm, lm.get_input_embeddings()(ids), paddle.ones([1, context], dtype=paddle.bool),
+                                     settings.mla_decode_steps, chunk_size=settings.prefill_chunk)
+            streams.append(stream)
         seconds = [stream_seconds for stream_seconds, _ in decode_in_turn(lm, streams, settings.mla_decode_steps)]
     medians = [statistics.median(s) for s in seconds]
     section["median_step_seconds"] = medians

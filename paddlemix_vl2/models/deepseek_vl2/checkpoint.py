@@ -324,8 +324,12 @@ class _ParameterFiller:
 
     def fill(self, param: paddle.Tensor, shard: _ShardReader, name: str, keep_bf16: bool = False) -> None:
         """Fill ``param`` from ``name``; ``keep_bf16``: a bf16 tensor stays bf16 (a lazy host parameter),
-        mapped from the file or read into fresh memory."""
+        mapped from the file or read into fresh memory, and takes no gradient."""
         keep_bf16 = keep_bf16 and shard.entries[name]["dtype"] == "BF16" and _lazy_on_host(param)
+        if keep_bf16:
+            # A gradient reaching a bf16-stored matrix would be rounded to bf16 without a word; inference
+            # storage takes none (gradients still flow through it to the inputs, in float32).
+            param.stop_gradient = True
         if keep_bf16 and self._map_bf16 and param.size > 0:
             bits = shard.mapped_bf16(name)
             # Zero-copy: the parameter holds the mapped array (DLPack keeps it, and so the mapping, alive).
@@ -567,10 +571,5 @@ def build_and_load(build, path: str, prefix: str = "", dtype=None, progress: boo
         model = build()
     keep = bf16_storage_names(model) if _keeps_bf16(weight_dtype, compute_dtype) else ()
     load_weights(model, path, prefix=prefix, progress=progress, keep_bf16=keep, map_weights=map_weights)
-    for parameter in model.parameters():
-        if parameter.dtype == paddle.bfloat16 and compute_dtype == paddle.float32:
-            # A gradient reaching a bf16-stored matrix would be rounded to bf16 without a word; inference
-            # storage takes none (gradients still flow through it to the inputs, in float32).
-            parameter.stop_gradient = True
     model.eval()
     return model

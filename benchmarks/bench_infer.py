@@ -227,11 +227,20 @@ def lm_input_ids(ids: paddle.Tensor, vocab_size: int):
 
 
 @contextlib.contextmanager
-def record_routing(lm) -> Iterator[List[paddle.Tensor]]:
-    """Collect every MoE layer's chosen experts [N, K] in call order while the block runs."""
-    records: List[paddle.Tensor] = []
+def record_routing(lm) -> Iterator[List[Callable[[], paddle.Tensor]]]:
+    """Collect, for every MoE layer call in order while the block runs, a function that gives that call's
+    chosen experts [N, K].
+
+    A decode step's MoE routes inside its kernel (``native.moe_decode``) without calling the gate module,
+    so each layer's input is kept and the gate is asked afterwards, outside the timed steps.
+    """
+    records: List[Callable[[], paddle.Tensor]] = []
+
+    def keep_input(moe, inputs):
+        records.append(lambda: moe.gate(inputs[0])[0])
+
     hooks = [
-        layer.mlp.gate.register_forward_post_hook(lambda _layer, _inputs, outputs: records.append(outputs[0]))
+        layer.mlp.register_forward_pre_hook(keep_input)
         for i, layer in enumerate(lm.model.layers) if lm.config.is_moe_layer(i)
     ]
     try:
@@ -265,7 +274,7 @@ def decode_in_turn(lm, streams: Sequence[tuple], steps: int) -> List[tuple]:
                 seconds[i].append(elapsed)
                 routing_spans[i].append((first, len(routing)))
                 streams[i] = (token, cache, positions + 1)
-        experts = [[[len(np.unique(r.numpy())) for r in routing[a:b]] for a, b in spans] for spans in routing_spans]
+        experts = [[[len(np.unique(r().numpy())) for r in routing[a:b]] for a, b in spans] for spans in routing_spans]
     return list(zip(seconds, experts))
 
 

@@ -1,4 +1,5 @@
-"""MoEGate routing and the auxiliary loss against a NumPy computation written from the formulas."""
+"""MoEGate routing, the router kernel and the auxiliary loss against a NumPy computation written from the
+formulas."""
 import itertools
 
 import numpy as np
@@ -6,6 +7,7 @@ import paddle
 import pytest
 
 from paddlemix_vl2.models.deepseek_vl2 import ConfigError, DeepseekV2Config, DeepseekV2MoE, MoEGate
+from paddlemix_vl2.models.deepseek_vl2 import native
 from paddlemix_vl2.models.deepseek_vl2.moe import moe_aux_loss
 
 E, K, H = 16, 4, 32
@@ -75,8 +77,33 @@ def test_gate_matches_numpy(scoring, method, n_group, topk_group, norm, rsf):
     topk_idx, topk_weight, aux = gate(paddle.to_tensor(x))
     assert aux is None
     logits = x.reshape(-1, H) @ weight.T
-    sets, weights, ties = numpy_route(logits, scoring, method, n_group, topk_group, K, norm, rsf, bias)
-    idx, w = topk_idx.numpy(), topk_weight.numpy()
+    assert_routes_like_numpy(topk_idx.numpy(), topk_weight.numpy(), logits, config, bias)
+
+
+@pytest.mark.parametrize("scoring,method,n_group,topk_group,norm,rsf", CASES)
+def test_router_kernel_matches_numpy(scoring, method, n_group, topk_group, norm, rsf):
+    """``native.route_rows`` (the router of the fused decode MoE, ``native.moe_decode``) by the same rules."""
+    if native.kernel_library() is None:
+        pytest.skip("the CPU kernels are not built here; decode routes through MoEGate, tested above")
+    rng = np.random.default_rng(hash((method, scoring, n_group, norm)) % 2**32)
+    config = DeepseekV2Config(
+        hidden_size=H, n_routed_experts=E, num_experts_per_tok=K, scoring_func=scoring, topk_method=method,
+        n_group=n_group, topk_group=topk_group, norm_topk_prob=norm, routed_scaling_factor=rsf,
+    )
+    bias = rng.uniform(-0.2, 0.2, E).astype(np.float32) if method == "noaux_tc" else None
+    logits = rng.normal(0, 2.0, (80, E)).astype(np.float32)
+    router = native.RouterConfig.of(config, None if bias is None else paddle.to_tensor(bias))
+    topk_idx, topk_weight = native.route_rows(paddle.to_tensor(logits), router)
+    assert_routes_like_numpy(topk_idx, topk_weight, logits, config, bias)
+
+
+def assert_routes_like_numpy(idx, w, logits, config, bias):
+    """idx, w [N, K] against ``numpy_route`` of float32 logits [N, E]: the same experts for every token
+    without a tie at the k-th place (at most a quarter may tie), weights to float32 rounding."""
+    sets, weights, ties = numpy_route(
+        logits, config.scoring_func, config.moe_topk_method, config.n_group, config.topk_group, K,
+        config.norm_topk_prob, config.routed_scaling_factor, bias,
+    )
     assert sum(ties) < len(ties) // 4
     for t in range(len(sets)):
         if ties[t]:

@@ -6,6 +6,7 @@ takes); the Linear, the MLP and the one-token MoE with the kernels against the s
 (test_lm_parity, test_vl_parity, test_generation) run the kernel in every no-grad forward of one to
 eight rows, so the decode steps there go through it too.
 """
+import dataclasses
 import logging
 import os
 
@@ -16,6 +17,7 @@ import pytest
 
 from paddlemix_vl2.models.deepseek_vl2 import layers, native
 from paddlemix_vl2.models.deepseek_vl2.layers import DeepseekV2MLP, Linear
+from paddlemix_vl2.models.deepseek_vl2 import moe as moe_module
 from paddlemix_vl2.models.deepseek_vl2.moe import DeepseekV2MoE
 
 
@@ -168,10 +170,56 @@ def test_mlp_and_moe_with_the_kernels_equal_the_plain_path(monkeypatch, tokens):
             native.kernel_library.cache_clear()
     np.testing.assert_allclose(fast_moe.numpy(), plain_moe.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fast_mlp.numpy(), plain_mlp.numpy(), rtol=1e-5, atol=1e-6)
-    for memo_out in memo_moe:
-        np.testing.assert_array_equal(memo_out, fast_moe.numpy())
+    # With a cache, up to eight rows route in the kernel too (moe_decode): equal to float32 rounding.
+    np.testing.assert_array_equal(memo_moe[0], memo_moe[1])
+    np.testing.assert_allclose(memo_moe[0], fast_moe.numpy(), rtol=1e-5, atol=1e-6)
     for memo_out in memo_mlp:
         np.testing.assert_array_equal(memo_out, fast_mlp.numpy())
+
+
+def _group_limited_moe():
+    """A float32 MoE routed by group_limited_greedy, which no fixture checkpoint uses."""
+    from lm_golden import load_lm
+
+    config = dataclasses.replace(load_lm("micro-tiny").config, topk_method="group_limited_greedy", n_group=4,
+                                 topk_group=2)
+    paddle.seed(3)
+    moe = DeepseekV2MoE(config)
+    moe.eval()
+    return moe
+
+
+@pytest.mark.parametrize("source", ["micro-tiny", "micro-full", "group_limited"])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_moe_decode_routes_and_computes_as_the_module_path(monkeypatch, source, rows):
+    """A decode step's MoE with a cache runs as one ``moe_decode`` call (router in the kernel) and gives
+    the gate module's routing and the uncached layer's output: greedy softmax and noaux_tc sigmoid on the
+    fixtures' bf16-stored experts, group_limited_greedy on float32 ones."""
+    from lm_golden import load_lm
+
+    if native.kernel_library() is None:
+        pytest.skip("the CPU kernels are not built here; every MoE takes the module path")
+    if source == "group_limited":
+        moe = _group_limited_moe()
+    else:
+        moe = next(layer.mlp for layer in load_lm(source).model.layers if isinstance(layer.mlp, DeepseekV2MoE))
+    hidden = moe.config.hidden_size
+    x = paddle.randn([rows, 1, hidden])
+    calls = []
+    fused_kernel = moe_module.moe_decode
+    monkeypatch.setattr(moe_module, "moe_decode", lambda *args: calls.append(args) or fused_kernel(*args))
+    with paddle.no_grad():
+        fused = moe(x, load_lm("micro-tiny").new_cache(rows, 4)).numpy()  # the cache keeps the tables
+        assert len(calls) == 1
+        plain = moe(x).numpy()
+        topk_idx, topk_weight, _ = moe.gate(x)
+        _, kernel_idx, kernel_weight = fused_kernel(*calls[0])
+    np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-6)
+    order, kernel_order = np.argsort(topk_idx.numpy(), axis=1), np.argsort(kernel_idx, axis=1)
+    np.testing.assert_array_equal(np.take_along_axis(kernel_idx, kernel_order, 1),
+                                  np.take_along_axis(topk_idx.numpy(), order, 1))
+    np.testing.assert_allclose(np.take_along_axis(kernel_weight, kernel_order, 1),
+                               np.take_along_axis(topk_weight.numpy(), order, 1), rtol=1e-5, atol=1e-7)
 
 
 def test_linear_with_gradient_never_takes_the_kernel(monkeypatch):

@@ -1,5 +1,6 @@
-/* What cpu_kernels.c and cpu_gemm.c share: the scratch allocator, the AVX-512 exponential and tail masks,
- * one softmax row, and the GEMM's interface (cpu_gemm.c), which the MLP kernels call for prefill. */
+/* What cpu_kernels.c, cpu_gemm.c and cpu_moe.c share: the few-row and MLP kernels (which cpu_moe.c calls),
+ * the scratch allocator, the AVX-512 exponential and tail masks, one softmax row, and the GEMM's interface
+ * (cpu_gemm.c), which the MLP kernels call for prefill. */
 #ifndef PADDLEMIX_VL2_CPU_KERNELS_H
 #define PADDLEMIX_VL2_CPU_KERNELS_H
 
@@ -22,6 +23,15 @@ static inline float bf16_to_float(bf16_t value) {
 /* Scratch that persists per thread, grown on demand: *buf holds at least `floats` floats (64-byte aligned)
  * afterwards, or is NULL when memory ran out. */
 float *grow(float **buf, size_t *cap, size_t floats);
+
+/* y [rows, n_dim] = x [rows, k_dim] @ w [n_dim, k_dim]^T, w float32 or (bf16) bfloat16 (cpu_kernels.c). */
+void few_rows_linear(const float *x, const void *w, int bf16, float *y, long rows, long k_dim, long n_dim);
+
+/* out [rows, hidden] = a layer's SiLU-gated MLPs, each over its rows with their scales (cpu_kernels.c;
+ * native.swiglu_mlps documents the arguments). Returns 0, or -1 when scratch memory ran out. */
+int swiglu_mlps(const float *x, long rows, long hidden, long n_mlps, const void *const *gate,
+                const void *const *up, const void *const *down, int bf16, const long *inter, const long *row_counts,
+                const long *row_ids, const float *row_scales, float *out);
 
 #if defined(__AVX512F__)
 /* e^x for x <= 0 to about 1e-7 relative: 2^n * e^r with r = x - n ln 2 in [-ln2/2, ln2/2] and a degree-7

@@ -15,7 +15,7 @@ from paddle.autograd import PyLayer
 
 from .configuration_deepseek import DeepseekV2Config
 from .layers import DeepseekV2MLP, memoized_native_table
-from .native import MLPTable, mlp_kernels_apply, swiglu_mlps
+from .native import MLPTable, RouterConfig, mlp_kernels_apply, moe_decode, moe_decode_applies, swiglu_mlps
 
 __all__ = ["MoEGate", "DeepseekV2MoE", "AddAuxiliaryLoss", "route", "moe_aux_loss"]
 
@@ -158,8 +158,12 @@ class DeepseekV2MoE(nn.Layer):
         """hidden_states [B, T, H] -> [B, T, H]. ``cache``: the generation's ``KVCache``, where the
         kernel's table of expert weights is kept, or None."""
         shape = hidden_states.shape
-        topk_idx, topk_weight, aux_loss = self.gate(hidden_states)
         x = hidden_states.reshape([-1, shape[-1]])
+        if cache is not None and moe_decode_applies(x, self.gate.weight, self.experts[0].gate_proj.weight):
+            y = self._decode_native(x, cache)
+            if y is not None:
+                return y.reshape(shape)
+        topk_idx, topk_weight, aux_loss = self.gate(hidden_states)
         if mlp_kernels_apply(x, self.experts[0].gate_proj.weight, x.shape[0]):
             y = self._experts_native(x, topk_idx, topk_weight, cache)
             if y is not None:
@@ -214,6 +218,19 @@ class DeepseekV2MoE(nn.Layer):
         if self.shared_experts is not None:
             mlps.append(self.shared_experts.native_weights())
         return MLPTable.of(mlps)
+
+    def _decode_native(self, x: paddle.Tensor, cache) -> Optional[paddle.Tensor]:
+        """x [N, H] (a decode step's few rows) -> [N, H] by one ``native.moe_decode`` call, router included:
+        the gate's Python path (matmul, softmax, top-k, host copies, sorting) cost more than its
+        arithmetic. The gate module is not called, so its hooks do not see these steps. None when the
+        experts have no table (``native_table``)."""
+        table = memoized_native_table(self, cache)
+        if table is None:
+            return None
+        router = cache.memo(
+            (id(self), "router"), lambda: RouterConfig.of(self.config, self.gate.e_score_correction_bias)
+        )
+        return moe_decode(x, self.gate.weight, router, table, self.shared_experts is not None)[0]
 
     def _experts_native(
         self, x: paddle.Tensor, topk_idx: paddle.Tensor, topk_weight: paddle.Tensor, cache

@@ -1,0 +1,146 @@
+/* A mixture-of-experts layer's decode step in one call (moe_decode): the router's logits, the choice of
+ * experts (route_rows, the rules of moe.route) and the chosen and shared experts through swiglu_mlps.
+ *
+ * Why: on the tiny model a decode step's MoE made about twenty Paddle and NumPy calls per layer (the gate's
+ * matmul, softmax, top-k, normalisation, two host copies, a sort, the per-expert row lists), which with
+ * the weights streaming through the caches took about a millisecond per layer (py-spy, 12 layers), for
+ * arithmetic that takes microseconds.
+ *
+ * Ties: a top-k here takes the lower index among equal values. Paddle's and torch's top-k order ties their
+ * own ways, so the three agree whenever the k-th and (k+1)-th values differ; exact ties only arise for
+ * noaux_tc when biased scores fall below the 0 that marks the experts of dropped groups. */
+#include "cpu_kernels.h"
+
+#include <float.h>
+#include <string.h>
+
+enum { GREEDY = 0, GROUP_LIMITED_GREEDY = 1, NOAUX_TC = 2 };
+
+/* The routing rules of one MoE layer, as native.RouterConfig lays them out. */
+typedef struct {
+    long n_experts, top_k, n_group, topk_group;
+    int sigmoid, method, norm_topk_prob;
+    float routed_scaling_factor;
+    const float *e_score_correction_bias; /* [n_experts] for noaux_tc, else NULL */
+} router_config;
+
+/* The k largest of values[0 .. n - 1] into picked (descending; the lower index among equals); taken [n]
+ * is scratch. */
+static void top_k(const float *values, long n, long k, long *picked, char *taken) {
+    memset(taken, 0, (size_t)n);
+    for (long j = 0; j < k; ++j) {
+        long best = -1;
+        for (long e = 0; e < n; ++e)
+            if (!taken[e] && (best < 0 || values[e] > values[best])) best = e;
+        taken[best] = 1;
+        picked[j] = best;
+    }
+}
+
+/* One token: logits [E] -> topk_idx [K], topk_weight [K]; scratch holds 3 E + G floats, then E bytes. */
+static void route_row(const float *logits, const router_config *cfg, long *topk_idx, float *topk_weight,
+                      float *scratch) {
+    const long n = cfg->n_experts, k = cfg->top_k;
+    float *scores = scratch, *choice = scratch + n, *masked = scratch + 2 * n, *group_scores = scratch + 3 * n;
+    char *taken = (char *)(group_scores + cfg->n_group);
+    if (cfg->sigmoid) {
+        for (long e = 0; e < n; ++e) scores[e] = 1.0f / (1.0f + expf(-logits[e]));
+    } else {
+        float top = -FLT_MAX, sum = 0.0f;
+        for (long e = 0; e < n; ++e) top = logits[e] > top ? logits[e] : top;
+        for (long e = 0; e < n; ++e) sum += scores[e] = expf(logits[e] - top);
+        for (long e = 0; e < n; ++e) scores[e] /= sum;
+    }
+    for (long e = 0; e < n; ++e)
+        choice[e] = cfg->method == NOAUX_TC ? scores[e] + cfg->e_score_correction_bias[e] : scores[e];
+    if (cfg->method == GREEDY) {
+        memcpy(masked, choice, (size_t)n * sizeof(float));
+    } else {
+        /* A group scores its best expert (group_limited_greedy) or its best two (noaux_tc); experts outside
+         * the topk_group best groups count 0. */
+        const long size = n / cfg->n_group;
+        long picked[2];
+        for (long g = 0; g < cfg->n_group; ++g) {
+            top_k(choice + g * size, size, cfg->method == NOAUX_TC ? 2 : 1, picked, taken);
+            group_scores[g] = choice[g * size + picked[0]] + (cfg->method == NOAUX_TC ? choice[g * size + picked[1]] : 0.0f);
+        }
+        long kept_groups[cfg->topk_group];
+        top_k(group_scores, cfg->n_group, cfg->topk_group, kept_groups, taken);
+        memset(masked, 0, (size_t)n * sizeof(float));
+        for (long j = 0; j < cfg->topk_group; ++j)
+            memcpy(masked + kept_groups[j] * size, choice + kept_groups[j] * size, (size_t)size * sizeof(float));
+    }
+    top_k(masked, n, k, topk_idx, taken);
+    float sum = 0.0f;
+    for (long j = 0; j < k; ++j) {
+        /* noaux_tc's bias only steers the choice: its weights are the unbiased scores. */
+        topk_weight[j] = cfg->method == NOAUX_TC ? scores[topk_idx[j]] : masked[topk_idx[j]];
+        sum += topk_weight[j];
+    }
+    const int normalise = k > 1 && cfg->norm_topk_prob;
+    for (long j = 0; j < k; ++j)
+        topk_weight[j] = (normalise ? topk_weight[j] / (sum + 1e-20f) : topk_weight[j]) * cfg->routed_scaling_factor;
+}
+
+/* logits [rows, E] -> topk_idx [rows, K] int64, topk_weight [rows, K] float32. Returns 0, or -1 when
+ * scratch memory ran out. */
+int route_rows(const float *logits, long rows, const router_config *cfg, long *topk_idx, float *topk_weight) {
+    float *scratch = malloc((size_t)(3 * cfg->n_experts + cfg->n_group) * sizeof(float) + (size_t)cfg->n_experts);
+    if (!scratch) return -1;
+    for (long r = 0; r < rows; ++r)
+        route_row(logits + r * cfg->n_experts, cfg, topk_idx + r * cfg->top_k, topk_weight + r * cfg->top_k, scratch);
+    free(scratch);
+    return 0;
+}
+
+/* out [rows, H] = the MoE layer of x [rows, H] (rows <= MAX_FEW_ROWS): the router (gate_weight [E, H],
+ * float32 or bfloat16 as gate_bf16) chooses K experts per row, each chosen expert runs on its rows with
+ * their weights, and the shared MLP (when shared: table entry E) on every row. The experts' table (gate,
+ * up, down [E + shared], their widths inter, all float32 or all bfloat16 as bf16) is native.MLPTable's.
+ * The choices are written to topk_idx [rows, K] and topk_weight [rows, K]. Returns 0, or -1 when scratch
+ * memory ran out. */
+int moe_decode(const float *x, long rows, long hidden, const void *gate_weight, int gate_bf16,
+               const router_config *cfg, const void *const *gate, const void *const *up, const void *const *down,
+               int bf16, const long *inter, int shared, long *topk_idx, float *topk_weight, float *out) {
+    const long n = cfg->n_experts, pairs = rows * cfg->top_k, mlps = pairs + shared;
+    float *logits = malloc((size_t)(rows * n + pairs + rows) * sizeof(float));
+    long *counts = calloc((size_t)n, sizeof(long));
+    long *lists = malloc((size_t)(3 * mlps + pairs + rows) * sizeof(long));
+    const void **pointers = malloc((size_t)(3 * mlps) * sizeof(void *));
+    int status = logits && counts && lists && pointers ? 0 : -1;
+    if (!status) {
+        few_rows_linear(x, gate_weight, gate_bf16, logits, rows, hidden, n);
+        status = route_rows(logits, rows, cfg, topk_idx, topk_weight);
+    }
+    if (!status) {
+        /* (row, slot) pairs grouped by expert in ascending order, each group in pair order, as
+         * DeepseekV2MoE._experts_native lists them; then the shared MLP over every row. counts[e] becomes
+         * the next free slot of expert e's group. */
+        float *row_scales = logits + rows * n;
+        long *mlp_ids = lists, *row_counts = lists + mlps, *widths = lists + 2 * mlps, *row_ids = lists + 3 * mlps;
+        for (long p = 0; p < pairs; ++p) counts[topk_idx[p]]++;
+        long used = 0, offset = 0;
+        for (long e = 0; e < n; ++e) {
+            if (!counts[e]) continue;
+            mlp_ids[used] = e, row_counts[used] = counts[e], ++used;
+            offset += counts[e], counts[e] = offset - counts[e];
+        }
+        for (long p = 0; p < pairs; ++p) {
+            const long slot = counts[topk_idx[p]]++;
+            row_ids[slot] = p / cfg->top_k;
+            row_scales[slot] = topk_weight[p];
+        }
+        if (shared) {
+            mlp_ids[used] = n, row_counts[used] = rows, ++used;
+            for (long r = 0; r < rows; ++r) row_ids[pairs + r] = r, row_scales[pairs + r] = 1.0f;
+        }
+        for (long m = 0; m < used; ++m) {
+            pointers[m] = gate[mlp_ids[m]], pointers[mlps + m] = up[mlp_ids[m]], pointers[2 * mlps + m] = down[mlp_ids[m]];
+            widths[m] = inter[mlp_ids[m]];
+        }
+        status = swiglu_mlps(x, rows, hidden, used, pointers, pointers + mlps, pointers + 2 * mlps, bf16, widths,
+                             row_counts, row_ids, row_scales, out);
+    }
+    free(logits), free(counts), free(lists), free(pointers);
+    return status;
+}

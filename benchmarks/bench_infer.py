@@ -226,30 +226,6 @@ def lm_input_ids(ids: paddle.Tensor, vocab_size: int):
     return ids % vocab_size, True
 
 
-@contextlib.contextmanager
-def record_routing(lm) -> Iterator[List[Callable[[], paddle.Tensor]]]:
-    """Collect, for every MoE layer call in order while the block runs, a function that gives that call's
-    chosen experts [N, K].
-
-    A decode step's MoE routes inside its kernel (``native.moe_decode``) without calling the gate module,
-    so each layer's input is kept and the gate is asked afterwards, outside the timed steps.
-    """
-    records: List[Callable[[], paddle.Tensor]] = []
-
-    def keep_input(moe, inputs):
-        records.append(lambda: moe.gate(inputs[0])[0])
-
-    hooks = [
-        layer.mlp.register_forward_pre_hook(keep_input)
-        for i, layer in enumerate(lm.model.layers) if lm.config.is_moe_layer(i)
-    ]
-    try:
-        yield records
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
 def timed_step(lm, token: paddle.Tensor, cache, positions: paddle.Tensor):
     """One greedy decode step: (next token [B], wall seconds)."""
     start = time.perf_counter()
@@ -265,16 +241,20 @@ def decode_in_turn(lm, streams: Sequence[tuple], steps: int) -> List[tuple]:
     """
     streams = list(streams)
     seconds = [[] for _ in streams]
-    routing_spans = [[] for _ in streams]
-    with record_routing(lm) as routing:
-        for _ in range(steps):
-            for i, (token, cache, positions) in enumerate(streams):
-                first = len(routing)
-                token, elapsed = timed_step(lm, token, cache, positions)
-                seconds[i].append(elapsed)
-                routing_spans[i].append((first, len(routing)))
-                streams[i] = (token, cache, positions + 1)
-        experts = [[[len(np.unique(r().numpy())) for r in routing[a:b]] for a, b in spans] for spans in routing_spans]
+    spans = [[] for _ in streams]  # per step, its entries of the stream's routing record
+    for _, cache, _ in streams:
+        cache.routing = []
+    for _ in range(steps):
+        for i, (token, cache, positions) in enumerate(streams):
+            first = len(cache.routing)
+            token, elapsed = timed_step(lm, token, cache, positions)
+            seconds[i].append(elapsed)
+            spans[i].append((first, len(cache.routing)))
+            streams[i] = (token, cache, positions + 1)
+    experts = [
+        [[len(np.unique(topk_idx)) for topk_idx in cache.routing[a:b]] for a, b in stream_spans]
+        for (_, cache, _), stream_spans in zip(streams, spans)
+    ]
     return list(zip(seconds, experts))
 
 

@@ -7,7 +7,7 @@ import paddle
 import pytest
 
 from paddlemix_vl2.models.deepseek_vl2 import ConfigError, DeepseekV2Config, DeepseekV2MoE, MoEGate
-from paddlemix_vl2.models.deepseek_vl2 import native
+from paddlemix_vl2.models.deepseek_vl2 import native, native_decode
 from paddlemix_vl2.models.deepseek_vl2.moe import moe_aux_loss
 
 E, K, H = 16, 4, 32
@@ -82,7 +82,7 @@ def test_gate_matches_numpy(scoring, method, n_group, topk_group, norm, rsf):
 
 @pytest.mark.parametrize("scoring,method,n_group,topk_group,norm,rsf", CASES)
 def test_router_kernel_matches_numpy(scoring, method, n_group, topk_group, norm, rsf):
-    """``native.route_rows`` (the router of the fused decode MoE, ``native.moe_decode``) by the same rules."""
+    """``native_decode.route_rows`` (the router of a decode step's MoE kernel) by the same rules."""
     if native.kernel_library() is None:
         pytest.skip("the CPU kernels are not built here; decode routes through MoEGate, tested above")
     rng = np.random.default_rng(hash((method, scoring, n_group, norm)) % 2**32)
@@ -92,8 +92,8 @@ def test_router_kernel_matches_numpy(scoring, method, n_group, topk_group, norm,
     )
     bias = rng.uniform(-0.2, 0.2, E).astype(np.float32) if method == "noaux_tc" else None
     logits = rng.normal(0, 2.0, (80, E)).astype(np.float32)
-    router = native.RouterConfig.of(config, None if bias is None else paddle.to_tensor(bias))
-    topk_idx, topk_weight = native.route_rows(paddle.to_tensor(logits), router)
+    router = native_decode.RouterConfig.of(config, None if bias is None else paddle.to_tensor(bias))
+    topk_idx, topk_weight = native_decode.route_rows(paddle.to_tensor(logits), router)
     assert_routes_like_numpy(topk_idx, topk_weight, logits, config, bias)
 
 

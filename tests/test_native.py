@@ -15,7 +15,7 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from paddlemix_vl2.models.deepseek_vl2 import layers, native
+from paddlemix_vl2.models.deepseek_vl2 import layers, native, native_decode
 from paddlemix_vl2.models.deepseek_vl2.layers import DeepseekV2MLP, Linear
 from paddlemix_vl2.models.deepseek_vl2 import moe as moe_module
 from paddlemix_vl2.models.deepseek_vl2.moe import DeepseekV2MoE
@@ -191,10 +191,10 @@ def _group_limited_moe():
 
 @pytest.mark.parametrize("source", ["micro-tiny", "micro-full", "group_limited"])
 @pytest.mark.parametrize("rows", [1, 4])
-def test_moe_decode_routes_and_computes_as_the_module_path(monkeypatch, source, rows):
-    """A decode step's MoE with a cache runs as one ``moe_decode`` call (router in the kernel) and gives
-    the gate module's routing and the uncached layer's output: greedy softmax and noaux_tc sigmoid on the
-    fixtures' bf16-stored experts, group_limited_greedy on float32 ones."""
+def test_moe_decode_block_routes_and_computes_as_the_module_path(monkeypatch, source, rows):
+    """A decode step's MoE with a cache runs as one ``mlp_block_decode`` call (router in the kernel) and
+    gives the gate module's routing and the uncached layer's output: greedy softmax and noaux_tc sigmoid on
+    the fixtures' bf16-stored experts, group_limited_greedy on float32 ones."""
     from lm_golden import load_lm
 
     if native.kernel_library() is None:
@@ -203,23 +203,67 @@ def test_moe_decode_routes_and_computes_as_the_module_path(monkeypatch, source, 
         moe = _group_limited_moe()
     else:
         moe = next(layer.mlp for layer in load_lm(source).model.layers if isinstance(layer.mlp, DeepseekV2MoE))
-    hidden = moe.config.hidden_size
-    x = paddle.randn([rows, 1, hidden])
+    x = paddle.randn([rows, 1, moe.config.hidden_size])
     calls = []
-    fused_kernel = moe_module.moe_decode
-    monkeypatch.setattr(moe_module, "moe_decode", lambda *args: calls.append(args) or fused_kernel(*args))
+    kernel = moe_module.mlp_block_decode
+    monkeypatch.setattr(moe_module, "mlp_block_decode", lambda *args: calls.append(args) or kernel(*args))
     with paddle.no_grad():
-        fused = moe(x, load_lm("micro-tiny").new_cache(rows, 4)).numpy()  # the cache keeps the tables
+        cache = load_lm("micro-tiny").new_cache(rows, 4)  # only its memo of the layer's tables is used
+        cache.routing = []
+        fused = moe(x, cache).numpy()
         assert len(calls) == 1
         plain = moe(x).numpy()
         topk_idx, topk_weight, _ = moe.gate(x)
-        _, kernel_idx, kernel_weight = fused_kernel(*calls[0])
+        _, kernel_idx, kernel_weight = kernel(*calls[0])
     np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(cache.routing[0], kernel_idx)
     order, kernel_order = np.argsort(topk_idx.numpy(), axis=1), np.argsort(kernel_idx, axis=1)
     np.testing.assert_array_equal(np.take_along_axis(kernel_idx, kernel_order, 1),
                                   np.take_along_axis(topk_idx.numpy(), order, 1))
     np.testing.assert_allclose(np.take_along_axis(kernel_weight, kernel_order, 1),
                                np.take_along_axis(topk_weight.numpy(), order, 1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("weight_dtype", ["auto", "float32"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mha_layer_decode_equals_the_layer_by_layer_path(monkeypatch, weight_dtype, batch):
+    """Decode steps of the MHA model with each decoder layer in one ``mha_layer_decode`` call against the
+    same steps through the layers' modules (their kernels one by one): the same logits, routing and cache
+    contents, dense and MoE layers, bf16-stored and float32 weights."""
+    from lm_golden import load_lm
+    from paddlemix_vl2.generation import decode_one_token, prefill
+    from paddlemix_vl2.models.deepseek_vl2 import modeling_deepseek
+
+    if not _vector_kernels_built():
+        pytest.skip("no AVX-512 build of the CPU kernels here: MHA layers decode through their modules")
+    lm = load_lm("micro-tiny", weight_dtype)
+    rng = np.random.default_rng(batch)
+    ids = paddle.to_tensor(rng.integers(0, lm.config.vocab_size, size=(batch, 6)))
+    mask = paddle.to_tensor(np.arange(6)[None, :] >= np.arange(batch)[:, None])  # left padding
+    runs = {}
+    for fused in (True, False):
+        calls = []
+        real_apply = modeling_deepseek.decode_rows_apply
+        monkeypatch.setattr(modeling_deepseek, "decode_rows_apply",
+                            lambda x: fused and calls.append(1) is None and real_apply(x))
+        with paddle.no_grad():
+            cache = lm.new_cache(batch, 10)
+            logits = [prefill(lm, lm.get_input_embeddings()(ids), mask, cache)]
+            cache.routing = []
+            positions = mask.astype("int64").sum(axis=1)
+            for step in range(3):
+                token = paddle.argmax(logits[-1], axis=-1)
+                logits.append(decode_one_token(lm, token, cache, positions + step))
+        runs[fused] = ([t.numpy() for t in logits], cache.routing, [b.numpy() for pair in cache.layers for b in pair])
+        assert len(calls) == (3 * lm.config.num_hidden_layers if fused else 0)
+    (fused_logits, fused_routing, fused_cache), (plain_logits, plain_routing, plain_cache) = runs[True], runs[False]
+    for a, b in zip(fused_logits, plain_logits):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert len(fused_routing) == len(plain_routing) > 0
+    for a, b in zip(fused_routing, plain_routing):
+        np.testing.assert_array_equal(np.sort(a, axis=1), np.sort(b, axis=1))
+    for a, b in zip(fused_cache, plain_cache):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_linear_with_gradient_never_takes_the_kernel(monkeypatch):
@@ -343,8 +387,8 @@ def test_linear_bias_added_in_place_equals_the_broadcast_add(monkeypatch):
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_mha_decode_step_equals_the_plain_path(monkeypatch, kv_heads):
-    """A prefill (``attention_prefill``) and a decode step (``mha_decode``: RoPE, cache write, attention over
-    the written positions) of MHA through the kernels against the Paddle path: two sequences, one
+    """A prefill (``attention_prefill``) and a decode step (``mha_layer_decode``, whose ``mha_decode`` does RoPE,
+    the cache write and attention over the written positions) of MHA through the kernels against the Paddle path: two sequences, one
     left-padded, heads of 18 (not a multiple of the vector width), and grouped keys/values; the logits and
     the cache must agree."""
     if not _vector_kernels_built():
@@ -370,8 +414,8 @@ def test_mha_decode_step_equals_the_plain_path(monkeypatch, kv_heads):
             monkeypatch.setenv(native.NATIVE_VARIABLE, native_setting)
         native.kernel_library.cache_clear()
         calls = []
-        kernel = native.mha_decode
-        monkeypatch.setattr("paddlemix_vl2.models.deepseek_vl2.attention.mha_decode",
+        kernel = native_decode.mha_layer_decode
+        monkeypatch.setattr("paddlemix_vl2.models.deepseek_vl2.modeling_deepseek.mha_layer_decode",
                             lambda *args: calls.append(1) or kernel(*args))
         with paddle.no_grad():
             cache = lm.new_cache(2, 9)

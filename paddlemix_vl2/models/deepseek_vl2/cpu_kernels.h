@@ -1,4 +1,4 @@
-/* What cpu_kernels.c, cpu_gemm.c and cpu_moe.c share: the few-row and MLP kernels (which cpu_moe.c calls),
+/* What cpu_kernels.c, cpu_gemm.c and cpu_decode.c share: the kernels cpu_decode.c strings together,
  * the scratch allocator, the AVX-512 exponential and tail masks, one softmax row, and the GEMM's interface
  * (cpu_gemm.c), which the MLP kernels call for prefill. */
 #ifndef PADDLEMIX_VL2_CPU_KERNELS_H
@@ -26,6 +26,10 @@ float *grow(float **buf, size_t *cap, size_t floats);
 
 /* y [rows, n_dim] = x [rows, k_dim] @ w [n_dim, k_dim]^T, w float32 or (bf16) bfloat16 (cpu_kernels.c). */
 void few_rows_linear(const float *x, const void *w, int bf16, float *y, long rows, long k_dim, long n_dim);
+
+/* y [rows, n] += bias [n]; y = weight * x / sqrt(mean(x^2) + eps) per row of n (y may be x) (cpu_kernels.c). */
+void add_bias_rows(float *y, const float *bias, long rows, long n);
+void rms_norm_rows(const float *x, const float *weight, float *y, long rows, long n, float eps);
 
 /* out [rows, hidden] = a layer's SiLU-gated MLPs, each over its rows with their scales (cpu_kernels.c;
  * native.swiglu_mlps documents the arguments). Returns 0, or -1 when scratch memory ran out. */
@@ -66,6 +70,12 @@ static inline __mmask16 tail_mask(long left) {
 
 /* out = softmax(in + m) over one row of n (m NULL: no mask); out may be in. */
 void softmax_row(const float *in, const float *m, float *o, long n);
+
+/* One decode step of multi-head attention over the heads-first cache (cpu_kernels.c; native.mha_decode
+ * documents the arguments). Returns 0, or -1 when scratch memory ran out. */
+int mha_decode(const float *q, const float *k_new, const float *v_new, const float *cos, const float *sin,
+               float *cache_k, float *cache_v, const float *mask, float *out, long batch, long heads,
+               long kv_heads, long head_dim, long max_len, long pos, float scale);
 
 #define NR 32 /* the GEMM's panel width: output columns per register tile */
 

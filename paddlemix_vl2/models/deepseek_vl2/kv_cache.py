@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
+import numpy as np
 import paddle
 
 from .configuration_deepseek import DeepseekV2Config
@@ -56,6 +57,9 @@ class KVCache:
         self.key_valid = paddle.zeros([batch_size, max_length], dtype=paddle.bool)
         self.length = 0
         self._memo: Dict[Hashable, object] = {}
+        # Set to a list to collect every MoE layer's choice of experts, topk_idx [N, K], in call order
+        # (benchmarks and tests: a decode step routes inside its kernel, where no gate hook sees it).
+        self.routing: Optional[List[np.ndarray]] = None
 
     def begin(self, num_new: int, attention_mask: Optional[paddle.Tensor]) -> int:
         """Reserve ``num_new`` positions for the next forward; returns their start.
@@ -113,6 +117,11 @@ class KVCache:
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
+
+    def record_routing(self, topk_idx) -> None:
+        """Append a MoE layer's topk_idx [N, K] (NumPy or Paddle) to ``routing`` when that is a list."""
+        if self.routing is not None:
+            self.routing.append(topk_idx if isinstance(topk_idx, np.ndarray) else topk_idx.numpy())
 
     def crop(self, length: int) -> None:
         """Forget every position from ``length`` on (e.g. to re-run the last prompt token)."""

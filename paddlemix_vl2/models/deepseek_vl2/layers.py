@@ -18,6 +18,7 @@ from .native import (
     MLPTable, add_bias_, few_rows_applies, few_rows_linear, gelu_tanh_, gemm_applies, inference_kernels_apply,
     linear, mlp_kernels_apply, rms_norm, softmax_last_axis, swiglu_mlps, vector_kernels_apply,
 )
+from .native_decode import MLPBlock
 
 __all__ = [
     "Linear", "TokenEmbedding", "DeepseekV2RMSNorm", "DeepseekV2MLP", "attend", "masked_softmax", "softmax_float32",
@@ -165,6 +166,16 @@ class DeepseekV2MLP(nn.Layer):
     def native_table(self) -> Optional[MLPTable]:
         """This MLP as a one-entry ``native.MLPTable``, or None (see ``native_weights``)."""
         return MLPTable.of([self.native_weights()])
+
+    def decode_block(self, cache) -> Optional[MLPBlock]:
+        """This MLP as the decode kernels take it (``native_decode.MLPBlock``), kept in the generation's
+        ``KVCache``; None where they do not serve it."""
+
+        def build():
+            table = memoized_native_table(self, cache)
+            return None if table is None else MLPBlock.of(table)
+
+        return cache.memo((id(self), "decode_block"), build)
 
     def native_weights(self):
         """(gate [I, H], up [I, H], down [H, I]) as ``native.swiglu_mlps`` takes them, or None when a

@@ -13,12 +13,13 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from .attention import build_attention
+from .attention import DeepseekV2MHAAttention, build_attention
 from .checkpoint import build_and_load, refuse_training_bf16_storage, save_weights
 from .configuration_deepseek import ConfigError, DeepseekV2Config, read_config_json
 from .kv_cache import KVCache
 from .layers import DeepseekV2MLP, DeepseekV2RMSNorm, Linear, TokenEmbedding
 from .moe import DeepseekV2MoE
+from .native_decode import MHALayer, decode_rows_apply, mha_layer_decode
 from .rotary import DeepseekV2RotaryEmbedding
 
 __all__ = [
@@ -79,8 +80,30 @@ class DeepseekV2DecoderLayer(nn.Layer):
 
     def forward(self, x, position_embeddings, mask, cache=None, cache_start=0):
         """x [B, T, H], position_embeddings (cos, sin) -> [B, T, H]; the cache is updated in place."""
+        if cache is not None and x.shape[1] == 1 and decode_rows_apply(x):
+            layer = self.decode_layer(cache)
+            if layer is not None:
+                out, topk_idx = mha_layer_decode(x, layer, *position_embeddings, mask, cache_start)
+                if isinstance(self.mlp, DeepseekV2MoE):
+                    cache.record_routing(topk_idx)
+                return out
         h = x + self.self_attn(self.input_layernorm(x), position_embeddings, mask, cache, cache_start)
         return h + self.mlp(self.post_attention_layernorm(h), cache)
+
+    def decode_layer(self, cache: KVCache) -> Optional[MHALayer]:
+        """This layer as one decode-step kernel call takes it (``native_decode.MHALayer``: MHA layers
+        whose parts the kernels serve), kept in the generation's cache; None otherwise."""
+
+        def build():
+            if not isinstance(self.self_attn, DeepseekV2MHAAttention):
+                return None
+            block = self.mlp.decode_block(cache)
+            if block is None:
+                return None
+            return MHALayer.of(self.self_attn, self.input_layernorm, self.post_attention_layernorm, block, cache,
+                               self.self_attn.layer_idx)
+
+        return cache.memo((id(self), "decode_layer"), build)
 
 
 class DeepseekV2Model(nn.Layer):

@@ -15,7 +15,8 @@ from paddle.autograd import PyLayer
 
 from .configuration_deepseek import DeepseekV2Config
 from .layers import DeepseekV2MLP, memoized_native_table
-from .native import MLPTable, RouterConfig, mlp_kernels_apply, moe_decode, moe_decode_applies, swiglu_mlps
+from .native import MLPTable, mlp_kernels_apply, swiglu_mlps
+from .native_decode import MLPBlock, RouterConfig, decode_rows_apply, mlp_block_decode
 
 __all__ = ["MoEGate", "DeepseekV2MoE", "AddAuxiliaryLoss", "route", "moe_aux_loss"]
 
@@ -159,11 +160,15 @@ class DeepseekV2MoE(nn.Layer):
         kernel's table of expert weights is kept, or None."""
         shape = hidden_states.shape
         x = hidden_states.reshape([-1, shape[-1]])
-        if cache is not None and moe_decode_applies(x, self.gate.weight, self.experts[0].gate_proj.weight):
-            y = self._decode_native(x, cache)
-            if y is not None:
+        if cache is not None and decode_rows_apply(x):
+            block = self.decode_block(cache)
+            if block is not None:
+                y, topk_idx, _ = mlp_block_decode(x, block)
+                cache.record_routing(topk_idx)
                 return y.reshape(shape)
         topk_idx, topk_weight, aux_loss = self.gate(hidden_states)
+        if cache is not None:
+            cache.record_routing(topk_idx)
         if mlp_kernels_apply(x, self.experts[0].gate_proj.weight, x.shape[0]):
             y = self._experts_native(x, topk_idx, topk_weight, cache)
             if y is not None:
@@ -219,18 +224,20 @@ class DeepseekV2MoE(nn.Layer):
             mlps.append(self.shared_experts.native_weights())
         return MLPTable.of(mlps)
 
-    def _decode_native(self, x: paddle.Tensor, cache) -> Optional[paddle.Tensor]:
-        """x [N, H] (a decode step's few rows) -> [N, H] by one ``native.moe_decode`` call, router included:
-        the gate's Python path (matmul, softmax, top-k, host copies, sorting) cost more than its
-        arithmetic. The gate module is not called, so its hooks do not see these steps. None when the
-        experts have no table (``native_table``)."""
-        table = memoized_native_table(self, cache)
-        if table is None:
-            return None
-        router = cache.memo(
-            (id(self), "router"), lambda: RouterConfig.of(self.config, self.gate.e_score_correction_bias)
-        )
-        return moe_decode(x, self.gate.weight, router, table, self.shared_experts is not None)[0]
+    def decode_block(self, cache) -> Optional[MLPBlock]:
+        """This layer as the decode kernels take it (router, routed and shared experts), kept in the
+        generation's ``KVCache``; None where they do not serve it (see ``native_table``,
+        ``MLPBlock.of``). A step through it routes in the kernel: the gate module is not called, so its
+        hooks do not see those steps (``KVCache.routing`` does)."""
+
+        def build():
+            table = memoized_native_table(self, cache)
+            if table is None:
+                return None
+            router = RouterConfig.of(self.config, self.gate.e_score_correction_bias)
+            return MLPBlock.of(table, self.gate.weight, router, shared=self.shared_experts is not None)
+
+        return cache.memo((id(self), "decode_block"), build)
 
     def _experts_native(
         self, x: paddle.Tensor, topk_idx: paddle.Tensor, topk_weight: paddle.Tensor, cache

@@ -1,5 +1,5 @@
-"""CPU kernels for inference (``cpu_kernels.c``, the GEMM in ``cpu_gemm.c``, the MoE decode step in
-``cpu_moe.c``): compiled for this CPU at first use, called through ctypes.
+"""CPU kernels for inference (``cpu_kernels.c``, the GEMM in ``cpu_gemm.c``, a decode step's layer blocks in
+``cpu_decode.c``, bound in ``native_decode.py``): compiled for this CPU at first use, called through ctypes.
 
 * ``few_rows_linear``: decode and small batches multiply 1-8 activation rows by each weight matrix.
   Paddle's bundled MKL runs one row as a GEMV at memory speed but packs the whole weight for every call
@@ -8,9 +8,6 @@
   rows on the same matrix) and runs one row about as fast as MKL.
 * ``swiglu_mlps``: a layer's SiLU-gated MLPs (its routed and shared experts, or its dense MLP) in one call,
   each expert on the tokens that chose it.
-* ``moe_decode`` (``cpu_moe.c``): a decode step's MoE layer in one call, the router included (its logits,
-  ``route_rows`` for the rules of ``moe.route``, the expert lists); the Paddle and NumPy calls around the
-  experts cost about 4 ms of a 45 ms tiny-model step (alternating steps in one process).
 * ``linear`` (AVX-512 builds): ``x @ weight.T + bias`` for more rows than ``MAX_FEW_ROWS`` by a blocked
   GEMM. Paddle's bundled MKL (2019) reaches about 230-250 GFLOP/s on the tiny model's prefill and vision
   shapes and 100-230 on a MoE expert's ~100 rows on this 2-core Xeon; the GEMM runs 380-410 and 290-300
@@ -61,8 +58,8 @@ __all__ = [
     "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "MAX_DECODE_HEAD_DIM", "mha_kernels_apply",
     "mha_decode",
     "attention_qkv", "attention_prefill", "inference_kernels_apply", "add_bias_", "vector_kernels_apply",
-    "softmax_last_axis", "gelu_tanh_", "bf16_weights_supported", "rms_norm", "MLPTable", "RouterConfig", "route_rows",
-    "moe_decode_applies", "moe_decode",
+    "softmax_last_axis", "gelu_tanh_", "bf16_weights_supported", "rms_norm", "MLPTable", "weights_readable",
+    "check_status", "is_bf16", "output_tensor", "C_LONG", 
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,10 +70,10 @@ CACHE_VARIABLE = "PADDLEMIX_VL2_CACHE"
 # the lm_head against 58-87 ms); beyond it sgemm's packing pays for itself.
 MAX_FEW_ROWS = 8
 # The C kernels' ``long`` index arrays, as NumPy allocates them.
-_C_LONG = np.dtype(ctypes.c_long)
+C_LONG = np.dtype(ctypes.c_long)
 _CPU = paddle.CPUPlace()
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = [os.path.join(_HERE, name) for name in ("cpu_kernels.c", "cpu_gemm.c", "cpu_moe.c")]
+_SOURCES = [os.path.join(_HERE, name) for name in ("cpu_kernels.c", "cpu_gemm.c", "cpu_decode.c")]
 _HEADER = os.path.join(_HERE, "cpu_kernels.h")
 _COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-c"]
 
@@ -112,8 +109,8 @@ def _build(compiler: str, link_flags: List[str], target: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def kernel_library() -> Optional[ctypes.CDLL]:
-    """The loaded kernel library (``cpu_kernels.c``, ``cpu_gemm.c``, ``cpu_moe.c``), or None when it is switched off or
-    cannot be built here."""
+    """The loaded kernel library (``cpu_kernels.c``, ``cpu_gemm.c``, ``cpu_decode.c``), or None when it is
+    switched off or cannot be built here."""
     if os.environ.get(NATIVE_VARIABLE) == "0":
         return None
     if platform.system() != "Linux":
@@ -157,11 +154,8 @@ def kernel_library() -> Optional[ctypes.CDLL]:
     library.vector_lanes.restype = ctypes.c_int
     library.route_rows.argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 3
     library.route_rows.restype = ctypes.c_int
-    library.moe_decode.argtypes = (
-        [ctypes.c_void_p] + [ctypes.c_long] * 2 + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4
-        + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3
-    )
-    library.moe_decode.restype = ctypes.c_int
+    library.mlp_block_decode.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 3
+    library.mlp_block_decode.restype = ctypes.c_int
     # Asked once here: the predicates below run on every Linear call of a decode step.
     library.reads_bf16_weights = library.vector_lanes() == 16 and library.bf16_weights() == 1
     if library.vector_lanes() == 16:
@@ -180,6 +174,10 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         library.attention_qkv.restype = ctypes.c_int
         library.attention_prefill.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 7 + [ctypes.c_float]
         library.attention_prefill.restype = ctypes.c_int
+        library.mha_layer_decode.argtypes = (
+            [ctypes.c_void_p] * 2 + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 3
+        )
+        library.mha_layer_decode.restype = ctypes.c_int
     return library
 
 
@@ -202,49 +200,42 @@ def bf16_weights_supported() -> bool:
     return library is not None and library.reads_bf16_weights
 
 
-def _weights_readable(weight: paddle.Tensor) -> bool:
+def weights_readable(weight: paddle.Tensor) -> bool:
     return weight.dtype == paddle.float32 or (weight.dtype == paddle.bfloat16 and bf16_weights_supported())
 
 
 def few_rows_applies(x: paddle.Tensor, weight: paddle.Tensor, rows: int) -> bool:
     """Whether the few-row kernels serve this call: at most ``MAX_FEW_ROWS`` rows, a float32 weight (or
     bfloat16, ``bf16_weights_supported``), and ``inference_kernels_apply(x)``."""
-    return rows <= MAX_FEW_ROWS and inference_kernels_apply(x) and _weights_readable(weight)
+    return rows <= MAX_FEW_ROWS and inference_kernels_apply(x) and weights_readable(weight)
 
 
 def gemm_applies(x: paddle.Tensor, weight: paddle.Tensor, rows: int) -> bool:
     """Whether the GEMM serves this call: more than ``MAX_FEW_ROWS`` rows, a float32 or bfloat16 weight,
     and ``vector_kernels_apply(x)`` (the GEMM is written for AVX-512)."""
-    return rows > MAX_FEW_ROWS and vector_kernels_apply(x) and _weights_readable(weight)
+    return rows > MAX_FEW_ROWS and vector_kernels_apply(x) and weights_readable(weight)
 
 
 def mlp_kernels_apply(x: paddle.Tensor, weight: paddle.Tensor, rows: int) -> bool:
     """Whether ``swiglu_mlps`` serves MLPs over ``rows`` rows of ``x`` (any expert may take all of them) with
     weights like ``weight``: ``few_rows_applies`` or ``gemm_applies``, checked once."""
     return (
-        inference_kernels_apply(x) and _weights_readable(weight)
+        inference_kernels_apply(x) and weights_readable(weight)
         and (rows <= MAX_FEW_ROWS or kernel_library().vector_lanes() == 16)
     )
 
 
-def moe_decode_applies(x: paddle.Tensor, gate_weight: paddle.Tensor, expert_weight: paddle.Tensor) -> bool:
-    """Whether ``moe_decode`` serves a MoE layer on ``x`` [N, H]: at most ``MAX_FEW_ROWS`` rows, a router
-    weight the kernels read, and ``mlp_kernels_apply`` for experts with weights like ``expert_weight``."""
-    rows = x.shape[0]
-    return rows <= MAX_FEW_ROWS and mlp_kernels_apply(x, expert_weight, rows) and _weights_readable(gate_weight)
-
-
-def _check(status: int) -> None:
+def check_status(status: int) -> None:
     if status != 0:
         raise MemoryError("the CPU kernels could not allocate their scratch memory; free memory or set "
                           f"{NATIVE_VARIABLE}=0 to use Paddle's kernels")
 
 
-def _is_bf16(weight: paddle.Tensor) -> int:
+def is_bf16(weight: paddle.Tensor) -> int:
     return int(weight.dtype == paddle.bfloat16)
 
 
-def _output(shape: Sequence[int]) -> paddle.Tensor:
+def output_tensor(shape: Sequence[int]) -> paddle.Tensor:
     """An uninitialised float32 CPU tensor for a kernel to write. ``paddle.empty``'s Python wrapper costs
     about 5 µs a call against 1 µs for the operator itself, and a tiny decode step makes about a hundred."""
     return _C_ops.empty(list(shape), paddle.float32, _CPU)
@@ -265,7 +256,7 @@ def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, eps: float) -> paddle.Tens
     if list(weight.shape) != [n]:
         raise ValueError(f"RMSNorm weight {list(weight.shape)} does not fit inputs of width {n}")
     x = x if x.is_contiguous() else x.contiguous()
-    out = _output(x.shape)
+    out = output_tensor(x.shape)
     kernel_library().rms_norm_rows(x.data_ptr(), weight.data_ptr(), out.data_ptr(), math.prod(x.shape[:-1]), n, eps)
     return out
 
@@ -276,9 +267,9 @@ def few_rows_linear(x: paddle.Tensor, weight: paddle.Tensor) -> paddle.Tensor:
     *lead, k_dim = x.shape
     n_dim = weight.shape[0]
     x = x if x.is_contiguous() else x.contiguous()
-    out = _output(lead + [n_dim])
+    out = output_tensor(lead + [n_dim])
     kernel_library().few_rows_linear(
-        x.data_ptr(), weight.data_ptr(), _is_bf16(weight), out.data_ptr(), math.prod(lead), k_dim, n_dim
+        x.data_ptr(), weight.data_ptr(), is_bf16(weight), out.data_ptr(), math.prod(lead), k_dim, n_dim
     )
     return out
 
@@ -289,9 +280,9 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor
     *lead, k_dim = x.shape
     n_dim = weight.shape[0]
     x = x if x.is_contiguous() else x.contiguous()
-    out = _output(lead + [n_dim])
-    _check(kernel_library().gemm_nt(
-        x.data_ptr(), k_dim, weight.data_ptr(), _is_bf16(weight), k_dim, None if bias is None else bias.data_ptr(),
+    out = output_tensor(lead + [n_dim])
+    check_status(kernel_library().gemm_nt(
+        x.data_ptr(), k_dim, weight.data_ptr(), is_bf16(weight), k_dim, None if bias is None else bias.data_ptr(),
         out.data_ptr(), n_dim, math.prod(lead), n_dim, k_dim,
     ))
     return out
@@ -311,12 +302,12 @@ class MLPTable:
     """
 
     def __init__(self, mlps: Sequence[Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]]):
-        self.bf16 = _is_bf16(mlps[0][0])
-        if any(_is_bf16(w) != self.bf16 for mlp in mlps for w in mlp):
+        self.bf16 = is_bf16(mlps[0][0])
+        if any(is_bf16(w) != self.bf16 for mlp in mlps for w in mlp):
             raise ValueError("swiglu_mlps takes one weight dtype for all its MLPs; cast them to one")
         self.weights = tuple(tuple(mlp) for mlp in mlps)
         self.pointers = np.array([[w.data_ptr() for w in mlp] for mlp in mlps], dtype=np.uintp).T.copy()  # [3, n]
-        self.intermediate = np.array([int(mlp[0].shape[0]) for mlp in mlps], dtype=_C_LONG)
+        self.intermediate = np.array([int(mlp[0].shape[0]) for mlp in mlps], dtype=C_LONG)
         self.addresses = tuple(array.ctypes.data for array in (*self.pointers, self.intermediate))
 
     def check_current(self) -> None:
@@ -333,76 +324,6 @@ class MLPTable:
         if not mlps or any(mlp is None for mlp in mlps) or len({mlp[0].dtype for mlp in mlps}) > 1:
             return None
         return cls(mlps)
-
-
-class RouterConfig(ctypes.Structure):
-    """``moe.route``'s rules for one MoE layer as ``cpu_moe.c`` takes them (``router_config``). Holds the
-    ``e_score_correction_bias`` tensor (float32 [E], noaux_tc only) it points to."""
-
-    _fields_ = [
-        ("n_experts", ctypes.c_long), ("top_k", ctypes.c_long), ("n_group", ctypes.c_long),
-        ("topk_group", ctypes.c_long), ("sigmoid", ctypes.c_int), ("method", ctypes.c_int),
-        ("norm_topk_prob", ctypes.c_int), ("routed_scaling_factor", ctypes.c_float),
-        ("e_score_correction_bias", ctypes.c_void_p),
-    ]
-    METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-
-    @classmethod
-    def of(cls, config, bias: Optional[paddle.Tensor]) -> "RouterConfig":
-        """From a ``DeepseekV2Config`` and the gate's ``e_score_correction_bias`` (None unless noaux_tc)."""
-        method = cls.METHODS.index(config.moe_topk_method)
-        if (bias is None) != (method != 2) or (bias is not None and bias.dtype != paddle.float32):
-            raise ValueError("noaux_tc routing takes a float32 e_score_correction_bias, other methods none")
-        router = cls(
-            config.n_routed_experts, config.num_experts_per_tok, config.n_group or 1, config.topk_group or 1,
-            int(config.scoring_func == "sigmoid"), method, int(bool(config.norm_topk_prob)),
-            config.routed_scaling_factor, None if bias is None else bias.data_ptr(),
-        )
-        router.bias = bias
-        return router
-
-
-def route_rows(logits: paddle.Tensor, router: RouterConfig) -> Tuple[np.ndarray, np.ndarray]:
-    """``moe.route`` by the kernel (ties to the lower index): logits [N, E] float32 on the CPU ->
-    (topk_idx [N, K] int64, topk_weight [N, K] float32)."""
-    rows = logits.shape[0]
-    logits = logits if logits.is_contiguous() else logits.contiguous()
-    topk_idx = np.empty([rows, router.top_k], dtype=_C_LONG)
-    topk_weight = np.empty([rows, router.top_k], dtype=np.float32)
-    _check(kernel_library().route_rows(
-        logits.data_ptr(), rows, ctypes.addressof(router), topk_idx.ctypes.data, topk_weight.ctypes.data
-    ))
-    return topk_idx, topk_weight
-
-
-def moe_decode(
-    x: paddle.Tensor, gate_weight: paddle.Tensor, router: RouterConfig, table: MLPTable, shared: bool
-) -> Tuple[paddle.Tensor, np.ndarray, np.ndarray]:
-    """A MoE layer over a few rows by the kernel, router included (``cpu_moe.c``).
-
-    Args:
-        x: [N, H] float32 on the CPU, N at most ``MAX_FEW_ROWS`` (``mlp_kernels_apply``).
-        gate_weight: the router's [E, H], float32 or bfloat16; router: its rules.
-        table: the E routed experts in order, then (``shared``) the shared experts as one MLP.
-    Returns:
-        out [N, H] float32 (routed experts weighted, plus shared), topk_idx [N, K] int64 and
-        topk_weight [N, K] float32 (the router's choice, as ``moe.route`` gives it).
-    """
-    rows, hidden = x.shape
-    if rows > MAX_FEW_ROWS:
-        raise ValueError(f"moe_decode takes at most {MAX_FEW_ROWS} rows, got {rows}")
-    table.check_current()
-    x = x if x.is_contiguous() else x.contiguous()
-    topk_idx = np.empty([rows, router.top_k], dtype=_C_LONG)
-    topk_weight = np.empty([rows, router.top_k], dtype=np.float32)
-    out = _output([rows, hidden])
-    gate, up, down, intermediate = table.addresses
-    _check(kernel_library().moe_decode(
-        x.data_ptr(), rows, hidden, gate_weight.data_ptr(), _is_bf16(gate_weight), ctypes.addressof(router),
-        gate, up, down, table.bf16, intermediate, int(shared), topk_idx.ctypes.data, topk_weight.ctypes.data,
-        out.data_ptr(),
-    ))
-    return out, topk_idx, topk_weight
 
 
 def swiglu_mlps(
@@ -438,12 +359,12 @@ def swiglu_mlps(
     x = x if x.is_contiguous() else x.contiguous()
     pointers = np.ascontiguousarray(table.pointers[:, mlp_ids])  # [3, M]
     intermediate = np.ascontiguousarray(table.intermediate[mlp_ids])
-    row_counts = np.ascontiguousarray(row_counts, dtype=_C_LONG)
-    row_ids = np.ascontiguousarray(row_ids, dtype=_C_LONG)
+    row_counts = np.ascontiguousarray(row_counts, dtype=C_LONG)
+    row_ids = np.ascontiguousarray(row_ids, dtype=C_LONG)
     row_scales = np.ascontiguousarray(row_scales, dtype=np.float32)
-    out = _output(lead + [hidden])
+    out = output_tensor(lead + [hidden])
     gate, up, down = (pointers[i].ctypes.data for i in range(3))
-    _check(kernel_library().swiglu_mlps(
+    check_status(kernel_library().swiglu_mlps(
         x.data_ptr(), math.prod(lead), hidden, len(intermediate), gate, up, down, table.bf16,
         intermediate.ctypes.data, row_counts.ctypes.data, row_ids.ctypes.data, row_scales.ctypes.data,
         out.data_ptr(),
@@ -481,9 +402,9 @@ def mha_decode(
     tensors = [t if t.is_contiguous() else t.contiguous() for t in (q, k, v, cos, sin, mask)]
     if list(tensors[5].shape) != [batch, 1, 1, max_len]:
         raise ValueError(f"mask {list(mask.shape)} does not fit a one-token step over a cache of {max_len}")
-    out = _output(q.shape)
+    out = output_tensor(q.shape)
     q, k, v, cos, sin, mask = tensors
-    _check(kernel_library().mha_decode(
+    check_status(kernel_library().mha_decode(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), cache_keys.data_ptr(),
         cache_values.data_ptr(), mask.data_ptr(), out.data_ptr(), batch, heads, kv_heads, head_dim, max_len,
         position, scale,
@@ -497,8 +418,8 @@ def attention_qkv(qkv: paddle.Tensor, heads: int, scale: float) -> paddle.Tensor
     heads side by side."""
     batch, tokens, triple = qkv.shape
     qkv = qkv if qkv.is_contiguous() else qkv.contiguous()
-    out = _output([batch, tokens, triple // 3])
-    _check(kernel_library().attention_qkv(qkv.data_ptr(), out.data_ptr(), batch, tokens, triple // 3, heads, scale))
+    out = output_tensor([batch, tokens, triple // 3])
+    check_status(kernel_library().attention_qkv(qkv.data_ptr(), out.data_ptr(), batch, tokens, triple // 3, heads, scale))
     return out
 
 
@@ -518,8 +439,8 @@ def attention_prefill(
     if list(mask.shape) != [batch, 1, q_len, max_len] or mask.dtype != paddle.float32:
         raise ValueError(f"mask {list(mask.shape)} {mask.dtype} does not fit {q_len} queries over a cache of {max_len}")
     q, mask = (t if t.is_contiguous() else t.contiguous() for t in (q, mask))
-    out = _output([batch, q_len, heads * head_dim])
-    _check(kernel_library().attention_prefill(
+    out = output_tensor([batch, q_len, heads * head_dim])
+    check_status(kernel_library().attention_prefill(
         q.data_ptr(), keys.data_ptr(), values.data_ptr(), mask.data_ptr(), out.data_ptr(), batch, heads, kv_heads,
         q_len, max_len, head_dim, start, scale,
     ))
@@ -546,7 +467,7 @@ def softmax_last_axis(
     """
     if not scores.is_contiguous():
         scores = scores.contiguous()
-    out = scores if overwrite else _output(scores.shape)
+    out = scores if overwrite else output_tensor(scores.shape)
     rows, n = math.prod(scores.shape[:-1]), scores.shape[-1]
     if mask is None:
         kernel_library().softmax_rows(scores.data_ptr(), None, out.data_ptr(), rows, n, 1, 1, 1)

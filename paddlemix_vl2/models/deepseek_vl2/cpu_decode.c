@@ -1,10 +1,14 @@
-/* A mixture-of-experts layer's decode step in one call (moe_decode): the router's logits, the choice of
- * experts (route_rows, the rules of moe.route) and the chosen and shared experts through swiglu_mlps.
+/* A decode step's layer blocks in one call each, for one to eight rows (a token per sequence):
+ * mlp_block_decode, a layer's MLP part (a MoE with its router: the logits, the choice of experts by the
+ * rules of moe.route in route_rows, the chosen and shared experts through swiglu_mlps; or a dense MLP), and
+ * mha_layer_decode, a whole decoder layer with multi-head attention (the tiny model's): RMSNorm, the q/k/v
+ * projections, mha_decode, o_proj, the residual, RMSNorm, the MLP block, the residual.
  *
- * Why: on the tiny model a decode step's MoE made about twenty Paddle and NumPy calls per layer (the gate's
- * matmul, softmax, top-k, normalisation, two host copies, a sort, the per-expert row lists), which with
- * the weights streaming through the caches took about a millisecond per layer (py-spy, 12 layers), for
- * arithmetic that takes microseconds.
+ * Why: per layer and step the Python path made about thirty Paddle and NumPy calls (predicates, norms,
+ * projections, the gate's matmul, softmax and top-k, host copies, a sort, the expert lists, residual adds)
+ * which, with the weights streaming through the caches between them, took about a millisecond, for
+ * arithmetic that takes microseconds. Every step runs the same kernels as the unfused path (the same
+ * norms, products and attention), so both give the same numbers.
  *
  * Ties: a top-k here takes the lower index among equal values. Paddle's and torch's top-k order ties their
  * own ways, so the three agree whenever the k-th and (k+1)-th values differ; exact ties only arise for
@@ -93,23 +97,32 @@ int route_rows(const float *logits, long rows, const router_config *cfg, long *t
     return 0;
 }
 
-/* out [rows, H] = the MoE layer of x [rows, H] (rows <= MAX_FEW_ROWS): the router (gate_weight [E, H],
- * float32 or bfloat16 as gate_bf16) chooses K experts per row, each chosen expert runs on its rows with
- * their weights, and the shared MLP (when shared: table entry E) on every row. The experts' table (gate,
- * up, down [E + shared], their widths inter, all float32 or all bfloat16 as bf16) is native.MLPTable's.
- * The choices are written to topk_idx [rows, K] and topk_weight [rows, K]. Returns 0, or -1 when scratch
- * memory ran out. */
-int moe_decode(const float *x, long rows, long hidden, const void *gate_weight, int gate_bf16,
-               const router_config *cfg, const void *const *gate, const void *const *up, const void *const *down,
-               int bf16, const long *inter, int shared, long *topk_idx, float *topk_weight, float *out) {
-    const long n = cfg->n_experts, pairs = rows * cfg->top_k, mlps = pairs + shared;
+/* A layer's MLP part as native_decode.MLPBlock lays it out: routed experts chosen by a router (router_weight
+ * [E, H], float32 or bfloat16 as router_bf16; table entries 0 .. E - 1) and, when shared, one MLP over every
+ * row (table entry E: the shared experts, or with E = 0 and no router a dense MLP). The table (gate, up,
+ * down, their widths inter; all float32 or all bfloat16 as bf16) is native.MLPTable's. */
+typedef struct {
+    const void *router_weight;
+    int router_bf16;
+    router_config router;
+    const void *const *gate, *const *up, *const *down;
+    const long *inter;
+    int bf16, shared;
+} mlp_block;
+
+/* out [rows, H] = the block on x [rows, H], rows <= MAX_FEW_ROWS; a router's choices go to topk_idx and
+ * topk_weight [rows, K]. Returns 0, or -1 when scratch memory ran out. */
+int mlp_block_decode(const mlp_block *block, const float *x, long rows, long hidden, long *topk_idx,
+                     float *topk_weight, float *out) {
+    const router_config *cfg = &block->router;
+    const long n = cfg->n_experts, pairs = rows * cfg->top_k, mlps = pairs + block->shared;
     float *logits = malloc((size_t)(rows * n + pairs + rows) * sizeof(float));
-    long *counts = calloc((size_t)n, sizeof(long));
+    long *counts = calloc((size_t)n + 1, sizeof(long));
     long *lists = malloc((size_t)(3 * mlps + pairs + rows) * sizeof(long));
     const void **pointers = malloc((size_t)(3 * mlps) * sizeof(void *));
     int status = logits && counts && lists && pointers ? 0 : -1;
-    if (!status) {
-        few_rows_linear(x, gate_weight, gate_bf16, logits, rows, hidden, n);
+    if (!status && n > 0) {
+        few_rows_linear(x, block->router_weight, block->router_bf16, logits, rows, hidden, n);
         status = route_rows(logits, rows, cfg, topk_idx, topk_weight);
     }
     if (!status) {
@@ -130,17 +143,65 @@ int moe_decode(const float *x, long rows, long hidden, const void *gate_weight, 
             row_ids[slot] = p / cfg->top_k;
             row_scales[slot] = topk_weight[p];
         }
-        if (shared) {
+        if (block->shared) {
             mlp_ids[used] = n, row_counts[used] = rows, ++used;
             for (long r = 0; r < rows; ++r) row_ids[pairs + r] = r, row_scales[pairs + r] = 1.0f;
         }
         for (long m = 0; m < used; ++m) {
-            pointers[m] = gate[mlp_ids[m]], pointers[mlps + m] = up[mlp_ids[m]], pointers[2 * mlps + m] = down[mlp_ids[m]];
-            widths[m] = inter[mlp_ids[m]];
+            pointers[m] = block->gate[mlp_ids[m]], pointers[mlps + m] = block->up[mlp_ids[m]];
+            pointers[2 * mlps + m] = block->down[mlp_ids[m]];
+            widths[m] = block->inter[mlp_ids[m]];
         }
-        status = swiglu_mlps(x, rows, hidden, used, pointers, pointers + mlps, pointers + 2 * mlps, bf16, widths,
-                             row_counts, row_ids, row_scales, out);
+        status = swiglu_mlps(x, rows, hidden, used, pointers, pointers + mlps, pointers + 2 * mlps, block->bf16,
+                             widths, row_counts, row_ids, row_scales, out);
     }
     free(logits), free(counts), free(lists), free(pointers);
     return status;
 }
+
+#if defined(__AVX512F__)
+enum { Q, K, V, O };
+
+/* One MHA decoder layer as native_decode.MHALayer lays it out: the projections' weights [out, in]
+ * (float32, or bfloat16 where proj_bf16; no biases, as in every DeepSeek-VL2 checkpoint), the layer's
+ * heads-first cache [B, kv_heads, max_len, head_dim] and its MLP block. */
+typedef struct {
+    long hidden, heads, kv_heads, head_dim, max_len;
+    float eps, scale;
+    const float *input_norm, *post_norm;
+    const void *proj[4];
+    int proj_bf16[4];
+    float *cache_k, *cache_v;
+    const mlp_block *mlp;
+} mha_layer;
+
+static _Thread_local float *layer_buf;
+static _Thread_local size_t layer_cap;
+
+/* out [rows, H] = the layer on x [rows, H], one new token per sequence at cache position pos: cos/sin
+ * [rows, head_dim] its rotary table, mask [rows, max_len] additive. The new key and value are written into
+ * the cache; a MoE's choices go to topk_idx and topk_weight [rows, K]. Returns 0, or -1 when scratch memory
+ * ran out. */
+int mha_layer_decode(const mha_layer *layer, const float *x, long rows, const float *cos, const float *sin,
+                     const float *mask, long pos, long *topk_idx, float *topk_weight, float *out) {
+    const long hidden = layer->hidden, q_width = layer->heads * layer->head_dim;
+    const long kv_width = layer->kv_heads * layer->head_dim;
+    float *buf = grow(&layer_buf, &layer_cap, (size_t)(rows * (3 * hidden + 2 * q_width + 2 * kv_width)));
+    if (!buf) return -1;
+    float *normed = buf, *h = normed + rows * hidden, *mlp_out = h + rows * hidden;
+    float *q = mlp_out + rows * hidden, *k = q + rows * q_width, *v = k + rows * kv_width, *attn = v + rows * kv_width;
+    rms_norm_rows(x, layer->input_norm, normed, rows, hidden, layer->eps);
+    few_rows_linear(normed, layer->proj[Q], layer->proj_bf16[Q], q, rows, hidden, q_width);
+    few_rows_linear(normed, layer->proj[K], layer->proj_bf16[K], k, rows, hidden, kv_width);
+    few_rows_linear(normed, layer->proj[V], layer->proj_bf16[V], v, rows, hidden, kv_width);
+    if (mha_decode(q, k, v, cos, sin, layer->cache_k, layer->cache_v, mask, attn, rows, layer->heads,
+                   layer->kv_heads, layer->head_dim, layer->max_len, pos, layer->scale))
+        return -1;
+    few_rows_linear(attn, layer->proj[O], layer->proj_bf16[O], h, rows, q_width, hidden);
+    for (long i = 0; i < rows * hidden; ++i) h[i] += x[i];
+    rms_norm_rows(h, layer->post_norm, normed, rows, hidden, layer->eps);
+    if (mlp_block_decode(layer->mlp, normed, rows, hidden, topk_idx, topk_weight, mlp_out)) return -1;
+    for (long i = 0; i < rows * hidden; ++i) out[i] = h[i] + mlp_out[i];
+    return 0;
+}
+#endif

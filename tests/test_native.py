@@ -248,8 +248,8 @@ def test_mha_layer_decode_equals_the_layer_by_layer_path(monkeypatch, weight_dty
                             lambda x: fused and calls.append(1) is None and real_apply(x))
         with paddle.no_grad():
             cache = lm.new_cache(batch, 10)
-            logits = [prefill(lm, lm.get_input_embeddings()(ids), mask, cache)]
             cache.routing = []
+            logits = [prefill(lm, lm.get_input_embeddings()(ids), mask, cache)]
             positions = mask.astype("int64").sum(axis=1)
             for step in range(3):
                 token = paddle.argmax(logits[-1], axis=-1)
@@ -259,7 +259,9 @@ def test_mha_layer_decode_equals_the_layer_by_layer_path(monkeypatch, weight_dty
     (fused_logits, fused_routing, fused_cache), (plain_logits, plain_routing, plain_cache) = runs[True], runs[False]
     for a, b in zip(fused_logits, plain_logits):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    assert len(fused_routing) == len(plain_routing) > 0
+    moe_layers = sum(lm.config.is_moe_layer(i) for i in range(lm.config.num_hidden_layers))
+    assert len(fused_routing) == len(plain_routing) == 4 * moe_layers  # the prefill's, then three steps'
+    assert fused_routing[0].shape == (batch * 6, lm.config.num_experts_per_tok)
     for a, b in zip(fused_routing, plain_routing):
         np.testing.assert_array_equal(np.sort(a, axis=1), np.sort(b, axis=1))
     for a, b in zip(fused_cache, plain_cache):

@@ -58,9 +58,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("scoring,method,n_group,topk_group,norm,rsf", CASES)
-def test_gate_matches_numpy(scoring, method, n_group, topk_group, norm, rsf):
-    rng = np.random.default_rng(hash((scoring, method, n_group)) % 2**32)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_gate_matches_numpy(case):
+    scoring, method, n_group, topk_group, norm, rsf = CASES[case]
+    rng = np.random.default_rng(case)
     config = DeepseekV2Config(
         hidden_size=H, n_routed_experts=E, num_experts_per_tok=K, scoring_func=scoring, topk_method=method,
         n_group=n_group, topk_group=topk_group, norm_topk_prob=norm, routed_scaling_factor=rsf,
@@ -80,12 +81,13 @@ def test_gate_matches_numpy(scoring, method, n_group, topk_group, norm, rsf):
     assert_routes_like_numpy(topk_idx.numpy(), topk_weight.numpy(), logits, config, bias)
 
 
-@pytest.mark.parametrize("scoring,method,n_group,topk_group,norm,rsf", CASES)
-def test_router_kernel_matches_numpy(scoring, method, n_group, topk_group, norm, rsf):
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_router_kernel_matches_numpy(case):
     """``native_decode.route_rows`` (the router of a decode step's MoE kernel) by the same rules."""
     if native.kernel_library() is None:
         pytest.skip("the CPU kernels are not built here; decode routes through MoEGate, tested above")
-    rng = np.random.default_rng(hash((method, scoring, n_group, norm)) % 2**32)
+    scoring, method, n_group, topk_group, norm, rsf = CASES[case]
+    rng = np.random.default_rng(100 + case)
     config = DeepseekV2Config(
         hidden_size=H, n_routed_experts=E, num_experts_per_tok=K, scoring_func=scoring, topk_method=method,
         n_group=n_group, topk_group=topk_group, norm_topk_prob=norm, routed_scaling_factor=rsf,
@@ -177,3 +179,14 @@ def test_moe_dispatch_equals_dense_loop():
 def test_unknown_config_values_are_rejected(field, value):
     with pytest.raises(ConfigError, match=field):
         DeepseekV2Config(**{field: value})
+
+
+@pytest.mark.parametrize("settings,named", [
+    (dict(num_experts_per_tok=17), "num_experts_per_tok"),
+    (dict(topk_method="group_limited_greedy", n_group=3, topk_group=1), "n_group"),
+    (dict(topk_method="group_limited_greedy", n_group=4, topk_group=5), "topk_group"),
+    (dict(topk_method="noaux_tc", scoring_func="sigmoid", n_group=16, topk_group=2), "best two"),
+])
+def test_router_sizes_that_do_not_fit_are_rejected(settings, named):
+    with pytest.raises(ConfigError, match=named):
+        DeepseekV2Config(**{"n_routed_experts": E, "num_experts_per_tok": K, **settings})

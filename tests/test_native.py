@@ -170,7 +170,7 @@ def test_mlp_and_moe_with_the_kernels_equal_the_plain_path(monkeypatch, tokens):
             native.kernel_library.cache_clear()
     np.testing.assert_allclose(fast_moe.numpy(), plain_moe.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fast_mlp.numpy(), plain_mlp.numpy(), rtol=1e-5, atol=1e-6)
-    # With a cache, up to eight rows route in the kernel too (moe_decode): equal to float32 rounding.
+    # With a cache, up to eight rows route in the kernel too (mlp_block_decode): equal to float32 rounding.
     np.testing.assert_array_equal(memo_moe[0], memo_moe[1])
     np.testing.assert_allclose(memo_moe[0], fast_moe.numpy(), rtol=1e-5, atol=1e-6)
     for memo_out in memo_mlp:
@@ -178,11 +178,11 @@ def test_mlp_and_moe_with_the_kernels_equal_the_plain_path(monkeypatch, tokens):
 
 
 def _group_limited_moe():
-    """A float32 MoE routed by group_limited_greedy, which no fixture checkpoint uses."""
+    """A float32 MoE routed by group_limited_greedy without shared experts, which no fixture has."""
     from lm_golden import load_lm
 
     config = dataclasses.replace(load_lm("micro-tiny").config, topk_method="group_limited_greedy", n_group=4,
-                                 topk_group=2)
+                                 topk_group=2, n_shared_experts=None)
     paddle.seed(3)
     moe = DeepseekV2MoE(config)
     moe.eval()
@@ -190,11 +190,12 @@ def _group_limited_moe():
 
 
 @pytest.mark.parametrize("source", ["micro-tiny", "micro-full", "group_limited"])
-@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("rows", [1, 6])
 def test_moe_decode_block_routes_and_computes_as_the_module_path(monkeypatch, source, rows):
-    """A decode step's MoE with a cache runs as one ``mlp_block_decode`` call (router in the kernel) and
-    gives the gate module's routing and the uncached layer's output: greedy softmax and noaux_tc sigmoid on
-    the fixtures' bf16-stored experts, group_limited_greedy on float32 ones."""
+    """A MoE over up to eight rows with a cache runs as one ``mlp_block_decode`` call (router in the kernel)
+    and gives the gate module's routing and the uncached layer's output: greedy softmax and noaux_tc sigmoid
+    on the fixtures' bf16-stored experts with shared experts, group_limited_greedy on float32 ones without;
+    six rows take the kernels' second pass of four."""
     from lm_golden import load_lm
 
     if native.kernel_library() is None:
@@ -224,12 +225,33 @@ def test_moe_decode_block_routes_and_computes_as_the_module_path(monkeypatch, so
                                np.take_along_axis(topk_weight.numpy(), order, 1), rtol=1e-5, atol=1e-7)
 
 
+def test_decode_kernels_refuse_weights_that_moved():
+    """A generation's kernel structures point at the weights; a weight whose memory moved meanwhile is
+    refused, not read from freed memory."""
+    from lm_golden import load_lm
+    from paddlemix_vl2.models.deepseek_vl2.modeling_deepseek import DeepseekV2ForCausalLM
+
+    if not _vector_kernels_built():
+        pytest.skip("no AVX-512 build of the CPU kernels here: MHA layers decode through their modules")
+    lm = DeepseekV2ForCausalLM(load_lm("micro-tiny").config)
+    lm.eval()
+    layer = lm.model.layers[0]
+    with paddle.no_grad():
+        cache = lm.new_cache(1, 4)
+        lm(input_ids=paddle.to_tensor([[5]]), cache=cache)
+        assert cache.memo((id(layer), "decode_layer"), lambda: None) is not None
+        layer.self_attn.o_proj.to(dtype="float64")  # a cast in place moves the weight's memory
+        with pytest.raises(ValueError, match="start a new KVCache"):
+            lm(input_ids=paddle.to_tensor([[6]]), cache=cache)
+
+
 @pytest.mark.parametrize("weight_dtype", ["auto", "float32"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 6])
 def test_mha_layer_decode_equals_the_layer_by_layer_path(monkeypatch, weight_dtype, batch):
     """Decode steps of the MHA model with each decoder layer in one ``mha_layer_decode`` call against the
-    same steps through the layers' modules (their kernels one by one): the same logits, routing and cache
-    contents, dense and MoE layers, bf16-stored and float32 weights."""
+    same steps through the layers' modules with every decode kernel off but the per-op ones (the gate
+    module routes): the same logits, routing and cache contents, dense and MoE layers, bf16-stored and
+    float32 weights, one and six sequences (left-padded)."""
     from lm_golden import load_lm
     from paddlemix_vl2.generation import decode_one_token, prefill
     from paddlemix_vl2.models.deepseek_vl2 import modeling_deepseek
@@ -239,13 +261,14 @@ def test_mha_layer_decode_equals_the_layer_by_layer_path(monkeypatch, weight_dty
     lm = load_lm("micro-tiny", weight_dtype)
     rng = np.random.default_rng(batch)
     ids = paddle.to_tensor(rng.integers(0, lm.config.vocab_size, size=(batch, 6)))
-    mask = paddle.to_tensor(np.arange(6)[None, :] >= np.arange(batch)[:, None])  # left padding
+    mask = paddle.to_tensor(np.arange(6)[None, :] >= np.arange(batch)[:, None] % 3)  # left padding
+    real_apply, real_layer = native_decode.decode_rows_apply, native_decode.mha_layer_decode
     runs = {}
     for fused in (True, False):
         calls = []
-        real_apply = modeling_deepseek.decode_rows_apply
-        monkeypatch.setattr(modeling_deepseek, "decode_rows_apply",
-                            lambda x: fused and calls.append(1) is None and real_apply(x))
+        for module in (modeling_deepseek, moe_module):
+            monkeypatch.setattr(module, "decode_rows_apply", lambda x, fused=fused: fused and real_apply(x))
+        monkeypatch.setattr(modeling_deepseek, "mha_layer_decode", lambda *args: calls.append(1) or real_layer(*args))
         with paddle.no_grad():
             cache = lm.new_cache(batch, 10)
             cache.routing = []
@@ -389,8 +412,8 @@ def test_linear_bias_added_in_place_equals_the_broadcast_add(monkeypatch):
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_mha_decode_step_equals_the_plain_path(monkeypatch, kv_heads):
-    """A prefill (``attention_prefill``) and a decode step (``mha_layer_decode``, whose ``mha_decode`` does RoPE,
-    the cache write and attention over the written positions) of MHA through the kernels against the Paddle path: two sequences, one
+    """A prefill (``attention_prefill``) and a decode step (``mha_layer_decode``, whose ``mha_decode`` does
+    RoPE, the cache write and attention over the written positions) of MHA through the kernels against the Paddle path: two sequences, one
     left-padded, heads of 18 (not a multiple of the vector width), and grouped keys/values; the logits and
     the cache must agree."""
     if not _vector_kernels_built():

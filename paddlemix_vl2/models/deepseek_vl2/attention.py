@@ -41,6 +41,15 @@ class DeepseekV2MHAAttention(nn.Layer):
         self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias_attr=bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias_attr=bias)
 
+    def plain_projection_weights(self) -> Optional[Tuple[paddle.Tensor, ...]]:
+        """The q, k, v and o weights ([out, in]) when all four projections are plain ``Linear`` layers without
+        bias, as the decode kernel takes them (``native_decode.MHALayer``); None otherwise (LoRA wrappers,
+        ``attention_bias``)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+        if any(type(p) is not Linear or p.bias is not None for p in projections):
+            return None
+        return tuple(p.weight for p in projections)
+
     def forward(
         self,
         hidden_states: paddle.Tensor,

@@ -157,8 +157,26 @@ class DeepseekV2Config(_ConfigBase):
             raise ConfigError(
                 f"n_routed_experts={self.n_routed_experts} is not divisible by ep_size={self.ep_size}"
             )
+        if self.n_routed_experts is not None:
+            self._check_routing()
         if self.use_mla and not self.kv_lora_rank:
             raise ConfigError("language_config.use_mla is true but kv_lora_rank is not set; set kv_lora_rank")
+
+    def _check_routing(self) -> None:
+        """The router's sizes must fit together (``moe.route`` and the decode kernels rely on it)."""
+        experts, k = self.n_routed_experts, self.num_experts_per_tok
+        if not k or not 1 <= k <= experts:
+            raise ConfigError(f"language_config.num_experts_per_tok={k!r} must be between 1 and "
+                              f"n_routed_experts={experts}")
+        if self.moe_topk_method == "greedy":
+            return
+        groups, kept = self.n_group, self.topk_group
+        if not groups or experts % groups or not kept or not 1 <= kept <= groups:
+            raise ConfigError(f"language_config.n_group={groups!r} and topk_group={kept!r} must divide the "
+                              f"{experts} experts into groups and keep 1 to n_group of them ({self.topk_method})")
+        if self.moe_topk_method == "noaux_tc" and experts // groups < 2:
+            raise ConfigError(f"language_config.n_group={groups} leaves groups of one expert; noaux_tc scores a "
+                              "group by its best two, so use at most half as many groups as experts")
 
     @property
     def q_head_dim(self) -> int:

@@ -7,12 +7,14 @@
  * Why: per layer and step the Python path made about thirty Paddle and NumPy calls (predicates, norms,
  * projections, the gate's matmul, softmax and top-k, host copies, a sort, the expert lists, residual adds)
  * which, with the weights streaming through the caches between them, took about a millisecond, for
- * arithmetic that takes microseconds. Every step runs the same kernels as the unfused path (the same
- * norms, products and attention), so both give the same numbers.
+ * arithmetic that takes microseconds. The norms, products, attention and experts are the kernels the
+ * module path calls; the router's logits come from few_rows_linear instead of Paddle's matmul and its
+ * softmax from expf, so the two paths agree to float32 rounding.
  *
  * Ties: a top-k here takes the lower index among equal values. Paddle's and torch's top-k order ties their
- * own ways, so the three agree whenever the k-th and (k+1)-th values differ; exact ties only arise for
- * noaux_tc when biased scores fall below the 0 that marks the experts of dropped groups. */
+ * own ways, so the three agree whenever the k-th and (k+1)-th values differ. Exact ties come from the 0
+ * that marks the experts of dropped groups (noaux_tc's biased scores below it, or K above the kept
+ * experts) and from scores that round to the same float (a saturated sigmoid). */
 #include "cpu_kernels.h"
 
 #include <float.h>
@@ -41,11 +43,15 @@ static void top_k(const float *values, long n, long k, long *picked, char *taken
     }
 }
 
-/* One token: logits [E] -> topk_idx [K], topk_weight [K]; scratch holds 3 E + G floats, then E bytes. */
+/* One token: logits [E] -> topk_idx [K], topk_weight [K]; scratch holds G longs, 3 E + G floats, then E
+ * bytes. The sizes fit (DeepseekV2Config._check_routing): 1 <= K <= E, G divides E, 1 <= topk_group <= G,
+ * and groups of at least two for noaux_tc. */
 static void route_row(const float *logits, const router_config *cfg, long *topk_idx, float *topk_weight,
-                      float *scratch) {
+                      void *scratch) {
     const long n = cfg->n_experts, k = cfg->top_k;
-    float *scores = scratch, *choice = scratch + n, *masked = scratch + 2 * n, *group_scores = scratch + 3 * n;
+    long *kept_groups = scratch;
+    float *scores = (float *)(kept_groups + cfg->n_group), *choice = scores + n, *masked = choice + n;
+    float *group_scores = masked + n;
     char *taken = (char *)(group_scores + cfg->n_group);
     if (cfg->sigmoid) {
         for (long e = 0; e < n; ++e) scores[e] = 1.0f / (1.0f + expf(-logits[e]));
@@ -66,9 +72,9 @@ static void route_row(const float *logits, const router_config *cfg, long *topk_
         long picked[2];
         for (long g = 0; g < cfg->n_group; ++g) {
             top_k(choice + g * size, size, cfg->method == NOAUX_TC ? 2 : 1, picked, taken);
-            group_scores[g] = choice[g * size + picked[0]] + (cfg->method == NOAUX_TC ? choice[g * size + picked[1]] : 0.0f);
+            group_scores[g] = choice[g * size + picked[0]];
+            if (cfg->method == NOAUX_TC) group_scores[g] += choice[g * size + picked[1]];
         }
-        long kept_groups[cfg->topk_group];
         top_k(group_scores, cfg->n_group, cfg->topk_group, kept_groups, taken);
         memset(masked, 0, (size_t)n * sizeof(float));
         for (long j = 0; j < cfg->topk_group; ++j)
@@ -89,7 +95,8 @@ static void route_row(const float *logits, const router_config *cfg, long *topk_
 /* logits [rows, E] -> topk_idx [rows, K] int64, topk_weight [rows, K] float32. Returns 0, or -1 when
  * scratch memory ran out. */
 int route_rows(const float *logits, long rows, const router_config *cfg, long *topk_idx, float *topk_weight) {
-    float *scratch = malloc((size_t)(3 * cfg->n_experts + cfg->n_group) * sizeof(float) + (size_t)cfg->n_experts);
+    void *scratch = malloc((size_t)cfg->n_group * sizeof(long) +
+                           (size_t)(3 * cfg->n_experts + cfg->n_group) * sizeof(float) + (size_t)cfg->n_experts);
     if (!scratch) return -1;
     for (long r = 0; r < rows; ++r)
         route_row(logits + r * cfg->n_experts, cfg, topk_idx + r * cfg->top_k, topk_weight + r * cfg->top_k, scratch);
@@ -98,12 +105,11 @@ int route_rows(const float *logits, long rows, const router_config *cfg, long *t
 }
 
 /* A layer's MLP part as native_decode.MLPBlock lays it out: routed experts chosen by a router (router_weight
- * [E, H], float32 or bfloat16 as router_bf16; table entries 0 .. E - 1) and, when shared, one MLP over every
- * row (table entry E: the shared experts, or with E = 0 and no router a dense MLP). The table (gate, up,
- * down, their widths inter; all float32 or all bfloat16 as bf16) is native.MLPTable's. */
+ * [E, H] float32; table entries 0 .. E - 1) and, when shared, one MLP over every row (table entry E: the
+ * shared experts, or with E = 0 and no router a dense MLP). The table (gate, up, down, their widths inter;
+ * all float32 or all bfloat16 as bf16) is native.MLPTable's. */
 typedef struct {
-    const void *router_weight;
-    int router_bf16;
+    const float *router_weight;
     router_config router;
     const void *const *gate, *const *up, *const *down;
     const long *inter;
@@ -122,7 +128,7 @@ int mlp_block_decode(const mlp_block *block, const float *x, long rows, long hid
     const void **pointers = malloc((size_t)(3 * mlps) * sizeof(void *));
     int status = logits && counts && lists && pointers ? 0 : -1;
     if (!status && n > 0) {
-        few_rows_linear(x, block->router_weight, block->router_bf16, logits, rows, hidden, n);
+        few_rows_linear(x, block->router_weight, 0, logits, rows, hidden, n);
         status = route_rows(logits, rows, cfg, topk_idx, topk_weight);
     }
     if (!status) {

@@ -173,7 +173,7 @@ class DeepseekV2MLP(nn.Layer):
 
         def build():
             table = memoized_native_table(self, cache)
-            return None if table is None else MLPBlock.of(table)
+            return None if table is None else MLPBlock.dense(table)
 
         return cache.memo((id(self), "decode_block"), build)
 

@@ -100,8 +100,7 @@ class DeepseekV2DecoderLayer(nn.Layer):
             block = self.mlp.decode_block(cache)
             if block is None:
                 return None
-            return MHALayer.of(self.self_attn, self.input_layernorm, self.post_attention_layernorm, block, cache,
-                               self.self_attn.layer_idx)
+            return MHALayer.of(self.self_attn, self.input_layernorm, self.post_attention_layernorm, block, cache)
 
         return cache.memo((id(self), "decode_layer"), build)
 

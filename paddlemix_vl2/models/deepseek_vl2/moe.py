@@ -227,15 +227,16 @@ class DeepseekV2MoE(nn.Layer):
     def decode_block(self, cache) -> Optional[MLPBlock]:
         """This layer as the decode kernels take it (router, routed and shared experts), kept in the
         generation's ``KVCache``; None where they do not serve it (see ``native_table``,
-        ``MLPBlock.of``). A step through it routes in the kernel: the gate module is not called, so its
-        hooks do not see those steps (``KVCache.routing`` does)."""
+        ``MLPBlock.moe``). A call through it (up to ``MAX_FEW_ROWS`` rows with a cache: decode steps, short
+        prompts) routes in the kernel: the gate module is not called, so its hooks do not see those calls
+        (``KVCache.routing`` records them)."""
 
         def build():
             table = memoized_native_table(self, cache)
             if table is None:
                 return None
             router = RouterConfig.of(self.config, self.gate.e_score_correction_bias)
-            return MLPBlock.of(table, self.gate.weight, router, shared=self.shared_experts is not None)
+            return MLPBlock.moe(table, self.gate.weight, router, shared=self.shared_experts is not None)
 
         return cache.memo((id(self), "decode_block"), build)
 

@@ -8,6 +8,8 @@
   rows on the same matrix) and runs one row about as fast as MKL.
 * ``swiglu_mlps``: a layer's SiLU-gated MLPs (its routed and shared experts, or its dense MLP) in one call,
   each expert on the tokens that chose it.
+* ``native_decode``: a decode step's MLP block (router and experts) and whole MHA decoder layer, one call
+  each, stringing the kernels below together in C.
 * ``linear`` (AVX-512 builds): ``x @ weight.T + bias`` for more rows than ``MAX_FEW_ROWS`` by a blocked
   GEMM. Paddle's bundled MKL (2019) reaches about 230-250 GFLOP/s on the tiny model's prefill and vision
   shapes and 100-230 on a MoE expert's ~100 rows on this 2-core Xeon; the GEMM runs 380-410 and 290-300
@@ -59,7 +61,7 @@ __all__ = [
     "mha_decode",
     "attention_qkv", "attention_prefill", "inference_kernels_apply", "add_bias_", "vector_kernels_apply",
     "softmax_last_axis", "gelu_tanh_", "bf16_weights_supported", "rms_norm", "MLPTable", "weights_readable",
-    "check_status", "is_bf16", "output_tensor", "C_LONG", 
+    "check_status", "is_bf16", "output_tensor", "C_LONG", "check_step_mask",
 ]
 
 logger = logging.getLogger(__name__)
@@ -201,6 +203,7 @@ def bf16_weights_supported() -> bool:
 
 
 def weights_readable(weight: paddle.Tensor) -> bool:
+    """Whether the kernels multiply by ``weight``: float32, or bfloat16 where ``bf16_weights_supported``."""
     return weight.dtype == paddle.float32 or (weight.dtype == paddle.bfloat16 and bf16_weights_supported())
 
 
@@ -226,12 +229,14 @@ def mlp_kernels_apply(x: paddle.Tensor, weight: paddle.Tensor, rows: int) -> boo
 
 
 def check_status(status: int) -> None:
+    """Raise MemoryError for a kernel's nonzero status (its scratch memory could not be allocated)."""
     if status != 0:
         raise MemoryError("the CPU kernels could not allocate their scratch memory; free memory or set "
                           f"{NATIVE_VARIABLE}=0 to use Paddle's kernels")
 
 
 def is_bf16(weight: paddle.Tensor) -> int:
+    """1 for a bfloat16 weight, 0 for float32: the kernels' ``bf16`` flag."""
     return int(weight.dtype == paddle.bfloat16)
 
 
@@ -399,9 +404,8 @@ def mha_decode(
     """
     batch, kv_heads, max_len, head_dim = cache_keys.shape
     heads = q.shape[-1] // head_dim
+    check_step_mask(mask, batch, max_len)
     tensors = [t if t.is_contiguous() else t.contiguous() for t in (q, k, v, cos, sin, mask)]
-    if list(tensors[5].shape) != [batch, 1, 1, max_len]:
-        raise ValueError(f"mask {list(mask.shape)} does not fit a one-token step over a cache of {max_len}")
     out = output_tensor(q.shape)
     q, k, v, cos, sin, mask = tensors
     check_status(kernel_library().mha_decode(
@@ -412,6 +416,12 @@ def mha_decode(
     return out
 
 
+def check_step_mask(mask: paddle.Tensor, batch: int, max_len: int) -> None:
+    """Raise unless ``mask`` is the [B, 1, 1, max_len] mask of a one-token step over the cache."""
+    if list(mask.shape) != [batch, 1, 1, max_len]:
+        raise ValueError(f"mask {list(mask.shape)} does not fit a one-token step over a cache of {max_len}")
+
+
 def attention_qkv(qkv: paddle.Tensor, heads: int, scale: float) -> paddle.Tensor:
     """Bidirectional softmax attention by the kernel (``vector_kernels_apply``): qkv [N, P, 3 * C] float32,
     the fused projection (q, k, v side by side, heads side by side within each) -> [N, P, C] with the
@@ -419,7 +429,9 @@ def attention_qkv(qkv: paddle.Tensor, heads: int, scale: float) -> paddle.Tensor
     batch, tokens, triple = qkv.shape
     qkv = qkv if qkv.is_contiguous() else qkv.contiguous()
     out = output_tensor([batch, tokens, triple // 3])
-    check_status(kernel_library().attention_qkv(qkv.data_ptr(), out.data_ptr(), batch, tokens, triple // 3, heads, scale))
+    check_status(
+        kernel_library().attention_qkv(qkv.data_ptr(), out.data_ptr(), batch, tokens, triple // 3, heads, scale)
+    )
     return out
 
 

@@ -7,27 +7,42 @@ rows (one new token per sequence):
   norms, projections, ``native.mha_decode``, residuals and the MLP block.
 
 The layers describe themselves once per generation (``KVCache.memo``) as the structures below, which hold
-the tensors they point to; a step then costs one ctypes call per layer. Alternating fused and plain steps
-in one process on the tiny model (bf16 storage, 600-token context): the MoE block alone took 4 ms off a
-45 ms step.
+the tensors they point to; a step then costs one ctypes call per layer. The fused calls skip the modules
+they stand for, so forward hooks on those (the gate, the projections, the norms) do not see these steps;
+``KVCache.routing`` records the routing.
 """
 from __future__ import annotations
 
 import ctypes
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
 
 from .native import (
-    C_LONG, MAX_DECODE_HEAD_DIM, MAX_FEW_ROWS, MLPTable, check_status, inference_kernels_apply, is_bf16,
-    kernel_library, output_tensor, weights_readable,
+    C_LONG, MAX_DECODE_HEAD_DIM, MAX_FEW_ROWS, MLPTable, check_status, check_step_mask, inference_kernels_apply,
+    is_bf16, kernel_library, output_tensor, weights_readable,
 )
 
 __all__ = ["RouterConfig", "MLPBlock", "MHALayer", "route_rows", "mlp_block_decode", "mha_layer_decode",
            "decode_rows_apply"]
 
 _VOID_P4 = ctypes.c_void_p * 4
+
+
+class _Pinned:
+    """The tensors a structure points to, with the addresses it took: the weights are fixed during a
+    generation, but a cast or a replaced parameter (a LoRA merge) would leave the kernel reading freed
+    memory, so ``check`` runs before every call."""
+
+    def __init__(self, tensors: Sequence[paddle.Tensor]):
+        self.pairs = tuple((t, t.data_ptr()) for t in tensors)
+
+    def check(self) -> None:
+        for tensor, address in self.pairs:
+            if tensor.data_ptr() != address:
+                raise ValueError("a weight moved since this generation's decode kernels were set up (cast or "
+                                 "replaced); start a new KVCache after changing the model's weights")
 
 
 class RouterConfig(ctypes.Structure):
@@ -40,51 +55,75 @@ class RouterConfig(ctypes.Structure):
         ("e_score_correction_bias", ctypes.c_void_p),
     ]
     METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+    pinned = _Pinned(())  # no router (a dense block) points at nothing
 
     @classmethod
     def of(cls, config, bias: Optional[paddle.Tensor]) -> "RouterConfig":
-        """From a ``DeepseekV2Config`` and the gate's ``e_score_correction_bias`` (float32 [E], noaux_tc only),
-        which the structure keeps."""
+        """From a ``DeepseekV2Config`` (whose sizes it checked) and the gate's ``e_score_correction_bias``
+        ([E], noaux_tc only; a float32 copy is taken if it is not float32). ``pinned`` holds the bias."""
         method = cls.METHODS.index(config.moe_topk_method)
-        if (bias is None) != (config.moe_topk_method != "noaux_tc") or (bias is not None and bias.dtype != paddle.float32):
-            raise ValueError("noaux_tc routing takes a float32 e_score_correction_bias, other methods none")
+        if (bias is None) != (config.moe_topk_method != "noaux_tc"):
+            raise ValueError("noaux_tc routing takes an e_score_correction_bias, other methods none")
+        if bias is not None and bias.dtype != paddle.float32:
+            bias = bias.astype(paddle.float32)
+        grouped = config.moe_topk_method != "greedy"
         router = cls(
-            config.n_routed_experts, config.num_experts_per_tok, config.n_group or 1, config.topk_group or 1,
-            int(config.scoring_func == "sigmoid"), method, int(bool(config.norm_topk_prob)),
-            config.routed_scaling_factor, None if bias is None else bias.data_ptr(),
+            config.n_routed_experts, config.num_experts_per_tok, config.n_group if grouped else 1,
+            config.topk_group if grouped else 1, int(config.scoring_func == "sigmoid"), method,
+            int(bool(config.norm_topk_prob)), config.routed_scaling_factor, None if bias is None else bias.data_ptr(),
         )
-        router.bias = bias
+        router.pinned = _Pinned([] if bias is None else [bias])
         return router
 
 
 class MLPBlock(ctypes.Structure):
     """A layer's MLP part (``mlp_block``): routed experts behind a router, then (``shared``) one MLP over
-    every row, the shared experts or a dense MLP."""
+    every row, the shared experts or a dense MLP. Made by ``moe`` or ``dense``."""
 
     _fields_ = [
-        ("router_weight", ctypes.c_void_p), ("router_bf16", ctypes.c_int), ("router", RouterConfig),
-        ("gate", ctypes.c_void_p), ("up", ctypes.c_void_p), ("down", ctypes.c_void_p), ("inter", ctypes.c_void_p),
-        ("bf16", ctypes.c_int), ("shared", ctypes.c_int),
+        ("router_weight", ctypes.c_void_p), ("router", RouterConfig), ("gate", ctypes.c_void_p),
+        ("up", ctypes.c_void_p), ("down", ctypes.c_void_p), ("inter", ctypes.c_void_p), ("bf16", ctypes.c_int),
+        ("shared", ctypes.c_int),
     ]
 
     @classmethod
-    def of(cls, table: MLPTable, router_weight: Optional[paddle.Tensor] = None,
-           router: Optional[RouterConfig] = None, shared: bool = True) -> Optional["MLPBlock"]:
-        """The block over ``table`` (routed experts in order, then the shared MLP) with the router's [E, H]
-        weight and rules; without a router, the table's one MLP (a dense layer). None when the kernels do
-        not read the weights (bf16 without AVX512BW)."""
-        if not weights_readable(table.weights[0][0]) or (router_weight is not None and not weights_readable(router_weight)):
+    def moe(cls, table: MLPTable, router_weight: paddle.Tensor, router: RouterConfig,
+            shared: bool) -> Optional["MLPBlock"]:
+        """A MoE: ``table`` holds the E routed experts in order, then (``shared``) the shared experts as one
+        MLP; ``router_weight`` [E, H] float32. None when the kernels do not read the experts' weights or the
+        router's is not float32 (it is a bare float32 parameter in every loaded model)."""
+        if len(table.intermediate) != router.n_experts + int(shared):
+            raise ValueError(f"a table of {len(table.intermediate)} MLPs does not hold {router.n_experts} experts"
+                             f"{' and the shared ones' if shared else ''}")
+        if router_weight.dtype != paddle.float32 or not weights_readable(table.weights[0][0]):
             return None
-        router = router if router is not None else RouterConfig()
+        return cls._made(table, router, shared, router_weight)
+
+    @classmethod
+    def dense(cls, table: MLPTable) -> Optional["MLPBlock"]:
+        """A dense MLP, the table's one entry. None when the kernels do not read its weights."""
+        if len(table.intermediate) != 1:
+            raise ValueError(f"a dense MLP block takes a table of one MLP, not {len(table.intermediate)}")
+        if not weights_readable(table.weights[0][0]):
+            return None
+        return cls._made(table, RouterConfig(), True, None)
+
+    @classmethod
+    def _made(cls, table: MLPTable, router: RouterConfig, shared: bool,
+              router_weight: Optional[paddle.Tensor]) -> "MLPBlock":
         gate, up, down, intermediate = table.addresses
-        block = cls(
-            None if router_weight is None else router_weight.data_ptr(),
-            0 if router_weight is None else is_bf16(router_weight), router, gate, up, down, intermediate,
-            table.bf16, int(shared),
-        )
-        block.table, block.router_weight_tensor = table, router_weight
-        block.router_keep = router  # the structure is copied into the block; its bias tensor lives here
+        block = cls(None if router_weight is None else router_weight.data_ptr(), router, gate, up, down,
+                    intermediate, table.bf16, int(shared))
+        # The structure holds a copy of the router's fields; the Python object keeps what they point to.
+        block.table, block.router_keep = table, router
+        block.pinned = _Pinned([] if router_weight is None else [router_weight])
         return block
+
+    def check_current(self) -> None:
+        """Raise when a weight the block points to moved (``_Pinned``, ``MLPTable.check_current``)."""
+        self.table.check_current()
+        self.pinned.check()
+        self.router_keep.pinned.check()
 
 
 class MHALayer(ctypes.Structure):
@@ -100,33 +139,31 @@ class MHALayer(ctypes.Structure):
     ]
 
     @classmethod
-    def of(cls, attention, input_norm, post_norm, mlp_block: MLPBlock, cache, layer_idx: int) -> Optional["MHALayer"]:
+    def of(cls, attention, input_norm, post_norm, mlp_block: MLPBlock, cache) -> Optional["MHALayer"]:
         """From a ``DeepseekV2MHAAttention``, the layer's two ``DeepseekV2RMSNorm``, its MLP block and the
-        generation's ``KVCache``; None where the kernel does not serve the layer (no AVX-512 build, a cache
-        or norm not in float32, heads wider than ``MAX_DECODE_HEAD_DIM``, a projection that is not a plain
-        ``Linear`` without bias whose weight the kernels read: ``attention_bias`` is false in every
-        DeepSeek-VL2 checkpoint)."""
-        from .layers import Linear
-
+        generation's ``KVCache``; None where the kernel does not serve the layer: no AVX-512 build, a cache
+        or norm not in float32 (or norms with different epsilons), heads wider than ``MAX_DECODE_HEAD_DIM``,
+        projections that are not plain bias-free ``Linear`` layers (``plain_projection_weights``) with
+        weights the kernels read."""
         library = kernel_library()
-        projections = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
+        weights = attention.plain_projection_weights()
+        norms = (input_norm, post_norm)
         if (
-            library is None or library.vector_lanes() != 16 or cache.dtype != paddle.float32
-            or attention.head_dim > MAX_DECODE_HEAD_DIM
-            or any(norm.weight.dtype != paddle.float32 for norm in (input_norm, post_norm))
-            or any(type(p) is not Linear or p.bias is not None or not weights_readable(p.weight) for p in projections)
+            library is None or library.vector_lanes() != 16 or cache.dtype != paddle.float32 or weights is None
+            or attention.head_dim > MAX_DECODE_HEAD_DIM or not all(weights_readable(w) for w in weights)
+            or any(norm.weight.dtype != paddle.float32 for norm in norms)
+            or input_norm.variance_epsilon != post_norm.variance_epsilon
         ):
             return None
-        keys, values = cache.buffers(layer_idx)
+        keys, values = cache.buffers(attention.layer_idx)
         layer = cls(
             input_norm.weight.shape[0], attention.num_heads, attention.num_kv_heads, attention.head_dim,
             keys.shape[2], input_norm.variance_epsilon, attention.head_dim ** -0.5,
-            input_norm.weight.data_ptr(), post_norm.weight.data_ptr(),
-            _VOID_P4(*(p.weight.data_ptr() for p in projections)),
-            (ctypes.c_int * 4)(*(is_bf16(p.weight) for p in projections)),
-            keys.data_ptr(), values.data_ptr(), ctypes.pointer(mlp_block),
+            input_norm.weight.data_ptr(), post_norm.weight.data_ptr(), _VOID_P4(*(w.data_ptr() for w in weights)),
+            (ctypes.c_int * 4)(*(is_bf16(w) for w in weights)), keys.data_ptr(), values.data_ptr(),
+            ctypes.pointer(mlp_block),
         )
-        layer.tensors = (input_norm.weight, post_norm.weight, keys, values, *(p.weight for p in projections))
+        layer.pinned = _Pinned([input_norm.weight, post_norm.weight, keys, values, *weights])
         layer.block = mlp_block
         return layer
 
@@ -153,7 +190,7 @@ def mlp_block_decode(x: paddle.Tensor, block: MLPBlock) -> Tuple[paddle.Tensor, 
     """The block on x [N, H] float32 (``decode_rows_apply``) -> (out [N, H], topk_idx [N, K] int64,
     topk_weight [N, K] float32: the router's choice, as ``moe.route`` gives it; K = 0 without a router)."""
     rows, hidden = x.shape
-    block.table.check_current()
+    block.check_current()
     x = x if x.is_contiguous() else x.contiguous()
     topk_idx, topk_weight = _choice_buffers(rows, block.router.top_k)
     out = output_tensor([rows, hidden])
@@ -176,9 +213,12 @@ def mha_layer_decode(
         [B, 1, H], and the MoE's topk_idx [B, K] (K = 0 for a dense layer).
     """
     batch = x.shape[0]
-    if list(mask.shape) != [batch, 1, 1, layer.max_len]:
-        raise ValueError(f"mask {list(mask.shape)} does not fit a one-token step over a cache of {layer.max_len}")
-    layer.block.table.check_current()
+    check_step_mask(mask, batch, layer.max_len)
+    if list(cos.shape) != [batch, 1, layer.head_dim] or list(sin.shape) != [batch, 1, layer.head_dim]:
+        raise ValueError(f"cos/sin {list(cos.shape)} {list(sin.shape)} do not fit {batch} rows of heads of "
+                         f"{layer.head_dim}")
+    layer.pinned.check()
+    layer.block.check_current()
     x, cos, sin, mask = (t if t.is_contiguous() else t.contiguous() for t in (x, cos, sin, mask))
     topk_idx, topk_weight = _choice_buffers(batch, layer.block.router.top_k)
     out = output_tensor(x.shape)

@@ -291,6 +291,62 @@ def test_mha_layer_decode_equals_the_layer_by_layer_path(monkeypatch, weight_dty
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("heads,latent,rope,keys", [(16, 512, 64, 300), (3, 40, 8, 17)])
+def test_mla_decode_attention_matches_numpy(heads, latent, rope, keys):
+    """The absorbed MLA decode attention against float64 NumPy: the small model's widths, and widths that are
+    not multiples of the vector or tile sizes; two sequences, the second left-padded."""
+    if not _vector_kernels_built():
+        pytest.skip("no AVX-512 build of the CPU kernels here: MLA decode attention runs on Paddle's ops")
+    rng = np.random.default_rng(heads)
+    nope, value, max_len, batch, scale = 24, 20, keys + 5, 2, (latent + rope) ** -0.5  # scores of unit spread
+    q_nope, q_pe = rng.standard_normal((batch, 1, heads, nope)), rng.standard_normal((batch, 1, heads, rope))
+    k_pe, ckv = rng.standard_normal((batch, max_len, rope)), rng.standard_normal((batch, max_len, latent))
+    w_uk, w_uv = rng.standard_normal((heads, latent, nope)) * nope ** -0.5, rng.standard_normal((heads, latent, value))
+    mask = np.zeros((batch, 1, 1, max_len))
+    mask[1, ..., :3] = np.finfo(np.float32).min
+    tensors = [paddle.to_tensor(a.astype(np.float32)) for a in (q_nope, q_pe, k_pe, ckv, w_uk, w_uv, mask)]
+    with paddle.no_grad():
+        out = native_decode.mla_decode_attention(*tensors, keys, scale).numpy()
+    q_latent = np.einsum("bhd,hcd->bhc", q_nope[:, 0], w_uk)
+    scores = (np.einsum("bhc,bsc->bhs", q_latent, ckv[:, :keys]) + np.einsum("bhr,bsr->bhs", q_pe[:, 0], k_pe[:, :keys]))
+    scores = scores * scale + mask[:, 0, :, :keys]
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = np.einsum("bhc,hcv->bhv", np.einsum("bhs,bsc->bhc", probs, ckv[:, :keys]), w_uv)
+    np.testing.assert_allclose(out.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["micro-small", "micro-full"])
+def test_mla_decode_steps_with_the_kernel_equal_the_paddle_path(monkeypatch, name):
+    """Decode steps of the MLA models with ``mla_decode_attention`` against the same steps through Paddle's
+    absorbed path: the same logits and the same compressed cache, three rows, left-padded."""
+    from lm_golden import load_lm
+    from paddlemix_vl2.generation import decode_one_token, prefill
+    from paddlemix_vl2.models.deepseek_vl2 import attention
+
+    if not _vector_kernels_built():
+        pytest.skip("no AVX-512 build of the CPU kernels here: MLA decode attention runs on Paddle's ops")
+    lm = load_lm(name)
+    ids = paddle.to_tensor(np.random.default_rng(0).integers(0, lm.config.vocab_size, size=(3, 6)))
+    mask = paddle.to_tensor(np.arange(6)[None, :] >= np.arange(3)[:, None])
+    kernel, real_apply = attention.mla_decode_attention, attention.mha_kernels_apply
+    runs = []
+    for use_kernel in (True, False):
+        calls = []
+        monkeypatch.setattr(attention, "mla_decode_attention", lambda *args: calls.append(1) or kernel(*args))
+        monkeypatch.setattr(attention, "mha_kernels_apply", lambda x, dtype, use=use_kernel: use and real_apply(x, dtype))
+        with paddle.no_grad():
+            cache = lm.new_cache(3, 10)
+            logits = [prefill(lm, lm.get_input_embeddings()(ids), mask, cache)]
+            positions = mask.astype("int64").sum(axis=1)
+            for step in range(3):
+                logits.append(decode_one_token(lm, paddle.argmax(logits[-1], axis=-1), cache, positions + step))
+        assert len(calls) == (3 * lm.config.num_hidden_layers if use_kernel else 0)
+        runs.append(([t.numpy() for t in logits], [b.numpy() for pair in cache.layers for b in pair]))
+    for a, b in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_linear_with_gradient_never_takes_the_kernel(monkeypatch):
     layer = Linear(16, 8)
     for kernel in ("few_rows_linear", "linear"):

@@ -23,6 +23,7 @@ from .configuration_deepseek import DeepseekV2Config
 from .kv_cache import KVCache
 from .layers import DeepseekV2RMSNorm, Linear, attend, masked_softmax
 from .native import MAX_DECODE_HEAD_DIM, attention_prefill, mha_decode, mha_kernels_apply
+from .native_decode import mla_decode_attention
 from .rotary import apply_rotary_pos_emb, yarn_get_mscale
 
 __all__ = ["DeepseekV2Attention", "DeepseekV2MHAAttention", "build_attention"]
@@ -176,6 +177,10 @@ class DeepseekV2Attention(nn.Layer):
         kv_len = k_pe.shape[1]
 
         w_uk_t, w_uv_t = self._kv_b_proj_halves_for(cache)  # [nh, C, Dn], [nh, C, Dv]
+        if cache is not None and q_len == 1 and mha_kernels_apply(q_nope, cache.dtype):
+            return self.o_proj(mla_decode_attention(
+                q_nope, q_pe, k_pe, compressed_kv, w_uk_t, w_uv_t, mask, cache_start + 1, self.softmax_scale
+            ))
         # The rope key is shared by all heads: fold heads into rows so the matmul reads it once.
         scores = paddle.matmul(
             q_pe.transpose([0, 2, 1, 3]).reshape([bsz, nh * q_len, -1]), k_pe, transpose_y=True

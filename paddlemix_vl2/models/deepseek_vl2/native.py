@@ -8,8 +8,8 @@
   rows on the same matrix) and runs one row about as fast as MKL.
 * ``swiglu_mlps``: a layer's SiLU-gated MLPs (its routed and shared experts, or its dense MLP) in one call,
   each expert on the tokens that chose it.
-* ``native_decode``: a decode step's MLP block (router and experts) and whole MHA decoder layer, one call
-  each, stringing the kernels below together in C.
+* ``native_decode``: a decode step's MLP block (router and experts), whole MHA decoder layer and MLA
+  attention, one call each, stringing the kernels below together in C.
 * ``linear`` (AVX-512 builds): ``x @ weight.T + bias`` for more rows than ``MAX_FEW_ROWS`` by a blocked
   GEMM. Paddle's bundled MKL (2019) reaches about 230-250 GFLOP/s on the tiny model's prefill and vision
   shapes and 100-230 on a MoE expert's ~100 rows on this 2-core Xeon; the GEMM runs 380-410 and 290-300
@@ -180,6 +180,8 @@ def kernel_library() -> Optional[ctypes.CDLL]:
             [ctypes.c_void_p] * 2 + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 3
         )
         library.mha_layer_decode.restype = ctypes.c_int
+        library.mla_decode_attention.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 8 + [ctypes.c_float]
+        library.mla_decode_attention.restype = ctypes.c_int
     return library
 
 
@@ -381,9 +383,9 @@ MAX_DECODE_HEAD_DIM = 512  # the kernel's per-head buffers (MAX_HEAD_DIM in cpu_
 
 
 def mha_kernels_apply(x: paddle.Tensor, cache_dtype) -> bool:
-    """Whether the MHA attention kernels (``attention_prefill``; ``mha_decode`` for one new token per
-    sequence and heads of at most ``MAX_DECODE_HEAD_DIM``) serve a layer: a float32 cache and
-    ``vector_kernels_apply(x)``."""
+    """Whether the attention kernels (``attention_prefill``; ``mha_decode`` for one new token per sequence
+    and heads of at most ``MAX_DECODE_HEAD_DIM``; MLA's ``native_decode.mla_decode_attention``) serve a
+    layer: a float32 cache and ``vector_kernels_apply(x)``."""
     return cache_dtype == paddle.float32 and vector_kernels_apply(x)
 
 

@@ -4,7 +4,9 @@ rows (one new token per sequence):
 * ``mlp_block_decode``: a layer's MLP part, a MoE with its router (logits, ``route_rows`` for the rules of
   ``moe.route``, the expert lists) or a dense MLP;
 * ``mha_layer_decode`` (AVX-512 builds): a whole decoder layer with multi-head attention (the tiny model's):
-  norms, projections, ``native.mha_decode``, residuals and the MLP block.
+  norms, projections, ``native.mha_decode``, residuals and the MLP block;
+* ``mla_decode_attention`` (AVX-512 builds): the absorbed multi-head latent attention of the small and full
+  models over the compressed cache.
 
 The layers describe themselves once per generation (``KVCache.memo``) as the structures below, which hold
 the tensors they point to; a step then costs one ctypes call per layer. The fused calls skip the modules
@@ -25,7 +27,7 @@ from .native import (
 )
 
 __all__ = ["RouterConfig", "MLPBlock", "MHALayer", "route_rows", "mlp_block_decode", "mha_layer_decode",
-           "decode_rows_apply"]
+           "mla_decode_attention", "decode_rows_apply"]
 
 _VOID_P4 = ctypes.c_void_p * 4
 
@@ -227,6 +229,38 @@ def mha_layer_decode(
         topk_idx.ctypes.data, topk_weight.ctypes.data, out.data_ptr(),
     ))
     return out, topk_idx
+
+
+def mla_decode_attention(
+    q_nope: paddle.Tensor, q_pe: paddle.Tensor, k_pe: paddle.Tensor, compressed_kv: paddle.Tensor,
+    w_uk_t: paddle.Tensor, w_uv_t: paddle.Tensor, mask: paddle.Tensor, keys: int, scale: float,
+) -> paddle.Tensor:
+    """Absorbed MLA attention of one new token per sequence (``native.mha_kernels_apply``: float32 cache).
+
+    Args:
+        q_nope: [B, 1, nh, Dn]; q_pe: [B, 1, nh, R], rotated.
+        k_pe, compressed_kv: [B, L, R] and [B, L, C], the layer's cache with positions 0 .. keys - 1 written
+            (the new token's included).
+        w_uk_t, w_uv_t: [nh, C, Dn] and [nh, C, Dv] float32, ``kv_b_proj``'s halves.
+        mask: additive [B, 1, 1, L]; scale: the softmax scale.
+    Returns:
+        [B, 1, nh * Dv], the attention output before ``o_proj``.
+    """
+    batch, _, heads, nope = q_nope.shape
+    max_len, latent = compressed_kv.shape[1], compressed_kv.shape[2]
+    check_step_mask(mask, batch, max_len)
+    if list(w_uk_t.shape) != [heads, latent, nope] or w_uk_t.dtype != paddle.float32 or w_uv_t.dtype != paddle.float32:
+        raise ValueError(f"kv_b_proj halves {list(w_uk_t.shape)} {w_uk_t.dtype} do not fit {heads} heads of latent "
+                         f"{latent} and {nope} (float32)")
+    tensors = [t if t.is_contiguous() else t.contiguous() for t in (q_nope, q_pe, k_pe, compressed_kv, w_uk_t, w_uv_t,
+                                                                    mask)]
+    value = w_uv_t.shape[2]
+    out = output_tensor([batch, 1, heads * value])
+    check_status(kernel_library().mla_decode_attention(
+        *(t.data_ptr() for t in tensors), out.data_ptr(), batch, heads, nope, q_pe.shape[-1], latent, value,
+        max_len, keys, scale,
+    ))
+    return out
 
 
 def _choice_buffers(rows: int, top_k: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -308,7 +308,8 @@ def test_mla_decode_attention_matches_numpy(heads, latent, rope, keys):
     with paddle.no_grad():
         out = native_decode.mla_decode_attention(*tensors, keys, scale).numpy()
     q_latent = np.einsum("bhd,hcd->bhc", q_nope[:, 0], w_uk)
-    scores = (np.einsum("bhc,bsc->bhs", q_latent, ckv[:, :keys]) + np.einsum("bhr,bsr->bhs", q_pe[:, 0], k_pe[:, :keys]))
+    scores = np.einsum("bhc,bsc->bhs", q_latent, ckv[:, :keys]) + np.einsum("bhr,bsr->bhs", q_pe[:, 0],
+                                                                              k_pe[:, :keys])
     scores = scores * scale + mask[:, 0, :, :keys]
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -334,7 +335,8 @@ def test_mla_decode_steps_with_the_kernel_equal_the_paddle_path(monkeypatch, nam
     for use_kernel in (True, False):
         calls = []
         monkeypatch.setattr(attention, "mla_decode_attention", lambda *args: calls.append(1) or kernel(*args))
-        monkeypatch.setattr(attention, "mha_kernels_apply", lambda x, dtype, use=use_kernel: use and real_apply(x, dtype))
+        monkeypatch.setattr(attention, "mha_kernels_apply",
+                            lambda x, dtype, use=use_kernel: use and real_apply(x, dtype))
         with paddle.no_grad():
             cache = lm.new_cache(3, 10)
             logits = [prefill(lm, lm.get_input_embeddings()(ids), mask, cache)]
@@ -469,9 +471,9 @@ def test_linear_bias_added_in_place_equals_the_broadcast_add(monkeypatch):
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_mha_decode_step_equals_the_plain_path(monkeypatch, kv_heads):
     """A prefill (``attention_prefill``) and a decode step (``mha_layer_decode``, whose ``mha_decode`` does
-    RoPE, the cache write and attention over the written positions) of MHA through the kernels against the Paddle path: two sequences, one
-    left-padded, heads of 18 (not a multiple of the vector width), and grouped keys/values; the logits and
-    the cache must agree."""
+    RoPE, the cache write and attention over the written positions) of MHA through the kernels against the
+    Paddle path: two sequences, one left-padded, heads of 18 (not a multiple of the vector width), and
+    grouped keys/values; the logits and the cache must agree."""
     if not _vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: decode attention runs on Paddle's ops, which "
                     "the generation goldens check")

@@ -316,7 +316,8 @@ int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_
                 latent_scores(q_latent, q_pe_b, ckv_b, k_pe_b, scores, h0, 1, latent, rope, keys, s0, s1, scale);
 #pragma omp barrier
 #pragma omp for schedule(static)
-            for (long h = 0; h < heads; ++h) softmax_row(scores + h * keys, mask + b * max_len, scores + h * keys, keys);
+            for (long h = 0; h < heads; ++h)
+                softmax_row(scores + h * keys, mask + b * max_len, scores + h * keys, keys);
             /* Each thread sums p @ ckv over its own positions (those it scored) into its own partial, block by
              * block: a block is streamed into the caches once (prefetched in order, as the tiles below read
              * it across 2 KB rows), then tiles of up to 8 heads x 32 columns pass over it from L2. */

@@ -291,22 +291,27 @@ def test_mha_layer_decode_equals_the_layer_by_layer_path(monkeypatch, weight_dty
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("heads,latent,rope,keys", [(16, 512, 64, 300), (3, 40, 8, 17)])
-def test_mla_decode_attention_matches_numpy(heads, latent, rope, keys):
-    """The absorbed MLA decode attention against float64 NumPy: the small model's widths, and widths that are
-    not multiples of the vector or tile sizes; two sequences, the second left-padded."""
+@pytest.mark.parametrize("heads,latent,rope,keys,spare", [
+    (16, 512, 64, 300, 5), (3, 40, 8, 17, 5), (11, 56, 24, 130, 0), (11, 56, 24, 1, 3),
+])
+def test_mla_decode_attention_matches_numpy(heads, latent, rope, keys, spare):
+    """The absorbed MLA decode attention against float64 NumPy: the small model's widths; widths off the
+    vector and tile sizes with a head group of eight and leftover heads; one key, and a full cache; two
+    sequences, the second left-padded."""
     if not _vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: MLA decode attention runs on Paddle's ops")
-    rng = np.random.default_rng(heads)
-    nope, value, max_len, batch, scale = 24, 20, keys + 5, 2, (latent + rope) ** -0.5  # scores of unit spread
+    rng = np.random.default_rng(heads + keys)
+    nope, value, max_len, batch, scale = 24, 20, keys + spare, 2, (latent + rope) ** -0.5  # scores of unit spread
     q_nope, q_pe = rng.standard_normal((batch, 1, heads, nope)), rng.standard_normal((batch, 1, heads, rope))
     k_pe, ckv = rng.standard_normal((batch, max_len, rope)), rng.standard_normal((batch, max_len, latent))
     w_uk, w_uv = rng.standard_normal((heads, latent, nope)) * nope ** -0.5, rng.standard_normal((heads, latent, value))
     mask = np.zeros((batch, 1, 1, max_len))
-    mask[1, ..., :3] = np.finfo(np.float32).min
+    mask[1, ..., :min(3, keys - 1)] = np.finfo(np.float32).min
     tensors = [paddle.to_tensor(a.astype(np.float32)) for a in (q_nope, q_pe, k_pe, ckv, w_uk, w_uv, mask)]
     with paddle.no_grad():
         out = native_decode.mla_decode_attention(*tensors, keys, scale).numpy()
+        with pytest.raises(ValueError, match="positions of a cache"):
+            native_decode.mla_decode_attention(*tensors, max_len + 1, scale)
     q_latent = np.einsum("bhd,hcd->bhc", q_nope[:, 0], w_uk)
     scores = np.einsum("bhc,bsc->bhs", q_latent, ckv[:, :keys]) + np.einsum("bhr,bsr->bhs", q_pe[:, 0],
                                                                               k_pe[:, :keys])

@@ -1,9 +1,11 @@
-/* A decode step's layer blocks in one call each, for one to eight rows (a token per sequence):
+/* A decode step's layer blocks in one call each, one new token per sequence (the MLP block and the MHA
+ * layer for one to eight sequences):
  * mlp_block_decode, a layer's MLP part (a MoE with its router: the logits, the choice of experts by the
  * rules of moe.route in route_rows, the chosen and shared experts through swiglu_mlps; or a dense MLP), and
  * mha_layer_decode, a whole decoder layer with multi-head attention (the tiny model's): RMSNorm, the q/k/v
  * projections, mha_decode, o_proj, the residual, RMSNorm, the MLP block, the residual; and
- * mla_decode_attention, the absorbed multi-head latent attention of a decode step over the compressed cache.
+ * mla_decode_attention, the absorbed multi-head latent attention of the small and full models over the
+ * compressed cache (its own notes below).
  *
  * Why: per layer and step the Python path made about thirty Paddle and NumPy calls (predicates, norms,
  * projections, the gate's matmul, softmax and top-k, host copies, a sort, the expert lists, residual adds)
@@ -219,17 +221,14 @@ int mha_layer_decode(const mha_layer *layer, const float *x, long rows, const fl
  * p = softmax(score), out[h] = W_UV[h]^T (sum_s p[s] compressed_kv[s]). In Paddle this is a dozen ops
  * whose two matmuls over the cache ([16, 512] x [512, S] and back) took 0.25 ms each at S = 2064 on the
  * small model's shapes, and the 4-layer step grew by 7-17% from a 256- to a 2048-token context. Here each
- * thread scores its half of the positions, all heads per cached row, then sums p @ compressed_kv over the
+ * thread scores its share of the positions, all heads per cached row, then sums p @ compressed_kv over the
  * same positions in blocks that stay in L2 (a first version that walked the cache's 2 KB rows column
  * tile by column tile ran 3x slower inside the model than alone). */
 static _Thread_local float *mla_buf;
 static _Thread_local size_t mla_cap;
 
-/* q_nope [B, heads, nope], q_pe [B, heads, rope] (rotated), k_pe [B, max_len, rope], ckv [B, max_len, latent],
- * w_uk [heads, latent, nope], w_uv [heads, latent, value] (float32, contiguous), mask additive [B, max_len];
- * positions 0 .. keys - 1 are read. out [B, heads, value]. Returns 0, or -1 when scratch memory ran out. */
-/* scores[h, s] = scale * (q_latent[h] . ckv[s] + q_pe[h] . k_pe[s]) for the COUNT heads from h0 over the
- * positions s0 .. s1 - 1, COUNT a compile-time constant after inlining: one register accumulator per
+/* scores[h, s] = scale * (q_latent[h] . ckv[s] + q_pe[h] . k_pe[s]) for the count heads from h0 over the
+ * positions s0 .. s1 - 1, count a compile-time constant after inlining: one register accumulator per
  * head, so the heads' FMAs overlap and a cached row is loaded once for all of them. */
 static inline __attribute__((always_inline)) void latent_scores(
         const float *q_latent, const float *q_pe, const float *ckv, const float *k_pe, float *scores, long h0,
@@ -280,10 +279,15 @@ static inline __attribute__((always_inline)) void latent_outputs(const float *sc
     }
 }
 
-/* Rows per block of the output pass: 64 rows of a 512-wide latent are 128 KB, which stay in L2 while
- * every (heads, columns) tile passes over them. */
+/* Rows per block of the output pass: 64 rows of a 512-wide latent (the small and full models') are 128 KB,
+ * which stay in L2 while every (heads, columns) tile passes over them. */
 #define LATENT_BLOCK 64
 
+/* q_nope [B, heads, nope], q_pe [B, heads, rope] (rotated), k_pe [B, max_len, rope], ckv [B, max_len, latent],
+ * w_uk [heads, latent, nope], w_uv [heads, latent, value] (float32, contiguous), mask additive [B, max_len];
+ * positions 0 .. keys - 1 (1 <= keys <= max_len) are read; a row whose mask
+ * hides them all averages them evenly (Paddle's softmax averages the whole buffer there: only padding
+ * queries, whose outputs nothing reads). out [B, heads, value]. Returns 0, or -1 when scratch memory ran out. */
 int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_pe, const float *ckv,
                          const float *w_uk, const float *w_uv, const float *mask, float *out, long batch,
                          long heads, long nope, long rope, long latent, long value, long max_len, long keys,
@@ -329,10 +333,11 @@ int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_
                      line += 64)
                     __builtin_prefetch(line, 0, 2);
                 for (long c = 0; c < latent; c += 32) {
-                    long h0 = 0;
-                    for (; h0 + 8 <= heads; h0 += 8)
-                        latent_outputs(scores, ckv_b, partial, h0, 8, latent, keys, sb, se, c);
-                    for (; h0 < heads; ++h0) latent_outputs(scores, ckv_b, partial, h0, 1, latent, keys, sb, se, c);
+                    long first = 0;
+                    for (; first + 8 <= heads; first += 8)
+                        latent_outputs(scores, ckv_b, partial, first, 8, latent, keys, sb, se, c);
+                    for (; first < heads; ++first)
+                        latent_outputs(scores, ckv_b, partial, first, 1, latent, keys, sb, se, c);
                 }
             }
 #pragma omp barrier
@@ -342,7 +347,6 @@ int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_
                 for (long t = 0; t < threads; ++t) sum += partials[t * heads * latent + i];
                 out_latent[i] = sum;
             }
-#pragma omp barrier
 #pragma omp for schedule(static)
             for (long h = 0; h < heads; ++h) {
                 float *o = out + (b * heads + h) * value;

@@ -8,8 +8,8 @@
   rows on the same matrix) and runs one row about as fast as MKL.
 * ``swiglu_mlps``: a layer's SiLU-gated MLPs (its routed and shared experts, or its dense MLP) in one call,
   each expert on the tokens that chose it.
-* ``native_decode``: a decode step's MLP block (router and experts), whole MHA decoder layer and MLA
-  attention, one call each, stringing the kernels below together in C.
+* ``native_decode``: a decode step's MLP block (router and experts) and whole MHA decoder layer, one call
+  each, stringing the kernels below together in C; and MLA's absorbed decode attention.
 * ``linear`` (AVX-512 builds): ``x @ weight.T + bias`` for more rows than ``MAX_FEW_ROWS`` by a blocked
   GEMM. Paddle's bundled MKL (2019) reaches about 230-250 GFLOP/s on the tiny model's prefill and vision
   shapes and 100-230 on a MoE expert's ~100 rows on this 2-core Xeon; the GEMM runs 380-410 and 290-300

@@ -6,7 +6,7 @@ rows (one new token per sequence):
 * ``mha_layer_decode`` (AVX-512 builds): a whole decoder layer with multi-head attention (the tiny model's):
   norms, projections, ``native.mha_decode``, residuals and the MLP block;
 * ``mla_decode_attention`` (AVX-512 builds): the absorbed multi-head latent attention of the small and full
-  models over the compressed cache.
+  models over the compressed cache (a plain kernel call, no structure).
 
 The layers describe themselves once per generation (``KVCache.memo``) as the structures below, which hold
 the tensors they point to; a step then costs one ctypes call per layer. The fused calls skip the modules
@@ -247,17 +247,26 @@ def mla_decode_attention(
         [B, 1, nh * Dv], the attention output before ``o_proj``.
     """
     batch, _, heads, nope = q_nope.shape
-    max_len, latent = compressed_kv.shape[1], compressed_kv.shape[2]
+    max_len, latent, rope = compressed_kv.shape[1], compressed_kv.shape[2], q_pe.shape[-1]
     check_step_mask(mask, batch, max_len)
-    if list(w_uk_t.shape) != [heads, latent, nope] or w_uk_t.dtype != paddle.float32 or w_uv_t.dtype != paddle.float32:
-        raise ValueError(f"kv_b_proj halves {list(w_uk_t.shape)} {w_uk_t.dtype} do not fit {heads} heads of latent "
-                         f"{latent} and {nope} (float32)")
+    shapes = {
+        "q_pe": (q_pe, [batch, 1, heads, rope]), "k_pe": (k_pe, [batch, max_len, rope]),
+        "compressed_kv": (compressed_kv, [batch, max_len, latent]), "w_uk_t": (w_uk_t, [heads, latent, nope]),
+        "w_uv_t": (w_uv_t, [heads, latent, w_uv_t.shape[-1]]), "mask": (mask, list(mask.shape)),
+        "q_nope": (q_nope, [batch, 1, heads, nope]),
+    }
+    for name, (tensor, shape) in shapes.items():
+        if list(tensor.shape) != shape or tensor.dtype != paddle.float32:
+            raise ValueError(f"mla_decode_attention: {name} is {list(tensor.shape)} {tensor.dtype}, expected {shape} "
+                             "float32")
+    if not 1 <= keys <= max_len:
+        raise ValueError(f"mla_decode_attention reads {keys} positions of a cache of {max_len}")
     tensors = [t if t.is_contiguous() else t.contiguous() for t in (q_nope, q_pe, k_pe, compressed_kv, w_uk_t, w_uv_t,
                                                                     mask)]
     value = w_uv_t.shape[2]
     out = output_tensor([batch, 1, heads * value])
     check_status(kernel_library().mla_decode_attention(
-        *(t.data_ptr() for t in tensors), out.data_ptr(), batch, heads, nope, q_pe.shape[-1], latent, value,
+        *(t.data_ptr() for t in tensors), out.data_ptr(), batch, heads, nope, rope, latent, value,
         max_len, keys, scale,
     ))
     return out

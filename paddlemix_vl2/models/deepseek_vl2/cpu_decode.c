@@ -253,8 +253,8 @@ static inline __attribute__((always_inline)) void latent_scores(
     }
 }
 
-/* partial[h, c .. c + 31] += sum over s in [sb, se) of p[h, s] ckv[s, c .. c + 31] for the COUNT heads
- * from h0 (COUNT a compile-time constant after inlining), the sums held in registers. */
+/* partial[h, c .. c + 31] += sum over s in [sb, se) of p[h, s] ckv[s, c .. c + 31] for the count heads
+ * from h0 (count a compile-time constant after inlining), the sums held in registers. */
 static inline __attribute__((always_inline)) void latent_outputs(const float *scores, const float *ckv, float *partial,
                                                                  long h0, const int count, long latent, long keys,
                                                                  long sb, long se, long c) {

@@ -61,7 +61,7 @@ __all__ = [
     "mha_decode",
     "attention_qkv", "attention_prefill", "inference_kernels_apply", "add_bias_", "vector_kernels_apply",
     "softmax_last_axis", "gelu_tanh_", "bf16_weights_supported", "rms_norm", "MLPTable", "weights_readable",
-    "check_status", "is_bf16", "output_tensor", "C_LONG", "check_step_mask",
+    "check_status", "is_bf16", "output_tensor", "C_LONG", "check_step_mask", "PinnedTensors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -295,14 +295,34 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor
     return out
 
 
+class PinnedTensors:
+    """Tensors a kernel structure points to, with the addresses it took. In-place updates (``set_value``, an
+    optimizer step) keep a tensor's memory, but a cast or a replaced parameter (a LoRA merge into bf16
+    storage) moves it, and a kernel would then read freed memory: ``check`` runs before every call."""
+
+    def __init__(self, tensors: Sequence[paddle.Tensor]):
+        self.pairs = tuple((t, t.data_ptr()) for t in tensors)
+
+    def __add__(self, other: "PinnedTensors") -> "PinnedTensors":
+        joined = PinnedTensors(())
+        joined.pairs = self.pairs + other.pairs
+        return joined
+
+    def check(self) -> None:
+        """Raise when a tensor no longer lives where it was pinned."""
+        for tensor, address in self.pairs:
+            if tensor.data_ptr() != address:
+                raise ValueError("the CPU kernels' weight pointers are stale (a weight was cast or replaced since "
+                                 "they were set up); start a new KVCache after changing the model's weights")
+
+
 class MLPTable:
     """The weights of several SiLU-gated MLPs as ``swiglu_mlps`` takes them, gathered once.
 
     Collecting a MoE layer's weights and their pointers took about a fifth of a decode step's Python time
     on the tiny model; a table built once per generation (``KVCache.memo``: the weights are fixed
-    meanwhile) leaves a NumPy gather per step. The table holds the tensors, and in-place updates
-    (``set_value``, an optimizer step) keep their memory, but a cast or a replaced parameter (a LoRA merge
-    into bf16 storage) moves it: ``swiglu_mlps`` refuses a table whose weights have moved.
+    meanwhile) leaves a NumPy gather per step. The table holds the tensors; ``swiglu_mlps`` refuses a table
+    whose weights have moved (``PinnedTensors``; the first and last MLP's gate weights are checked).
 
     Args:
         mlps: each MLP's (gate [I_m, H], up [I_m, H], down [H, I_m]) weights, all float32 or all bfloat16.
@@ -316,13 +336,7 @@ class MLPTable:
         self.pointers = np.array([[w.data_ptr() for w in mlp] for mlp in mlps], dtype=np.uintp).T.copy()  # [3, n]
         self.intermediate = np.array([int(mlp[0].shape[0]) for mlp in mlps], dtype=C_LONG)
         self.addresses = tuple(array.ctypes.data for array in (*self.pointers, self.intermediate))
-
-    def check_current(self) -> None:
-        """Raise when a weight no longer lives where the table points (checks the first and last MLP's)."""
-        for index in (0, -1):
-            if self.weights[index][0].data_ptr() != int(self.pointers[0, index]):
-                raise ValueError("the MLP weight table is stale (a weight was cast or replaced since it was "
-                                 "built); start a new KVCache after changing the model's weights")
+        self.pinned = PinnedTensors([self.weights[0][0], self.weights[-1][0]])
 
     @classmethod
     def of(cls, mlps: Sequence[Optional[Tuple[paddle.Tensor, ...]]]) -> Optional["MLPTable"]:
@@ -362,7 +376,7 @@ def swiglu_mlps(
     through the GEMM's row lists.
     """
     *lead, hidden = x.shape
-    table.check_current()
+    table.pinned.check()
     x = x if x.is_contiguous() else x.contiguous()
     pointers = np.ascontiguousarray(table.pointers[:, mlp_ids])  # [3, M]
     intermediate = np.ascontiguousarray(table.intermediate[mlp_ids])

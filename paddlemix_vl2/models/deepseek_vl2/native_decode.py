@@ -16,35 +16,20 @@ they stand for, so forward hooks on those (the gate, the projections, the norms)
 from __future__ import annotations
 
 import ctypes
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import paddle
 
 from .native import (
-    C_LONG, MAX_DECODE_HEAD_DIM, MAX_FEW_ROWS, MLPTable, check_status, check_step_mask, inference_kernels_apply,
-    is_bf16, kernel_library, output_tensor, weights_readable,
+    C_LONG, MAX_DECODE_HEAD_DIM, MAX_FEW_ROWS, MLPTable, PinnedTensors, check_status, check_step_mask,
+    inference_kernels_apply, is_bf16, kernel_library, output_tensor, weights_readable,
 )
 
 __all__ = ["RouterConfig", "MLPBlock", "MHALayer", "route_rows", "mlp_block_decode", "mha_layer_decode",
            "mla_decode_attention", "decode_rows_apply"]
 
 _VOID_P4 = ctypes.c_void_p * 4
-
-
-class _Pinned:
-    """The tensors a structure points to, with the addresses it took: the weights are fixed during a
-    generation, but a cast or a replaced parameter (a LoRA merge) would leave the kernel reading freed
-    memory, so ``check`` runs before every call."""
-
-    def __init__(self, tensors: Sequence[paddle.Tensor]):
-        self.pairs = tuple((t, t.data_ptr()) for t in tensors)
-
-    def check(self) -> None:
-        for tensor, address in self.pairs:
-            if tensor.data_ptr() != address:
-                raise ValueError("a weight moved since this generation's decode kernels were set up (cast or "
-                                 "replaced); start a new KVCache after changing the model's weights")
 
 
 class RouterConfig(ctypes.Structure):
@@ -57,12 +42,12 @@ class RouterConfig(ctypes.Structure):
         ("e_score_correction_bias", ctypes.c_void_p),
     ]
     METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-    pinned = _Pinned(())  # no router (a dense block) points at nothing
+    bias = None  # the e_score_correction_bias tensor it points to (set by ``of``)
 
     @classmethod
     def of(cls, config, bias: Optional[paddle.Tensor]) -> "RouterConfig":
         """From a ``DeepseekV2Config`` (whose sizes it checked) and the gate's ``e_score_correction_bias``
-        ([E], noaux_tc only; a float32 copy is taken if it is not float32). ``pinned`` holds the bias."""
+        ([E], noaux_tc only; a float32 copy is taken if it is not float32), which it keeps as ``bias``."""
         method = cls.METHODS.index(config.moe_topk_method)
         if (bias is None) != (config.moe_topk_method != "noaux_tc"):
             raise ValueError("noaux_tc routing takes an e_score_correction_bias, other methods none")
@@ -74,7 +59,7 @@ class RouterConfig(ctypes.Structure):
             config.topk_group if grouped else 1, int(config.scoring_func == "sigmoid"), method,
             int(bool(config.norm_topk_prob)), config.routed_scaling_factor, None if bias is None else bias.data_ptr(),
         )
-        router.pinned = _Pinned([] if bias is None else [bias])
+        router.bias = bias
         return router
 
 
@@ -116,16 +101,10 @@ class MLPBlock(ctypes.Structure):
         gate, up, down, intermediate = table.addresses
         block = cls(None if router_weight is None else router_weight.data_ptr(), router, gate, up, down,
                     intermediate, table.bf16, int(shared))
-        # The structure holds a copy of the router's fields; the Python object keeps what they point to.
-        block.table, block.router_keep = table, router
-        block.pinned = _Pinned([] if router_weight is None else [router_weight])
+        # The structure holds a copy of the router's fields; ``pinned`` keeps every tensor they point to.
+        block.table = table
+        block.pinned = table.pinned + PinnedTensors([t for t in (router_weight, router.bias) if t is not None])
         return block
-
-    def check_current(self) -> None:
-        """Raise when a weight the block points to moved (``_Pinned``, ``MLPTable.check_current``)."""
-        self.table.check_current()
-        self.pinned.check()
-        self.router_keep.pinned.check()
 
 
 class MHALayer(ctypes.Structure):
@@ -165,7 +144,7 @@ class MHALayer(ctypes.Structure):
             (ctypes.c_int * 4)(*(is_bf16(w) for w in weights)), keys.data_ptr(), values.data_ptr(),
             ctypes.pointer(mlp_block),
         )
-        layer.pinned = _Pinned([input_norm.weight, post_norm.weight, keys, values, *weights])
+        layer.pinned = PinnedTensors([input_norm.weight, post_norm.weight, keys, values, *weights]) + mlp_block.pinned
         layer.block = mlp_block
         return layer
 
@@ -192,7 +171,7 @@ def mlp_block_decode(x: paddle.Tensor, block: MLPBlock) -> Tuple[paddle.Tensor, 
     """The block on x [N, H] float32 (``decode_rows_apply``) -> (out [N, H], topk_idx [N, K] int64,
     topk_weight [N, K] float32: the router's choice, as ``moe.route`` gives it; K = 0 without a router)."""
     rows, hidden = x.shape
-    block.check_current()
+    block.pinned.check()
     x = x if x.is_contiguous() else x.contiguous()
     topk_idx, topk_weight = _choice_buffers(rows, block.router.top_k)
     out = output_tensor([rows, hidden])
@@ -220,7 +199,6 @@ def mha_layer_decode(
         raise ValueError(f"cos/sin {list(cos.shape)} {list(sin.shape)} do not fit {batch} rows of heads of "
                          f"{layer.head_dim}")
     layer.pinned.check()
-    layer.block.check_current()
     x, cos, sin, mask = (t if t.is_contiguous() else t.contiguous() for t in (x, cos, sin, mask))
     topk_idx, topk_weight = _choice_buffers(batch, layer.block.router.top_k)
     out = output_tensor(x.shape)

@@ -291,35 +291,57 @@ def test_mha_layer_decode_equals_the_layer_by_layer_path(monkeypatch, weight_dty
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("heads,latent,rope,keys,spare", [
-    (16, 512, 64, 300, 5), (3, 40, 8, 17, 5), (11, 56, 24, 130, 0), (11, 56, 24, 1, 3),
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("heads,latent,rope,keys,spare,hidden", [
+    (16, 512, 64, 300, 5, 3), (3, 40, 8, 17, 5, 3), (11, 56, 24, 130, 0, 3), (11, 56, 24, 1, 3, 0),
+    (5, 40, 8, 400, 2, 260),
 ])
-def test_mla_decode_attention_matches_numpy(heads, latent, rope, keys, spare):
+def test_mla_decode_attention_matches_numpy(heads, latent, rope, keys, spare, hidden, weight_dtype):
     """The absorbed MLA decode attention against float64 NumPy: the small model's widths; widths off the
     vector and tile sizes with a head group of eight and leftover heads; one key, and a full cache; two
-    sequences, the second left-padded."""
+    sequences, the second left-padded by ``hidden`` positions (260 of 400: more than one thread's share and
+    several blocks, so the running softmax starts on hidden positions and is rescaled); ``kv_b_proj``'s
+    weight read as stored, float32 or bfloat16."""
     if not _vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: MLA decode attention runs on Paddle's ops")
     rng = np.random.default_rng(heads + keys)
     nope, value, max_len, batch, scale = 24, 20, keys + spare, 2, (latent + rope) ** -0.5  # scores of unit spread
     q_nope, q_pe = rng.standard_normal((batch, 1, heads, nope)), rng.standard_normal((batch, 1, heads, rope))
     k_pe, ckv = rng.standard_normal((batch, max_len, rope)), rng.standard_normal((batch, max_len, latent))
-    w_uk, w_uv = rng.standard_normal((heads, latent, nope)) * nope ** -0.5, rng.standard_normal((heads, latent, value))
+    # kv_b_proj's weight [heads * (nope + value), latent]: per head its W_UK rows, then its W_UV rows.
+    kv_b = paddle.to_tensor(np.concatenate([
+        rng.standard_normal((heads, nope, latent)) * nope ** -0.5, rng.standard_normal((heads, value, latent))
+    ], axis=1).reshape(heads * (nope + value), latent).astype(np.float32)).astype(weight_dtype)
+    w = kv_b.astype("float32").numpy().astype(np.float64).reshape(heads, nope + value, latent)
+    w_uk, w_uv = w[:, :nope], w[:, nope:]
     mask = np.zeros((batch, 1, 1, max_len))
-    mask[1, ..., :min(3, keys - 1)] = np.finfo(np.float32).min
-    tensors = [paddle.to_tensor(a.astype(np.float32)) for a in (q_nope, q_pe, k_pe, ckv, w_uk, w_uv, mask)]
+    mask[1, ..., :hidden] = np.finfo(np.float32).min
+    tensors = [paddle.to_tensor(a.astype(np.float32)) for a in (q_nope, q_pe, k_pe, ckv)]
     with paddle.no_grad():
-        out = native_decode.mla_decode_attention(*tensors, keys, scale).numpy()
+        out = native_decode.mla_decode_attention(*tensors, kv_b, paddle.to_tensor(mask.astype(np.float32)), keys,
+                                                 scale).numpy()
         with pytest.raises(ValueError, match="positions of a cache"):
-            native_decode.mla_decode_attention(*tensors, max_len + 1, scale)
-    q_latent = np.einsum("bhd,hcd->bhc", q_nope[:, 0], w_uk)
+            native_decode.mla_decode_attention(*tensors, kv_b, paddle.to_tensor(mask.astype(np.float32)),
+                                               max_len + 1, scale)
+    q_latent = np.einsum("bhd,hdc->bhc", q_nope[:, 0], w_uk)
     scores = np.einsum("bhc,bsc->bhs", q_latent, ckv[:, :keys]) + np.einsum("bhr,bsr->bhs", q_pe[:, 0],
                                                                               k_pe[:, :keys])
     scores = scores * scale + mask[:, 0, :, :keys]
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    expected = np.einsum("bhc,hcv->bhv", np.einsum("bhs,bsc->bhc", probs, ckv[:, :keys]), w_uv)
+    expected = np.einsum("bhc,hvc->bhv", np.einsum("bhs,bsc->bhc", probs, ckv[:, :keys]), w_uv)
     np.testing.assert_allclose(out.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mla_decode_attention_refuses_a_weight_of_the_wrong_shape():
+    """kv_b_proj's weight must hold nope + value rows per head over the latent."""
+    if not _vector_kernels_built():
+        pytest.skip("no AVX-512 build of the CPU kernels here: MLA decode attention runs on Paddle's ops")
+    q_nope, q_pe = paddle.zeros([1, 1, 2, 4]), paddle.zeros([1, 1, 2, 8])
+    k_pe, ckv, mask = paddle.zeros([1, 6, 8]), paddle.zeros([1, 6, 16]), paddle.zeros([1, 1, 1, 6])
+    for weight in (paddle.zeros([2 * 7, 12]), paddle.zeros([2 * 4, 16]), paddle.zeros([2 * 7, 16], dtype="float16")):
+        with pytest.raises(ValueError, match="kv_b_weight"):
+            native_decode.mla_decode_attention(q_nope, q_pe, k_pe, ckv, weight, mask, 3, 0.5)
 
 
 @pytest.mark.parametrize("name", ["micro-small", "micro-full"])

@@ -22,7 +22,7 @@ from paddle import nn
 from .configuration_deepseek import DeepseekV2Config
 from .kv_cache import KVCache
 from .layers import DeepseekV2RMSNorm, Linear, attend, masked_softmax
-from .native import MAX_DECODE_HEAD_DIM, attention_prefill, mha_decode, mha_kernels_apply
+from .native import MAX_DECODE_HEAD_DIM, attention_prefill, mha_decode, mha_kernels_apply, weights_readable
 from .native_decode import mla_decode_attention
 from .rotary import apply_rotary_pos_emb, yarn_get_mscale
 
@@ -176,11 +176,12 @@ class DeepseekV2Attention(nn.Layer):
             k_pe, compressed_kv = cache.store(self.layer_idx, cache_start, k_pe, compressed_kv)  # [B, S, R], [B, S, C]
         kv_len = k_pe.shape[1]
 
-        w_uk_t, w_uv_t = self._kv_b_proj_halves_for(cache)  # [nh, C, Dn], [nh, C, Dv]
-        if cache is not None and q_len == 1 and mha_kernels_apply(q_nope, cache.dtype):
+        weight = self.kv_b_proj.weight
+        if cache is not None and q_len == 1 and mha_kernels_apply(q_nope, cache.dtype) and weights_readable(weight):
             return self.o_proj(mla_decode_attention(
-                q_nope, q_pe, k_pe, compressed_kv, w_uk_t, w_uv_t, mask, cache_start + 1, self.softmax_scale
+                q_nope, q_pe, k_pe, compressed_kv, weight, mask, cache_start + 1, self.softmax_scale
             ))
+        w_uk_t, w_uv_t = self._kv_b_proj_halves_for(cache)  # [nh, C, Dn], [nh, C, Dv]
         # The rope key is shared by all heads: fold heads into rows so the matmul reads it once.
         scores = paddle.matmul(
             q_pe.transpose([0, 2, 1, 3]).reshape([bsz, nh * q_len, -1]), k_pe, transpose_y=True

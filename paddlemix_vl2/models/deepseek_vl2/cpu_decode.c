@@ -220,57 +220,85 @@ int mha_layer_decode(const mha_layer *layer, const float *x, long rows, const fl
  * score[s] = scale * (q_pe . k_pe[s] + q_latent . compressed_kv[s]) + mask[s] over the written positions,
  * p = softmax(score), out[h] = W_UV[h]^T (sum_s p[s] compressed_kv[s]). In Paddle this is a dozen ops
  * whose two matmuls over the cache ([16, 512] x [512, S] and back) took 0.25 ms each at S = 2064 on the
- * small model's shapes, and the 4-layer step grew by 7-17% from a 256- to a 2048-token context. Here each
- * thread scores its share of the positions, all heads per cached row, then sums p @ compressed_kv over the
- * same positions in blocks that stay in L2 (a first version that walked the cache's 2 KB rows column
- * tile by column tile ran 3x slower inside the model than alone). */
+ * small model's shapes, and the 4-layer step grew by 7-17% from a 256- to a 2048-token context.
+ *
+ * Inside a decode step the cache arrives cold (the layer's weights streamed through the caches since the
+ * last step), so the kernel reads it from memory once: each thread walks its share of the positions in
+ * blocks that fit L2, scores a block for all heads (prefetching the rows ahead), and folds it into its own
+ * running softmax (max, sum and p @ compressed_kv per head, rescaled when the max rises) while the block
+ * is still in L2; the threads' partial sums are merged at the end. A two-pass version (all scores, then
+ * p @ compressed_kv) read the cache twice and took 1.3 ms a layer at S = 2048 with cold caches against
+ * 0.4 ms warm. */
 static _Thread_local float *mla_buf;
 static _Thread_local size_t mla_cap;
 
-/* scores[h, s] = scale * (q_latent[h] . ckv[s] + q_pe[h] . k_pe[s]) for the count heads from h0 over the
- * positions s0 .. s1 - 1, count a compile-time constant after inlining: one register accumulator per
- * head, so the heads' FMAs overlap and a cached row is loaded once for all of them. */
+/* Positions per block: 64 rows of a 512-wide latent (the small and full models') are 128 KB, which stay in
+ * L2 while the heads' scores and then their (heads, columns) output tiles pass over them. */
+#define LATENT_BLOCK 64
+/* Rows ahead of the scoring loop that are prefetched: the next block, about 150 KB, in flight. */
+#define LATENT_PREFETCH_ROWS 64
+
+/* scores[(h0 + h) * LATENT_BLOCK + s - s0] = scale * (q_latent[h] . ckv[s] + q_pe[h] . k_pe[s]) for the
+ * count heads from h0 and the `tokens` positions from s0 (count and tokens compile-time constants after
+ * inlining): one register accumulator per (head, position), so a cached row is loaded once for all heads
+ * and each query vector once for both positions. */
 static inline __attribute__((always_inline)) void latent_scores(
         const float *q_latent, const float *q_pe, const float *ckv, const float *k_pe, float *scores, long h0,
-        const int count, long latent, long rope, long keys, long s0, long s1, float scale) {
-    for (long s = s0; s < s1; ++s) {
-        __m512 acc[8];
-        for (int h = 0; h < count; ++h) acc[h] = _mm512_setzero_ps();
-        const float *row = ckv + s * latent, *pe = k_pe + s * rope;
-        for (long c = 0; c < latent; c += 16) {
-            const __mmask16 m = tail_mask(latent - c);
-            const __m512 x = _mm512_maskz_loadu_ps(m, row + c);
-            for (int h = 0; h < count; ++h)
-                acc[h] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q_latent + (h0 + h) * latent + c), x, acc[h]);
+        const int count, const int tokens, long latent, long rope, long s, long s0, float scale) {
+    __m512 acc[8][2];
+    for (int h = 0; h < count; ++h)
+        for (int t = 0; t < tokens; ++t) acc[h][t] = _mm512_setzero_ps();
+    for (long c = 0; c < latent; c += 16) {
+        const __mmask16 m = tail_mask(latent - c);
+        __m512 x[2];
+        for (int t = 0; t < tokens; ++t) x[t] = _mm512_maskz_loadu_ps(m, ckv + (s + t) * latent + c);
+        for (int h = 0; h < count; ++h) {
+            const __m512 q = _mm512_maskz_loadu_ps(m, q_latent + (h0 + h) * latent + c);
+            for (int t = 0; t < tokens; ++t) acc[h][t] = _mm512_fmadd_ps(q, x[t], acc[h][t]);
         }
-        for (long r = 0; r < rope; r += 16) {
-            const __mmask16 m = tail_mask(rope - r);
-            const __m512 x = _mm512_maskz_loadu_ps(m, pe + r);
-            for (int h = 0; h < count; ++h)
-                acc[h] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q_pe + (h0 + h) * rope + r), x, acc[h]);
-        }
-        for (int h = 0; h < count; ++h) scores[(h0 + h) * keys + s] = _mm512_reduce_add_ps(acc[h]) * scale;
     }
+    for (long r = 0; r < rope; r += 16) {
+        const __mmask16 m = tail_mask(rope - r);
+        __m512 x[2];
+        for (int t = 0; t < tokens; ++t) x[t] = _mm512_maskz_loadu_ps(m, k_pe + (s + t) * rope + r);
+        for (int h = 0; h < count; ++h) {
+            const __m512 q = _mm512_maskz_loadu_ps(m, q_pe + (h0 + h) * rope + r);
+            for (int t = 0; t < tokens; ++t) acc[h][t] = _mm512_fmadd_ps(q, x[t], acc[h][t]);
+        }
+    }
+    for (int h = 0; h < count; ++h)
+        for (int t = 0; t < tokens; ++t)
+            scores[(h0 + h) * LATENT_BLOCK + s + t - s0] = _mm512_reduce_add_ps(acc[h][t]) * scale;
 }
 
-/* partial[h, c .. c + 31] += sum over s in [sb, se) of p[h, s] ckv[s, c .. c + 31] for the count heads
- * from h0 (count a compile-time constant after inlining), the sums held in registers. */
-static inline __attribute__((always_inline)) void latent_outputs(const float *scores, const float *ckv, float *partial,
-                                                                 long h0, const int count, long latent, long keys,
-                                                                 long sb, long se, long c) {
+/* The count heads from h0 over positions s0 .. s1 - 1, two at a time. */
+static inline __attribute__((always_inline)) void latent_scores_span(
+        const float *q_latent, const float *q_pe, const float *ckv, const float *k_pe, float *scores, long h0,
+        const int count, long latent, long rope, long s0, long s1, float scale) {
+    long s = s0;
+    for (; s + 2 <= s1; s += 2)
+        latent_scores(q_latent, q_pe, ckv, k_pe, scores, h0, count, 2, latent, rope, s, s0, scale);
+    if (s < s1) latent_scores(q_latent, q_pe, ckv, k_pe, scores, h0, count, 1, latent, rope, s, s0, scale);
+}
+
+/* partial[h, c .. c + 31] += sum over the n block positions s of p[h, s] ckv[s, c .. c + 31] for the count
+ * heads from h0 (count a compile-time constant after inlining), the sums held in registers. */
+static inline __attribute__((always_inline)) void latent_outputs(const float *p, const float *ckv, float *partial,
+                                                                 long h0, const int count, long latent, long n,
+                                                                 long c) {
     const __mmask16 m0 = tail_mask(latent - c), m1 = latent - c > 16 ? tail_mask(latent - c - 16) : 0;
     __m512 acc[8][2];
     for (int h = 0; h < count; ++h) {
         acc[h][0] = _mm512_maskz_loadu_ps(m0, partial + (h0 + h) * latent + c);
         acc[h][1] = _mm512_maskz_loadu_ps(m1, partial + (h0 + h) * latent + c + 16);
     }
-    for (long s = sb; s < se; ++s) {
+    for (long s = 0; s < n; ++s) {
         const __m512 x0 = _mm512_maskz_loadu_ps(m0, ckv + s * latent + c);
         const __m512 x1 = _mm512_maskz_loadu_ps(m1, ckv + s * latent + c + 16);
         for (int h = 0; h < count; ++h) {
-            const __m512 p = _mm512_set1_ps(scores[(h0 + h) * keys + s]);
-            acc[h][0] = _mm512_fmadd_ps(p, x0, acc[h][0]);
-            acc[h][1] = _mm512_fmadd_ps(p, x1, acc[h][1]);
+            const __m512 w = _mm512_set1_ps(p[(h0 + h) * LATENT_BLOCK + s]);
+            acc[h][0] = _mm512_fmadd_ps(w, x0, acc[h][0]);
+            acc[h][1] = _mm512_fmadd_ps(w, x1, acc[h][1]);
         }
     }
     for (int h = 0; h < count; ++h) {
@@ -279,83 +307,140 @@ static inline __attribute__((always_inline)) void latent_outputs(const float *sc
     }
 }
 
-/* Rows per block of the output pass: 64 rows of a 512-wide latent (the small and full models') are 128 KB,
- * which stay in L2 while every (heads, columns) tile passes over them. */
-#define LATENT_BLOCK 64
+/* One head's block of n scores joins its running softmax: adds the mask, raises the running max (*top,
+ * rescaling the running sum and the latent sums partial[0 .. latent - 1] when it rises), and turns the
+ * scores into exp(score - max), adding them to *sum. */
+static void running_softmax_block(float *scores, const float *mask, long n, float *top, float *sum, float *partial,
+                                  long latent) {
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (long i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, scores + i), _mm512_maskz_loadu_ps(m, mask + i));
+        _mm512_mask_storeu_ps(scores + i, m, v);
+        vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
+    }
+    const float block_max = _mm512_reduce_max_ps(vmax);
+    if (block_max > *top) {
+        if (*sum > 0.0f) {
+            const float factor = expf(*top - block_max);
+            *sum *= factor;
+            for (long c = 0; c < latent; ++c) partial[c] *= factor;
+        }
+        *top = block_max;
+    }
+    const __m512 vtop = _mm512_set1_ps(*top);
+    __m512 vsum = _mm512_setzero_ps();
+    for (long i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + i), vtop));
+        _mm512_mask_storeu_ps(scores + i, m, e);
+        vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
+    }
+    *sum += _mm512_reduce_add_ps(vsum);
+}
 
-/* q_nope [B, heads, nope], q_pe [B, heads, rope] (rotated), k_pe [B, max_len, rope], ckv [B, max_len, latent],
- * w_uk [heads, latent, nope], w_uv [heads, latent, value] (float32, contiguous), mask additive [B, max_len];
- * positions 0 .. keys - 1 (1 <= keys <= max_len) are read; a row whose mask
+/* acc[0 .. n - 1] += a * w[offset .. offset + n - 1], w float32 or (bf16) bfloat16. */
+static inline void add_scaled_weights(float *acc, float a, const void *w, int bf16, long offset, long n) {
+    if (bf16) {
+        const bf16_t *row = (const bf16_t *)w + offset;
+#pragma omp simd
+        for (long i = 0; i < n; ++i) acc[i] += a * bf16_to_float(row[i]);
+    } else {
+        const float *row = (const float *)w + offset;
+#pragma omp simd
+        for (long i = 0; i < n; ++i) acc[i] += a * row[i];
+    }
+}
+
+/* x[0 .. n - 1] . w[offset .. offset + n - 1], w float32 or (bf16) bfloat16. */
+static inline float dot_weights(const float *x, const void *w, int bf16, long offset, long n) {
+    float sum = 0.0f;
+    if (bf16) {
+        const bf16_t *row = (const bf16_t *)w + offset;
+#pragma omp simd reduction(+ : sum)
+        for (long i = 0; i < n; ++i) sum += x[i] * bf16_to_float(row[i]);
+    } else {
+        const float *row = (const float *)w + offset;
+#pragma omp simd reduction(+ : sum)
+        for (long i = 0; i < n; ++i) sum += x[i] * row[i];
+    }
+    return sum;
+}
+
+/* q_nope [B, heads, nope], q_pe [B, heads, rope] (rotated), k_pe [B, max_len, rope], ckv [B, max_len, latent]
+ * (float32, contiguous); kv_b, kv_b_proj's weight as stored, [heads * (nope + value), latent] float32 or
+ * (bf16) bfloat16: head h's W_UK is rows h (nope + value) .. + nope - 1, its W_UV the next value rows, both
+ * read along the latent; mask additive [B, max_len]; positions 0 .. keys - 1 (1 <= keys <= max_len) are read; a row whose mask
  * hides them all averages them evenly (Paddle's softmax averages the whole buffer there: only padding
  * queries, whose outputs nothing reads). out [B, heads, value]. Returns 0, or -1 when scratch memory ran out. */
 int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_pe, const float *ckv,
-                         const float *w_uk, const float *w_uv, const float *mask, float *out, long batch,
+                         const void *kv_b, int bf16, const float *mask, float *out, long batch,
                          long heads, long nope, long rope, long latent, long value, long max_len, long keys,
                          float scale) {
-    const int max_threads = omp_get_max_threads();
-    float *buf = grow(&mla_buf, &mla_cap, (size_t)(heads * (2 * latent + keys + max_threads * latent)));
+    const long max_threads = omp_get_max_threads();
+    /* q_latent, then per thread: latent sums, running max and sum, a block of scores, a merged latent row. */
+    const long per_thread = heads * latent + 2 * heads + heads * LATENT_BLOCK + latent;
+    float *buf = grow(&mla_buf, &mla_cap, (size_t)(heads * latent + max_threads * per_thread));
     if (!buf) return -1;
-    float *q_latent = buf, *out_latent = buf + heads * latent, *scores = out_latent + heads * latent;
-    float *partials = scores + heads * keys;
+    float *q_latent = buf, *state = buf + heads * latent;
     for (long b = 0; b < batch; ++b) {
         const float *k_pe_b = k_pe + b * max_len * rope, *ckv_b = ckv + b * max_len * latent;
+        const float *q_pe_b = q_pe + b * heads * rope, *mask_b = mask + b * max_len;
 #pragma omp parallel
         {
 #pragma omp for schedule(static)
-            for (long hc = 0; hc < heads * latent; ++hc) {
-                const float *q = q_nope + (b * heads + hc / latent) * nope, *w = w_uk + hc * nope;
-                float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                for (long d = 0; d < nope; ++d) sum += q[d] * w[d];
-                q_latent[hc] = sum;
+            for (long h = 0; h < heads; ++h) {
+                float *row = q_latent + h * latent;
+                for (long c = 0; c < latent; ++c) row[c] = 0.0f;
+                for (long d = 0; d < nope; ++d)
+                    add_scaled_weights(row, q_nope[(b * heads + h) * nope + d], kv_b, bf16,
+                                       (h * (nope + value) + d) * latent, latent);
             }
-            /* Each thread scores its own positions (one pass over them), then normalises whole heads. */
             const long thread = omp_get_thread_num(), threads = omp_get_num_threads();
             const long s0 = keys * thread / threads, s1 = keys * (thread + 1) / threads;
-            const float *q_pe_b = q_pe + b * heads * rope;
-            long h0 = 0;
-            for (; h0 + 8 <= heads; h0 += 8)
-                latent_scores(q_latent, q_pe_b, ckv_b, k_pe_b, scores, h0, 8, latent, rope, keys, s0, s1, scale);
-            for (; h0 < heads; ++h0)
-                latent_scores(q_latent, q_pe_b, ckv_b, k_pe_b, scores, h0, 1, latent, rope, keys, s0, s1, scale);
-#pragma omp barrier
-#pragma omp for schedule(static)
-            for (long h = 0; h < heads; ++h)
-                softmax_row(scores + h * keys, mask + b * max_len, scores + h * keys, keys);
-            /* Each thread sums p @ ckv over its own positions (those it scored) into its own partial, block by
-             * block: a block is streamed into the caches once (prefetched in order, as the tiles below read
-             * it across 2 KB rows), then tiles of up to 8 heads x 32 columns pass over it from L2. */
-            float *partial = partials + thread * heads * latent;
+            float *partial = state + thread * per_thread, *top = partial + heads * latent, *total = top + heads;
+            float *block = total + heads, *merged = block + heads * LATENT_BLOCK;
             for (long i = 0; i < heads * latent; ++i) partial[i] = 0.0f;
+            for (long h = 0; h < heads; ++h) top[h] = -INFINITY, total[h] = 0.0f;
             for (long sb = s0; sb < s1; sb += LATENT_BLOCK) {
-                const long se = s1 - sb < LATENT_BLOCK ? s1 : sb + LATENT_BLOCK;
-                for (const char *line = (const char *)(ckv_b + sb * latent); line < (const char *)(ckv_b + se * latent);
-                     line += 64)
-                    __builtin_prefetch(line, 0, 2);
+                const long se = s1 - sb < LATENT_BLOCK ? s1 : sb + LATENT_BLOCK, ahead = se + LATENT_PREFETCH_ROWS;
+                for (long s = se; s < (ahead < s1 ? ahead : s1); ++s) {
+                    for (long c = 0; c < latent; c += 16) __builtin_prefetch(ckv_b + s * latent + c, 0, 3);
+                    __builtin_prefetch(k_pe_b + s * rope, 0, 3);
+                }
+                long h0 = 0;
+                for (; h0 + 8 <= heads; h0 += 8)
+                    latent_scores_span(q_latent, q_pe_b, ckv_b, k_pe_b, block, h0, 8, latent, rope, sb, se, scale);
+                for (; h0 < heads; ++h0)
+                    latent_scores_span(q_latent, q_pe_b, ckv_b, k_pe_b, block, h0, 1, latent, rope, sb, se, scale);
+                for (long h = 0; h < heads; ++h)
+                    running_softmax_block(block + h * LATENT_BLOCK, mask_b + sb, se - sb, top + h, total + h,
+                                          partial + h * latent, latent);
                 for (long c = 0; c < latent; c += 32) {
                     long first = 0;
                     for (; first + 8 <= heads; first += 8)
-                        latent_outputs(scores, ckv_b, partial, first, 8, latent, keys, sb, se, c);
+                        latent_outputs(block, ckv_b + sb * latent, partial, first, 8, latent, se - sb, c);
                     for (; first < heads; ++first)
-                        latent_outputs(scores, ckv_b, partial, first, 1, latent, keys, sb, se, c);
+                        latent_outputs(block, ckv_b + sb * latent, partial, first, 1, latent, se - sb, c);
                 }
             }
 #pragma omp barrier
-#pragma omp for schedule(static)
-            for (long i = 0; i < heads * latent; ++i) {
-                float sum = 0.0f;
-                for (long t = 0; t < threads; ++t) sum += partials[t * heads * latent + i];
-                out_latent[i] = sum;
-            }
+            /* Merge the threads' running softmaxes head by head, then apply W_UV. */
 #pragma omp for schedule(static)
             for (long h = 0; h < heads; ++h) {
-                float *o = out + (b * heads + h) * value;
-                for (long v = 0; v < value; ++v) o[v] = 0.0f;
-                for (long c = 0; c < latent; ++c) {
-                    const float a = out_latent[h * latent + c], *w = w_uv + (h * latent + c) * value;
-#pragma omp simd
-                    for (long v = 0; v < value; ++v) o[v] += a * w[v];
+                float best = -INFINITY, sum = 0.0f;
+                for (long t = 0; t < threads; ++t) best = fmaxf(best, state[t * per_thread + heads * latent + h]);
+                for (long c = 0; c < latent; ++c) merged[c] = 0.0f;
+                for (long t = 0; t < threads; ++t) {
+                    const float *part = state + t * per_thread, part_top = part[heads * latent + h];
+                    const float weight = part_top == -INFINITY ? 0.0f : expf(part_top - best);
+                    sum += weight * part[heads * latent + heads + h];
+                    for (long c = 0; c < latent; ++c) merged[c] += weight * part[h * latent + c];
                 }
+                for (long c = 0; c < latent; ++c) merged[c] /= sum;
+                for (long v = 0; v < value; ++v)
+                    out[(b * heads + h) * value + v] =
+                        dot_weights(merged, kv_b, bf16, (h * (nope + value) + nope + v) * latent, latent);
             }
         }
     }

@@ -180,7 +180,9 @@ def kernel_library() -> Optional[ctypes.CDLL]:
             [ctypes.c_void_p] * 2 + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 3
         )
         library.mha_layer_decode.restype = ctypes.c_int
-        library.mla_decode_attention.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_long] * 8 + [ctypes.c_float]
+        library.mla_decode_attention.argtypes = (
+            [ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 8 + [ctypes.c_float]
+        )
         library.mla_decode_attention.restype = ctypes.c_int
     return library
 

@@ -211,7 +211,7 @@ def mha_layer_decode(
 
 def mla_decode_attention(
     q_nope: paddle.Tensor, q_pe: paddle.Tensor, k_pe: paddle.Tensor, compressed_kv: paddle.Tensor,
-    w_uk_t: paddle.Tensor, w_uv_t: paddle.Tensor, mask: paddle.Tensor, keys: int, scale: float,
+    kv_b_weight: paddle.Tensor, mask: paddle.Tensor, keys: int, scale: float,
 ) -> paddle.Tensor:
     """Absorbed MLA attention of one new token per sequence (``native.mha_kernels_apply``: float32 cache).
 
@@ -219,7 +219,8 @@ def mla_decode_attention(
         q_nope: [B, 1, nh, Dn]; q_pe: [B, 1, nh, R], rotated.
         k_pe, compressed_kv: [B, L, R] and [B, L, C], the layer's cache with positions 0 .. keys - 1 written
             (the new token's included).
-        w_uk_t, w_uv_t: [nh, C, Dn] and [nh, C, Dv] float32, ``kv_b_proj``'s halves.
+        kv_b_weight: ``kv_b_proj.weight`` as stored, [nh * (Dn + Dv), C] float32 or bfloat16 (each head's
+            W_UK rows, then its W_UV rows): read in place, in the layout of the checkpoint.
         mask: additive [B, 1, 1, L]; scale: the softmax scale.
     Returns:
         [B, 1, nh * Dv], the attention output before ``o_proj``.
@@ -227,10 +228,15 @@ def mla_decode_attention(
     batch, _, heads, nope = q_nope.shape
     max_len, latent, rope = compressed_kv.shape[1], compressed_kv.shape[2], q_pe.shape[-1]
     check_step_mask(mask, batch, max_len)
+    rows = kv_b_weight.shape[0]
+    if rows % heads or rows // heads <= nope or list(kv_b_weight.shape) != [rows, latent] or not weights_readable(
+            kv_b_weight):
+        raise ValueError(f"mla_decode_attention: kv_b_weight is {list(kv_b_weight.shape)} {kv_b_weight.dtype}, "
+                         f"expected [{heads} * ({nope} + value), {latent}] float32 or bfloat16")
+    value = rows // heads - nope
     shapes = {
         "q_pe": (q_pe, [batch, 1, heads, rope]), "k_pe": (k_pe, [batch, max_len, rope]),
-        "compressed_kv": (compressed_kv, [batch, max_len, latent]), "w_uk_t": (w_uk_t, [heads, latent, nope]),
-        "w_uv_t": (w_uv_t, [heads, latent, w_uv_t.shape[-1]]), "mask": (mask, list(mask.shape)),
+        "compressed_kv": (compressed_kv, [batch, max_len, latent]), "mask": (mask, list(mask.shape)),
         "q_nope": (q_nope, [batch, 1, heads, nope]),
     }
     for name, (tensor, shape) in shapes.items():
@@ -239,12 +245,13 @@ def mla_decode_attention(
                              "float32")
     if not 1 <= keys <= max_len:
         raise ValueError(f"mla_decode_attention reads {keys} positions of a cache of {max_len}")
-    tensors = [t if t.is_contiguous() else t.contiguous() for t in (q_nope, q_pe, k_pe, compressed_kv, w_uk_t, w_uv_t,
-                                                                    mask)]
-    value = w_uv_t.shape[2]
+    q_nope, q_pe, k_pe, compressed_kv, kv_b_weight, mask = (
+        t if t.is_contiguous() else t.contiguous() for t in (q_nope, q_pe, k_pe, compressed_kv, kv_b_weight, mask)
+    )
     out = output_tensor([batch, 1, heads * value])
     check_status(kernel_library().mla_decode_attention(
-        *(t.data_ptr() for t in tensors), out.data_ptr(), batch, heads, nope, rope, latent, value,
+        q_nope.data_ptr(), q_pe.data_ptr(), k_pe.data_ptr(), compressed_kv.data_ptr(), kv_b_weight.data_ptr(),
+        is_bf16(kv_b_weight), mask.data_ptr(), out.data_ptr(), batch, heads, nope, rope, latent, value,
         max_len, keys, scale,
     ))
     return out

@@ -80,7 +80,7 @@ BATCH_QUESTIONS = (
 class BenchSettings:
     decode_tokens: int = 64
     mla_contexts: tuple = (256, 2048)
-    mla_decode_steps: int = 16
+    mla_decode_steps: int = 32
     # Long synthetic MLA prompts are prefilled in chunks to bound activation memory.
     prefill_chunk: int = 512
     roofline_quick: bool = False

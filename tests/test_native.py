@@ -346,8 +346,11 @@ def test_mla_decode_attention_refuses_a_weight_of_the_wrong_shape():
 
 @pytest.mark.parametrize("name", ["micro-small", "micro-full"])
 def test_mla_decode_steps_with_the_kernel_equal_the_paddle_path(monkeypatch, name):
-    """Decode steps of the MLA models with ``mla_decode_attention`` against the same steps through Paddle's
-    absorbed path: the same logits and the same compressed cache, three rows, left-padded."""
+    """Prefill and decode steps of the MLA models with the kernels (``attention_prefill`` over the expanded
+    keys where the expanded form is cheaper, ``mla_decode_attention``) against the same steps through
+    Paddle's ops: the same logits and the same compressed cache, three rows, left-padded. Padding positions
+    are left out of the cache comparison: their queries see no key, and the kernels average the keys up to
+    theirs where Paddle's softmax averages the whole buffer (nothing reads those entries)."""
     from lm_golden import load_lm
     from paddlemix_vl2.generation import decode_one_token, prefill
     from paddlemix_vl2.models.deepseek_vl2 import attention
@@ -357,11 +360,12 @@ def test_mla_decode_steps_with_the_kernel_equal_the_paddle_path(monkeypatch, nam
     lm = load_lm(name)
     ids = paddle.to_tensor(np.random.default_rng(0).integers(0, lm.config.vocab_size, size=(3, 6)))
     mask = paddle.to_tensor(np.arange(6)[None, :] >= np.arange(3)[:, None])
-    kernel, real_apply = attention.mla_decode_attention, attention.mha_kernels_apply
+    kernel, real_apply, real_prefill = attention.mla_decode_attention, attention.mha_kernels_apply, attention.attention_prefill
     runs = []
     for use_kernel in (True, False):
-        calls = []
+        calls, prefill_calls = [], []
         monkeypatch.setattr(attention, "mla_decode_attention", lambda *args: calls.append(1) or kernel(*args))
+        monkeypatch.setattr(attention, "attention_prefill", lambda *args: prefill_calls.append(1) or real_prefill(*args))
         monkeypatch.setattr(attention, "mha_kernels_apply",
                             lambda x, dtype, use=use_kernel: use and real_apply(x, dtype))
         with paddle.no_grad():
@@ -371,9 +375,14 @@ def test_mla_decode_steps_with_the_kernel_equal_the_paddle_path(monkeypatch, nam
             for step in range(3):
                 logits.append(decode_one_token(lm, paddle.argmax(logits[-1], axis=-1), cache, positions + step))
         assert len(calls) == (3 * lm.config.num_hidden_layers if use_kernel else 0)
+        expanded = lm.model.layers[0].self_attn.expanded_is_cheaper(6, 10)
+        assert len(prefill_calls) == (lm.config.num_hidden_layers if use_kernel and expanded else 0)
         runs.append(([t.numpy() for t in logits], [b.numpy() for pair in cache.layers for b in pair]))
-    for a, b in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
+    for a, b in zip(runs[0][0], runs[1][0]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        for row in range(3):  # row r starts with r padding positions
+            np.testing.assert_allclose(a[row, row:], b[row, row:], rtol=1e-5, atol=1e-5)
 
 
 def test_linear_with_gradient_never_takes_the_kernel(monkeypatch):

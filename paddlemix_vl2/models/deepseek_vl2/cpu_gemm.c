@@ -203,8 +203,8 @@ int gemm_nt_rows(const float *a, long lda, const long *a_rows, const gemm_weight
 typedef struct {
     const float *q, *k, *v, *mask;
     float *out;
-    long q_ld, q_head, q_seq, kv_ld, kv_head, kv_seq, out_ld, out_head, out_seq, mask_ld, mask_seq;
-    long sequences, heads, group, q_len, kv_len, head_dim, key_offset;
+    long q_ld, q_head, q_seq, k_ld, k_head, k_seq, v_ld, v_head, v_seq, out_ld, out_head, out_seq, mask_ld, mask_seq;
+    long sequences, heads, group, q_len, kv_len, key_dim, value_dim, key_offset;
     int causal;
     float scale;
 } attention_args;
@@ -232,18 +232,18 @@ static int attention(const attention_args *a) {
         float *scales = scores + QUERY_BLOCK * keys;
         for (long i = 0; i < rows; ++i) scales[i] = a->scale;
         const float *q = a->q + sequence * a->q_seq + head * a->q_head + first * a->q_ld;
-        const long kv = sequence * a->kv_seq + head / a->group * a->kv_head;
-        const gemm_weights key_weights = {a->k + kv, NULL, a->kv_ld, 0, 0, 0};
-        const gemm_weights value_weights = {a->v + kv, NULL, a->kv_ld, 0, 1, 0};
+        const long kv_head = head / a->group;
+        const gemm_weights key_weights = {a->k + sequence * a->k_seq + kv_head * a->k_head, NULL, a->k_ld, 0, 0, 0};
+        const gemm_weights value_weights = {a->v + sequence * a->v_seq + kv_head * a->v_head, NULL, a->v_ld, 0, 1, 0};
         const gemm_out to_scores = {scores, keys, NULL, scales, NULL, 0};
         const gemm_out to_out = {a->out + sequence * a->out_seq + head * a->out_head + first * a->out_ld, a->out_ld,
                                  NULL, NULL, NULL, 0};
-        failed |= gemm_nt_rows(q, a->q_ld, NULL, &key_weights, rows, keys, a->head_dim, &to_scores, 1);
+        failed |= gemm_nt_rows(q, a->q_ld, NULL, &key_weights, rows, keys, a->key_dim, &to_scores, 1);
         for (long i = 0; i < rows; ++i) {
             const float *mask = a->mask ? a->mask + sequence * a->mask_seq + (first + i) * a->mask_ld : NULL;
             softmax_row(scores + i * keys, mask, scores + i * keys, keys);
         }
-        failed |= gemm_nt_rows(scores, keys, NULL, &value_weights, rows, a->head_dim, keys, &to_out, 1);
+        failed |= gemm_nt_rows(scores, keys, NULL, &value_weights, rows, a->value_dim, keys, &to_out, 1);
     }
     return failed ? -1 : 0;
 }
@@ -256,24 +256,28 @@ int attention_qkv(const float *qkv, float *out, long sequences, long tokens, lon
     const long head_dim = width / heads, ld = 3 * width;
     const attention_args args = {
         qkv, qkv + width, qkv + 2 * width, NULL, out,
-        ld, head_dim, tokens * ld, ld, head_dim, tokens * ld, width, head_dim, tokens * width, 0, 0,
-        sequences, heads, 1, tokens, tokens, head_dim, 0, 0, scale,
+        ld, head_dim, tokens * ld, ld, head_dim, tokens * ld, ld, head_dim, tokens * ld, width, head_dim,
+        tokens * width, 0, 0,
+        sequences, heads, 1, tokens, tokens, head_dim, head_dim, 0, 0, scale,
     };
     return attention(&args);
 }
 
-/* Prefill attention of the MHA language model over its heads-first cache: q [B, T, heads, D] (rotated),
- * keys and values [B, kv_heads, max_len, D] holding positions 0 .. start + T - 1, mask additive
- * [B, 1, T, max_len], out [B, T, heads, D]. Query i reads keys 0 .. start + i. Returns 0 or -1. */
+/* Causal prefill attention of the language model over heads-first keys and values: q [B, T, heads, Dk]
+ * (rotated), keys [B, kv_heads, key_len, Dk] and values [B, kv_heads, key_len, Dv] holding positions
+ * 0 .. start + T - 1, mask additive [B, 1, T, mask_len], out [B, T, heads, Dv]. The MHA model passes its
+ * cache (key_len = mask_len = the cache's length, Dk = Dv); MLA its keys and values expanded from the
+ * compressed cache (Dk = nope + rope, Dv = value). Query i reads keys 0 .. start + i. Returns 0 or -1. */
 int attention_prefill(const float *q, const float *keys, const float *values, const float *mask, float *out,
-                      long batch, long heads, long kv_heads, long q_len, long max_len, long head_dim, long start,
-                      float scale) {
-    const long q_ld = heads * head_dim;
+                      long batch, long heads, long kv_heads, long q_len, long key_len, long mask_len, long key_dim,
+                      long value_dim, long start, float scale) {
+    const long q_ld = heads * key_dim, out_ld = heads * value_dim;
     const attention_args args = {
         q, keys, values, mask, out,
-        q_ld, head_dim, q_len * q_ld, head_dim, max_len * head_dim, kv_heads * max_len * head_dim,
-        q_ld, head_dim, q_len * q_ld, max_len, q_len * max_len,
-        batch, heads, heads / kv_heads, q_len, start + q_len, head_dim, start, 1, scale,
+        q_ld, key_dim, q_len * q_ld, key_dim, key_len * key_dim, kv_heads * key_len * key_dim,
+        value_dim, key_len * value_dim, kv_heads * key_len * value_dim,
+        out_ld, value_dim, q_len * out_ld, mask_len, q_len * mask_len,
+        batch, heads, heads / kv_heads, q_len, start + q_len, key_dim, value_dim, start, 1, scale,
     };
     return attention(&args);
 }

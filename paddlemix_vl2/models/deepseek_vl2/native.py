@@ -174,7 +174,7 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         library.mha_decode.restype = ctypes.c_int
         library.attention_qkv.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_float]
         library.attention_qkv.restype = ctypes.c_int
-        library.attention_prefill.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 7 + [ctypes.c_float]
+        library.attention_prefill.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 9 + [ctypes.c_float]
         library.attention_prefill.restype = ctypes.c_int
         library.mha_layer_decode.argtypes = (
             [ctypes.c_void_p] * 2 + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 3
@@ -456,23 +456,30 @@ def attention_qkv(qkv: paddle.Tensor, heads: int, scale: float) -> paddle.Tensor
 def attention_prefill(
     q: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mask: paddle.Tensor, start: int, scale: float
 ) -> paddle.Tensor:
-    """Causal MHA attention of T new tokens over the cache by the kernel (``mha_kernels_apply``).
+    """Causal attention of T new tokens over heads-first keys and values by the kernel (``mha_kernels_apply``).
 
     Args:
-        q: [B, T, nh, D] float32, rotated; keys, values: [B, kv_heads, L, D], the layer's heads-first cache
-            holding positions 0 .. start + T - 1; mask: additive [B, 1, T, L] float32.
+        q: [B, T, nh, Dk] float32, rotated; keys: [B, kv_heads, S, Dk], values: [B, kv_heads, S, Dv] holding
+            positions 0 .. start + T - 1 (the MHA cache; MLA's keys and values expanded from its cache);
+            mask: additive [B, 1, T, L] float32, L >= start + T.
     Returns:
-        [B, T, nh * D].
+        [B, T, nh * Dv].
     """
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads, max_len = keys.shape[1], keys.shape[2]
-    if list(mask.shape) != [batch, 1, q_len, max_len] or mask.dtype != paddle.float32:
-        raise ValueError(f"mask {list(mask.shape)} {mask.dtype} does not fit {q_len} queries over a cache of {max_len}")
-    q, mask = (t if t.is_contiguous() else t.contiguous() for t in (q, mask))
-    out = output_tensor([batch, q_len, heads * head_dim])
+    batch, q_len, heads, key_dim = q.shape
+    kv_heads, key_len, value_dim = keys.shape[1], keys.shape[2], values.shape[3]
+    mask_len = mask.shape[-1]
+    if list(mask.shape) != [batch, 1, q_len, mask_len] or mask.dtype != paddle.float32 or mask_len < start + q_len:
+        raise ValueError(f"mask {list(mask.shape)} {mask.dtype} does not fit {q_len} queries after {start} positions")
+    if (list(keys.shape) != [batch, kv_heads, key_len, key_dim] or list(values.shape) != [batch, kv_heads, key_len,
+                                                                                           value_dim]
+            or key_len < start + q_len or heads % kv_heads):
+        raise ValueError(f"keys {list(keys.shape)} and values {list(values.shape)} do not fit queries "
+                         f"{list(q.shape)} after {start} positions")
+    q, keys, values, mask = (t if t.is_contiguous() else t.contiguous() for t in (q, keys, values, mask))
+    out = output_tensor([batch, q_len, heads * value_dim])
     check_status(kernel_library().attention_prefill(
         q.data_ptr(), keys.data_ptr(), values.data_ptr(), mask.data_ptr(), out.data_ptr(), batch, heads, kv_heads,
-        q_len, max_len, head_dim, start, scale,
+        q_len, key_len, mask_len, key_dim, value_dim, start, scale,
     ))
     return out
 

@@ -268,3 +268,34 @@ def test_values_of_the_wrong_type_or_below_one_name_their_key(section, key, valu
     config[section][key] = value
     with pytest.raises(ConfigError, match=re.escape(message)):
         DeepseekVLV2Config.from_dict(config)
+
+
+def _rss_file_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc to count mapped pages")
+@pytest.mark.parametrize("madvise_works", [True, False])
+def test_populate_pages_maps_a_mapped_tensor_in(tmp_path, monkeypatch, madvise_works):
+    """``populate_pages`` puts a mapped tensor's pages in the process (its file-backed resident set grows by
+    the tensor's size) through madvise, or by reading a value per page where madvise is refused."""
+    import mmap
+
+    from paddlemix_vl2.models.deepseek_vl2 import checkpoint
+
+    if not madvise_works:
+        monkeypatch.setattr(checkpoint, "_libc_madvise", lambda: (lambda *args: -1))
+    path = tmp_path / "shard.bin"
+    path.write_bytes(np.arange(8 << 20, dtype=np.uint16).tobytes())  # 16 MiB
+    with open(path, "rb") as handle:
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    array = np.frombuffer(mapping, dtype=np.uint16, count=4 << 20, offset=4096 + 2).reshape(1024, -1)
+    before = _rss_file_kib()
+    checkpoint.populate_pages(array)
+    assert _rss_file_kib() - before >= (8 << 20) // 1024 - 8  # the 8 MiB view, bar a page at each end
+    flat = array.reshape(-1)  # the values as written, unchanged
+    assert int(flat[0]) == 2049 and int(flat[-1]) == (2049 + (4 << 20) - 1) % 65536
+    del flat
+    del array
+    mapping.close()

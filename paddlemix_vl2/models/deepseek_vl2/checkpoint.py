@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
+import functools
 import json
 import logging
 import mmap
@@ -234,7 +236,8 @@ class _ShardReader:
 
 
     def mapped_bf16(self, name: str) -> np.ndarray:
-        """A BF16 tensor as uint16 bits in a copy-on-write mapping of the file, its pages mapped in now.
+        """A BF16 tensor as uint16 bits in a copy-on-write mapping of the file (``populate_pages`` maps its
+        pages in).
 
         The mapping is the tensor's storage from then on: pages come from the page cache without a copy
         (or from disk if the file is not cached), stay clean, so the kernel may drop and re-read them
@@ -246,11 +249,6 @@ class _ShardReader:
         entry = self.entries[name]
         count = int(np.prod(entry["shape"], dtype=np.int64))
         array = np.frombuffer(self._mapping, dtype=np.uint16, count=count, offset=entry["offset"])
-        first_page = entry["offset"] // mmap.PAGESIZE * mmap.PAGESIZE
-        try:
-            self._mapping.madvise(_MADV_POPULATE_READ, first_page, entry["offset"] + 2 * count - first_page)
-        except (AttributeError, OSError, ValueError):  # no madvise, or a kernel before 5.14: read a value per page
-            array[:: mmap.PAGESIZE // 2].max(initial=0)
         return array.reshape(entry["shape"])
 
     def read_into(self, name: str, dst: np.ndarray) -> None:
@@ -258,6 +256,27 @@ class _ShardReader:
         entry = self.entries[name]
         with open(self.file, "rb", buffering=0) as handle:
             self._read_exact(handle, entry["offset"], memoryview(dst.reshape(-1)).cast("B"), name)
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_madvise():
+    try:
+        return ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def populate_pages(array: np.ndarray) -> None:
+    """Map in now the pages of ``array`` (a view of a file mapping): the load reads the file, not the first
+    forward. ``madvise(MADV_POPULATE_READ)`` is called through ctypes, which releases the GIL (``mmap.madvise``
+    keeps it), so the loader's threads populate while the main thread sets up the next parameters; a kernel
+    before 5.14 gets a value read per page instead."""
+    madvise, address = _libc_madvise(), array.ctypes.data
+    first_page = address // mmap.PAGESIZE * mmap.PAGESIZE
+    length = ctypes.c_size_t(address + array.nbytes - first_page)
+    if madvise is None or madvise(ctypes.c_void_p(first_page), length, _MADV_POPULATE_READ) != 0:
+        array.reshape(-1)[:: mmap.PAGESIZE // array.itemsize].max(initial=0)
+
 
 def _write_rows(dst: np.ndarray, rows: np.ndarray) -> None:
     """Convert checkpoint rows into float32 ``dst`` of the same shape (bf16 bits -> float32 bits)."""
@@ -334,7 +353,8 @@ class _ParameterFiller:
             bits = shard.mapped_bf16(name)
             # Zero-copy: the parameter holds the mapped array (DLPack keeps it, and so the mapping, alive).
             paddle.utils.dlpack.from_dlpack(bits.view(np.int16)).view(paddle.bfloat16)._share_buffer_to(param)
-            self._on_done()
+            self._pending.append((self._pool.submit(populate_pages, bits), None, param))
+            self._bound_pending()
             return
         if keep_bf16:  # NumPy has no bf16: the memory is written as uint16 bits
             bits = paddle.empty(param.shape, dtype=paddle.int16)
@@ -351,6 +371,9 @@ class _ParameterFiller:
             return
         future = self._pool.submit(_fill_host_array, shard, name, target)
         self._pending.append((future, storage, param))
+        self._bound_pending()
+
+    def _bound_pending(self) -> None:
         # Bounded look-ahead keeps errors prompt; the arrays are the parameters' own memory anyway.
         while len(self._pending) > 2 * _LOAD_THREADS:
             self._finish_oldest()
@@ -358,7 +381,7 @@ class _ParameterFiller:
     def _finish_oldest(self) -> None:
         future, storage, param = self._pending.popleft()
         future.result()
-        if not param._is_initialized():
+        if storage is not None and not param._is_initialized():
             storage._share_buffer_to(param)  # zero-copy: the parameter takes over the filled memory
         self._on_done()
 

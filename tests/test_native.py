@@ -595,3 +595,34 @@ def test_swiglu_mlps_refuses_a_table_whose_weights_moved():
         mlp.to(dtype="float64")
         with pytest.raises(ValueError, match="stale"):
             native.swiglu_mlps(x, table, np.zeros(1, dtype=np.int64), [2], rows, np.ones(2, np.float32))
+
+
+@pytest.mark.parametrize("heads,kv_heads,key_dim,value_dim,start,q_len", [(4, 4, 24, 16, 0, 7), (6, 2, 40, 40, 5, 3)])
+def test_attention_prefill_with_other_key_and_value_widths_matches_numpy(heads, kv_heads, key_dim, value_dim, start,
+                                                                           q_len):
+    """The prefill kernel against float64 NumPy: keys wider than values (MLA's expanded [k_nope | k_pe]),
+    grouped heads, queries after cached positions, a key buffer longer than the keys read and a mask wider
+    still: the causal mask the model builds (the kernel skips the blocks past a query block's last row and
+    leaves the rest to the mask), with the second key of the second sequence hidden too."""
+    if not _vector_kernels_built():
+        pytest.skip("no AVX-512 build of the CPU kernels here: prefill attention runs on Paddle's ops")
+    rng = np.random.default_rng(heads + start)
+    batch, key_len, mask_len, scale = 2, start + q_len + 2, start + q_len + 4, key_dim ** -0.5
+    q = rng.standard_normal((batch, q_len, heads, key_dim))
+    keys = rng.standard_normal((batch, kv_heads, key_len, key_dim))
+    values = rng.standard_normal((batch, kv_heads, key_len, value_dim))
+    future = np.arange(mask_len)[None, :] > start + np.arange(q_len)[:, None]  # [T, L]
+    mask = np.where(future, np.finfo(np.float32).min, 0.0)[None, None].repeat(batch, axis=0)
+    mask[1, ..., 1] = np.finfo(np.float32).min  # not key 0: every query keeps a key to attend to
+    out = native.attention_prefill(*(paddle.to_tensor(a.astype(np.float32)) for a in (q, keys, values, mask)),
+                                   start, scale).numpy()
+    group = heads // kv_heads
+    k, v = np.repeat(keys, group, axis=1), np.repeat(values, group, axis=1)  # [B, heads, key_len, D]
+    scores = np.einsum("bthd,bhsd->bhts", q, k) * scale + mask[:, :, :, :key_len]
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = np.einsum("bhts,bhsd->bthd", probs, v).reshape(batch, q_len, heads * value_dim)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.attention_prefill(*(paddle.to_tensor(a.astype(np.float32)) for a in (q, keys, values[:, :, :-3], mask)),
+                                 start, scale)

@@ -470,8 +470,8 @@ def attention_prefill(
     mask_len = mask.shape[-1]
     if list(mask.shape) != [batch, 1, q_len, mask_len] or mask.dtype != paddle.float32 or mask_len < start + q_len:
         raise ValueError(f"mask {list(mask.shape)} {mask.dtype} does not fit {q_len} queries after {start} positions")
-    if (list(keys.shape) != [batch, kv_heads, key_len, key_dim] or list(values.shape) != [batch, kv_heads, key_len,
-                                                                                           value_dim]
+    if (list(keys.shape) != [batch, kv_heads, key_len, key_dim]
+            or list(values.shape) != [batch, kv_heads, key_len, value_dim]
             or key_len < start + q_len or heads % kv_heads):
         raise ValueError(f"keys {list(keys.shape)} and values {list(values.shape)} do not fit queries "
                          f"{list(q.shape)} after {start} positions")

@@ -229,8 +229,8 @@ def mla_decode_attention(
     max_len, latent, rope = compressed_kv.shape[1], compressed_kv.shape[2], q_pe.shape[-1]
     check_step_mask(mask, batch, max_len)
     rows = kv_b_weight.shape[0]
-    if rows % heads or rows // heads <= nope or list(kv_b_weight.shape) != [rows, latent] or not weights_readable(
-            kv_b_weight):
+    if (rows % heads or rows // heads <= nope or list(kv_b_weight.shape) != [rows, latent]
+            or not weights_readable(kv_b_weight)):
         raise ValueError(f"mla_decode_attention: kv_b_weight is {list(kv_b_weight.shape)} {kv_b_weight.dtype}, "
                          f"expected [{heads} * ({nope} + value), {latent}] float32 or bfloat16")
     value = rows // heads - nope

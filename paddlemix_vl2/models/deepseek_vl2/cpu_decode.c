@@ -238,34 +238,33 @@ static _Thread_local size_t mla_cap;
 /* Rows ahead of the scoring loop that are prefetched: the next block, about 150 KB, in flight. */
 #define LATENT_PREFETCH_ROWS 64
 
+/* acc[h][t] += q[h0 + h] . rows[s + t] (vectors of `width` floats, rows one after another) for the count
+ * heads from h0 and the `tokens` rows from s (count and tokens compile-time constants after inlining): a
+ * row is loaded once for all heads and each query vector once for both rows. */
+static inline __attribute__((always_inline)) void add_row_dots(__m512 acc[8][2], const float *q, const float *rows,
+                                                               long width, long h0, const int count, const int tokens,
+                                                               long s) {
+    for (long c = 0; c < width; c += 16) {
+        const __mmask16 m = tail_mask(width - c);
+        __m512 x[2];
+        for (int t = 0; t < tokens; ++t) x[t] = _mm512_maskz_loadu_ps(m, rows + (s + t) * width + c);
+        for (int h = 0; h < count; ++h) {
+            const __m512 query = _mm512_maskz_loadu_ps(m, q + (h0 + h) * width + c);
+            for (int t = 0; t < tokens; ++t) acc[h][t] = _mm512_fmadd_ps(query, x[t], acc[h][t]);
+        }
+    }
+}
+
 /* scores[(h0 + h) * LATENT_BLOCK + s - s0] = scale * (q_latent[h] . ckv[s] + q_pe[h] . k_pe[s]) for the
- * count heads from h0 and the `tokens` positions from s0 (count and tokens compile-time constants after
- * inlining): one register accumulator per (head, position), so a cached row is loaded once for all heads
- * and each query vector once for both positions. */
+ * count heads from h0 and the `tokens` positions from s, one register accumulator per (head, position). */
 static inline __attribute__((always_inline)) void latent_scores(
         const float *q_latent, const float *q_pe, const float *ckv, const float *k_pe, float *scores, long h0,
         const int count, const int tokens, long latent, long rope, long s, long s0, float scale) {
     __m512 acc[8][2];
     for (int h = 0; h < count; ++h)
         for (int t = 0; t < tokens; ++t) acc[h][t] = _mm512_setzero_ps();
-    for (long c = 0; c < latent; c += 16) {
-        const __mmask16 m = tail_mask(latent - c);
-        __m512 x[2];
-        for (int t = 0; t < tokens; ++t) x[t] = _mm512_maskz_loadu_ps(m, ckv + (s + t) * latent + c);
-        for (int h = 0; h < count; ++h) {
-            const __m512 q = _mm512_maskz_loadu_ps(m, q_latent + (h0 + h) * latent + c);
-            for (int t = 0; t < tokens; ++t) acc[h][t] = _mm512_fmadd_ps(q, x[t], acc[h][t]);
-        }
-    }
-    for (long r = 0; r < rope; r += 16) {
-        const __mmask16 m = tail_mask(rope - r);
-        __m512 x[2];
-        for (int t = 0; t < tokens; ++t) x[t] = _mm512_maskz_loadu_ps(m, k_pe + (s + t) * rope + r);
-        for (int h = 0; h < count; ++h) {
-            const __m512 q = _mm512_maskz_loadu_ps(m, q_pe + (h0 + h) * rope + r);
-            for (int t = 0; t < tokens; ++t) acc[h][t] = _mm512_fmadd_ps(q, x[t], acc[h][t]);
-        }
-    }
+    add_row_dots(acc, q_latent, ckv, latent, h0, count, tokens, s);
+    add_row_dots(acc, q_pe, k_pe, rope, h0, count, tokens, s);
     for (int h = 0; h < count; ++h)
         for (int t = 0; t < tokens; ++t)
             scores[(h0 + h) * LATENT_BLOCK + s + t - s0] = _mm512_reduce_add_ps(acc[h][t]) * scale;
@@ -328,15 +327,7 @@ static void running_softmax_block(float *scores, const float *mask, long n, floa
         }
         *top = block_max;
     }
-    const __m512 vtop = _mm512_set1_ps(*top);
-    __m512 vsum = _mm512_setzero_ps();
-    for (long i = 0; i < n; i += 16) {
-        const __mmask16 m = tail_mask(n - i);
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + i), vtop));
-        _mm512_mask_storeu_ps(scores + i, m, e);
-        vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
-    }
-    *sum += _mm512_reduce_add_ps(vsum);
+    *sum += exp_shifted_sum(scores, scores, n, *top);
 }
 
 /* acc[0 .. n - 1] += a * w[offset .. offset + n - 1], w float32 or (bf16) bfloat16. */

@@ -233,19 +233,7 @@ void softmax_row(const float *in, const float *m, float *o, long n) {
         for (long i = 0; i < n_main; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(in + i));
         if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, in + n_main));
     }
-    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-    __m512 vsum = _mm512_setzero_ps();
-    for (long i = 0; i < n_main; i += 16) {
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(in + i), top));
-        _mm512_storeu_ps(o + i, e);
-        vsum = _mm512_add_ps(vsum, e);
-    }
-    if (tail) {
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, in + n_main), top));
-        _mm512_mask_storeu_ps(o + n_main, tail, e);
-        vsum = _mm512_mask_add_ps(vsum, tail, vsum, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    const __m512 inv = _mm512_set1_ps(1.0f / exp_shifted_sum(in, o, n, _mm512_reduce_max_ps(vmax)));
     for (long i = 0; i < n_main; i += 16) _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_loadu_ps(o + i), inv));
     if (tail) _mm512_mask_storeu_ps(o + n_main, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, o + n_main), inv));
 }
@@ -347,15 +335,7 @@ int mha_decode(const float *q, const float *k_new, const float *v_new, const flo
                 const __mmask16 m = tail_mask(keys - s);
                 vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, scores + s));
             }
-            const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-            __m512 vsum = _mm512_setzero_ps();
-            for (long s = 0; s < keys; s += 16) {
-                const __mmask16 m = tail_mask(keys - s);
-                const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + s), top));
-                _mm512_mask_storeu_ps(scores + s, m, e);
-                vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
-            }
-            const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+            const float inv = 1.0f / exp_shifted_sum(scores, scores, keys, _mm512_reduce_max_ps(vmax));
             for (long i = 0; i < head_dim; ++i) acc[i] = 0.0f;
             for (long s = 0; s < keys; ++s) {
                 const __m512 p = _mm512_set1_ps(scores[s] * inv);

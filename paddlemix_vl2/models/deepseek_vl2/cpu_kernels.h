@@ -1,6 +1,6 @@
 /* What cpu_kernels.c, cpu_gemm.c and cpu_decode.c share: the kernels cpu_decode.c strings together,
- * the scratch allocator, the AVX-512 exponential and tail masks, one softmax row, and the GEMM's interface
- * (cpu_gemm.c), which the MLP kernels call for prefill. */
+ * the scratch allocator, the AVX-512 exponential (and its sum over a shifted row) and tail masks, one
+ * softmax row, and the GEMM's interface (cpu_gemm.c), which the MLP kernels call for prefill. */
 #ifndef PADDLEMIX_VL2_CPU_KERNELS_H
 #define PADDLEMIX_VL2_CPU_KERNELS_H
 
@@ -65,6 +65,19 @@ static inline __m512 exp_nonpositive(__m512 x) {
  * attention scores made it a fifth of the vision tower's time. */
 static inline __mmask16 tail_mask(long left) {
     return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+/* out[i] = e^(in[i] - top) for i < n (every in[i] <= top; out may be in); returns their sum. */
+static inline float exp_shifted_sum(const float *in, float *out, long n, float top) {
+    const __m512 vtop = _mm512_set1_ps(top);
+    __m512 vsum = _mm512_setzero_ps();
+    for (long i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, in + i), vtop));
+        _mm512_mask_storeu_ps(out + i, m, e);
+        vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
+    }
+    return _mm512_reduce_add_ps(vsum);
 }
 
 /* out = softmax(in + m) over one row of n (m NULL: no mask); out may be in. */

@@ -365,7 +365,8 @@ def test_mla_decode_steps_with_the_kernel_equal_the_paddle_path(monkeypatch, nam
     for use_kernel in (True, False):
         calls, prefill_calls = [], []
         monkeypatch.setattr(attention, "mla_decode_attention", lambda *args: calls.append(1) or kernel(*args))
-        monkeypatch.setattr(attention, "attention_prefill", lambda *args: prefill_calls.append(1) or real_prefill(*args))
+        monkeypatch.setattr(attention, "attention_prefill",
+                            lambda *args, **kwargs: prefill_calls.append(1) or real_prefill(*args, **kwargs))
         monkeypatch.setattr(attention, "mha_kernels_apply",
                             lambda x, dtype, use=use_kernel: use and real_apply(x, dtype))
         with paddle.no_grad():
@@ -377,6 +378,9 @@ def test_mla_decode_steps_with_the_kernel_equal_the_paddle_path(monkeypatch, nam
         assert len(calls) == (3 * lm.config.num_hidden_layers if use_kernel else 0)
         expanded = lm.model.layers[0].self_attn.expanded_is_cheaper(6, 10)
         assert len(prefill_calls) == (lm.config.num_hidden_layers if use_kernel and expanded else 0)
+        # With the kernels kv_b_proj is read as stored: no float32 copies of its halves for the generation.
+        halves = [key for key in cache._memo if "kv_b_proj_halves" in key]
+        assert not halves if use_kernel and expanded else halves
         runs.append(([t.numpy() for t in logits], [b.numpy() for pair in cache.layers for b in pair]))
     for a, b in zip(runs[0][0], runs[1][0]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -597,13 +601,15 @@ def test_swiglu_mlps_refuses_a_table_whose_weights_moved():
             native.swiglu_mlps(x, table, np.zeros(1, dtype=np.int64), [2], rows, np.ones(2, np.float32))
 
 
+@pytest.mark.parametrize("tokens_first", [False, True])
 @pytest.mark.parametrize("heads,kv_heads,key_dim,value_dim,start,q_len", [(4, 4, 24, 16, 0, 7), (6, 2, 40, 40, 5, 3)])
 def test_attention_prefill_with_other_key_and_value_widths_matches_numpy(heads, kv_heads, key_dim, value_dim, start,
-                                                                           q_len):
+                                                                           q_len, tokens_first):
     """The prefill kernel against float64 NumPy: keys wider than values (MLA's expanded [k_nope | k_pe]),
     grouped heads, queries after cached positions, a key buffer longer than the keys read and a mask wider
     still: the causal mask the model builds (the kernel skips the blocks past a query block's last row and
-    leaves the rest to the mask), with the second key of the second sequence hidden too."""
+    leaves the rest to the mask), with the second key of the second sequence hidden too; keys and values
+    heads first (the MHA cache) or tokens first (MLA's expansion)."""
     if not _vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: prefill attention runs on Paddle's ops")
     rng = np.random.default_rng(heads + start)
@@ -614,8 +620,9 @@ def test_attention_prefill_with_other_key_and_value_widths_matches_numpy(heads, 
     future = np.arange(mask_len)[None, :] > start + np.arange(q_len)[:, None]  # [T, L]
     mask = np.where(future, np.finfo(np.float32).min, 0.0)[None, None].repeat(batch, axis=0)
     mask[1, ..., 1] = np.finfo(np.float32).min  # not key 0: every query keeps a key to attend to
-    out = native.attention_prefill(*(paddle.to_tensor(a.astype(np.float32)) for a in (q, keys, values, mask)),
-                                   start, scale).numpy()
+    given = [a.transpose(0, 2, 1, 3) if tokens_first else a for a in (keys, values)]
+    out = native.attention_prefill(*(paddle.to_tensor(a.astype(np.float32)) for a in (q, *given, mask)),
+                                   start, scale, tokens_first=tokens_first).numpy()
     group = heads // kv_heads
     k, v = np.repeat(keys, group, axis=1), np.repeat(values, group, axis=1)  # [B, heads, key_len, D]
     scores = np.einsum("bthd,bhsd->bhts", q, k) * scale + mask[:, :, :, :key_len]
@@ -624,5 +631,5 @@ def test_attention_prefill_with_other_key_and_value_widths_matches_numpy(heads, 
     expected = np.einsum("bhts,bhsd->bthd", probs, v).reshape(batch, q_len, heads * value_dim)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="do not fit"):
-        native.attention_prefill(*(paddle.to_tensor(a.astype(np.float32)) for a in (q, keys, values[:, :, :-3], mask)),
-                                 start, scale)
+        native.attention_prefill(*(paddle.to_tensor(a.astype(np.float32)) for a in (q, given[0], given[1][:, :-3], mask)),
+                                 start, scale, tokens_first=tokens_first)

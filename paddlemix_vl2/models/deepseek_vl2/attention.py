@@ -181,19 +181,21 @@ class DeepseekV2Attention(nn.Layer):
             return self.o_proj(mla_decode_attention(
                 q_nope, q_pe, k_pe, compressed_kv, weight, mask, cache_start + 1, self.softmax_scale
             ))
-        w_uk_t, w_uv_t = self._kv_b_proj_halves_for(cache)  # [nh, C, Dn], [nh, C, Dv]
         expanded = self.expanded_is_cheaper(q_len, kv_len)
         if expanded and cache is not None and mha_kernels_apply(q_nope, cache.dtype):
-            # The prefill kernel takes per-head keys [k_nope | k_pe] and values, over the written positions only.
+            # kv_b_proj expands the written positions only, as one GEMM over its stored weight; the kernel takes
+            # per-head keys [k_nope | k_pe] and values, tokens first.
             end = cache_start + q_len
-            latent = compressed_kv[:, :end].unsqueeze(1)  # [B, 1, end, C]
-            keys = paddle.concat([
-                paddle.matmul(latent, w_uk_t.unsqueeze(0)),
-                k_pe[:, :end].unsqueeze(1).expand([bsz, nh, end, self.qk_rope_head_dim]),
-            ], axis=-1)  # [B, nh, end, Dn + R]
-            values = paddle.matmul(latent, w_uv_t.unsqueeze(0))  # [B, nh, end, Dv]
+            k_nope, values = self.kv_b_proj(compressed_kv[:, :end]).reshape(
+                [bsz, end, nh, self.qk_nope_head_dim + self.v_head_dim]
+            ).split([self.qk_nope_head_dim, self.v_head_dim], axis=-1)  # [B, end, nh, Dn], [B, end, nh, Dv]
+            keys = paddle.concat(
+                [k_nope, k_pe[:, :end].unsqueeze(2).expand([bsz, end, nh, self.qk_rope_head_dim])], axis=-1
+            )  # [B, end, nh, Dn + R]
             queries = paddle.concat([q_nope, q_pe], axis=-1)  # [B, T, nh, Dn + R]
-            return self.o_proj(attention_prefill(queries, keys, values, mask, cache_start, self.softmax_scale))
+            return self.o_proj(attention_prefill(queries, keys, values, mask, cache_start, self.softmax_scale,
+                                                 tokens_first=True))
+        w_uk_t, w_uv_t = self._kv_b_proj_halves_for(cache)  # [nh, C, Dn], [nh, C, Dv]
         # The rope key is shared by all heads: fold heads into rows so the matmul reads it once.
         scores = paddle.matmul(
             q_pe.transpose([0, 2, 1, 3]).reshape([bsz, nh * q_len, -1]), k_pe, transpose_y=True

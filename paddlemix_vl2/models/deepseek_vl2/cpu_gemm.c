@@ -263,19 +263,26 @@ int attention_qkv(const float *qkv, float *out, long sequences, long tokens, lon
     return attention(&args);
 }
 
-/* Causal prefill attention of the language model over heads-first keys and values: q [B, T, heads, Dk]
- * (rotated), keys [B, kv_heads, key_len, Dk] and values [B, kv_heads, key_len, Dv] holding positions
- * 0 .. start + T - 1, mask additive [B, 1, T, mask_len], out [B, T, heads, Dv]. The MHA model passes its
- * cache (key_len = mask_len = the cache's length, Dk = Dv); MLA its keys and values expanded from the
- * compressed cache (Dk = nope + rope, Dv = value). Query i reads keys 0 .. start + i. Returns 0 or -1. */
+/* Causal prefill attention of the language model: q [B, T, heads, Dk] (rotated), keys [B, kv_heads,
+ * key_len, Dk] and values [B, kv_heads, key_len, Dv] (heads first), or with tokens_first [B, key_len,
+ * kv_heads, Dk] and [B, key_len, kv_heads, Dv], holding positions 0 .. start + T - 1; mask additive
+ * [B, 1, T, mask_len]; out [B, T, heads, Dv]. The MHA model passes its heads-first cache (key_len =
+ * mask_len = the cache's length, Dk = Dv); MLA its keys [k_nope | k_pe] and values expanded from the
+ * compressed cache by kv_b_proj, tokens first (Dk = nope + rope, Dv = value). Query i reads keys
+ * 0 .. start + i. Returns 0 or -1. */
 int attention_prefill(const float *q, const float *keys, const float *values, const float *mask, float *out,
                       long batch, long heads, long kv_heads, long q_len, long key_len, long mask_len, long key_dim,
-                      long value_dim, long start, float scale) {
+                      long value_dim, long start, int tokens_first, float scale) {
     const long q_ld = heads * key_dim, out_ld = heads * value_dim;
+    /* Per position and per head: heads first, a head's positions are consecutive rows; tokens first, a
+     * position's heads are. */
+    const long k_ld = tokens_first ? kv_heads * key_dim : key_dim, k_head = tokens_first ? key_dim : key_len * key_dim;
+    const long v_ld = tokens_first ? kv_heads * value_dim : value_dim;
+    const long v_head = tokens_first ? value_dim : key_len * value_dim;
     const attention_args args = {
         q, keys, values, mask, out,
-        q_ld, key_dim, q_len * q_ld, key_dim, key_len * key_dim, kv_heads * key_len * key_dim,
-        value_dim, key_len * value_dim, kv_heads * key_len * value_dim,
+        q_ld, key_dim, q_len * q_ld, k_ld, k_head, kv_heads * key_len * key_dim,
+        v_ld, v_head, kv_heads * key_len * value_dim,
         out_ld, value_dim, q_len * out_ld, mask_len, q_len * mask_len,
         batch, heads, heads / kv_heads, q_len, start + q_len, key_dim, value_dim, start, 1, scale,
     };

@@ -174,7 +174,9 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         library.mha_decode.restype = ctypes.c_int
         library.attention_qkv.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_float]
         library.attention_qkv.restype = ctypes.c_int
-        library.attention_prefill.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 9 + [ctypes.c_float]
+        library.attention_prefill.argtypes = (
+            [ctypes.c_void_p] * 5 + [ctypes.c_long] * 9 + [ctypes.c_int, ctypes.c_float]
+        )
         library.attention_prefill.restype = ctypes.c_int
         library.mha_layer_decode.argtypes = (
             [ctypes.c_void_p] * 2 + [ctypes.c_long] + [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 3
@@ -454,24 +456,28 @@ def attention_qkv(qkv: paddle.Tensor, heads: int, scale: float) -> paddle.Tensor
 
 
 def attention_prefill(
-    q: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mask: paddle.Tensor, start: int, scale: float
+    q: paddle.Tensor, keys: paddle.Tensor, values: paddle.Tensor, mask: paddle.Tensor, start: int, scale: float,
+    tokens_first: bool = False,
 ) -> paddle.Tensor:
-    """Causal attention of T new tokens over heads-first keys and values by the kernel (``mha_kernels_apply``).
+    """Causal attention of T new tokens over keys and values by the kernel (``mha_kernels_apply``).
 
     Args:
-        q: [B, T, nh, Dk] float32, rotated; keys: [B, kv_heads, S, Dk], values: [B, kv_heads, S, Dv] holding
-            positions 0 .. start + T - 1 (the MHA cache; MLA's keys and values expanded from its cache);
-            mask: additive [B, 1, T, L] float32, L >= start + T.
+        q: [B, T, nh, Dk] float32, rotated.
+        keys, values: [B, kv_heads, S, Dk] and [B, kv_heads, S, Dv] (the MHA cache), or with ``tokens_first``
+            [B, S, kv_heads, Dk] and [B, S, kv_heads, Dv] (MLA's keys and values expanded from its cache),
+            holding positions 0 .. start + T - 1.
+        mask: additive [B, 1, T, L] float32, L >= start + T.
     Returns:
         [B, T, nh * Dv].
     """
     batch, q_len, heads, key_dim = q.shape
-    kv_heads, key_len, value_dim = keys.shape[1], keys.shape[2], values.shape[3]
+    value_dim = values.shape[3]
+    key_len, kv_heads = (keys.shape[1], keys.shape[2]) if tokens_first else (keys.shape[2], keys.shape[1])
     mask_len = mask.shape[-1]
     if list(mask.shape) != [batch, 1, q_len, mask_len] or mask.dtype != paddle.float32 or mask_len < start + q_len:
         raise ValueError(f"mask {list(mask.shape)} {mask.dtype} does not fit {q_len} queries after {start} positions")
-    if (list(keys.shape) != [batch, kv_heads, key_len, key_dim]
-            or list(values.shape) != [batch, kv_heads, key_len, value_dim]
+    position_axes = [key_len, kv_heads] if tokens_first else [kv_heads, key_len]
+    if (list(keys.shape) != [batch, *position_axes, key_dim] or list(values.shape) != [batch, *position_axes, value_dim]
             or key_len < start + q_len or heads % kv_heads):
         raise ValueError(f"keys {list(keys.shape)} and values {list(values.shape)} do not fit queries "
                          f"{list(q.shape)} after {start} positions")
@@ -479,7 +485,7 @@ def attention_prefill(
     out = output_tensor([batch, q_len, heads * value_dim])
     check_status(kernel_library().attention_prefill(
         q.data_ptr(), keys.data_ptr(), values.data_ptr(), mask.data_ptr(), out.data_ptr(), batch, heads, kv_heads,
-        q_len, key_len, mask_len, key_dim, value_dim, start, scale,
+        q_len, key_len, mask_len, key_dim, value_dim, start, int(tokens_first), scale,
     ))
     return out
 

@@ -333,6 +333,26 @@ def test_mla_decode_attention_matches_numpy(heads, latent, rope, keys, spare, hi
     np.testing.assert_allclose(out.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_mla_decode_attention_with_minus_infinity_in_the_mask():
+    """-inf hides positions as finfo.min does (a padded row over several blocks and both threads' shares),
+    and a row hidden by -inf everywhere gives zeros, not NaN."""
+    if not _vector_kernels_built():
+        pytest.skip("no AVX-512 build of the CPU kernels here: MLA decode attention runs on Paddle's ops")
+    rng = np.random.default_rng(7)
+    heads, nope, rope, latent, value, keys = 3, 8, 8, 40, 6, 200
+    arrays = [rng.standard_normal(shape).astype(np.float32) for shape in (
+        (2, 1, heads, nope), (2, 1, heads, rope), (2, keys, rope), (2, keys, latent), (heads * (nope + value), latent))]
+    masks = {}
+    for hidden in ("finfo", "inf"):
+        mask = np.zeros((2, 1, 1, keys), dtype=np.float32)
+        mask[0, ..., :150] = np.finfo(np.float32).min if hidden == "finfo" else -np.inf
+        mask[1] = -np.inf
+        masks[hidden] = native_decode.mla_decode_attention(
+            *(paddle.to_tensor(a) for a in arrays), paddle.to_tensor(mask), keys, 0.3).numpy()
+    np.testing.assert_allclose(masks["inf"][0], masks["finfo"][0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(masks["inf"][1], np.zeros_like(masks["inf"][1]))
+
+
 def test_mla_decode_attention_refuses_a_weight_of_the_wrong_shape():
     """kv_b_proj's weight must hold nope + value rows per head over the latent."""
     if not _vector_kernels_built():
@@ -633,3 +653,6 @@ def test_attention_prefill_with_other_key_and_value_widths_matches_numpy(heads, 
     with pytest.raises(ValueError, match="do not fit"):
         native.attention_prefill(*(paddle.to_tensor(a.astype(np.float32)) for a in (q, given[0], given[1][:, :-3], mask)),
                                  start, scale, tokens_first=tokens_first)
+    with pytest.raises(ValueError, match="float32"):
+        native.attention_prefill(*(paddle.to_tensor(a.astype(np.float64)) for a in (q, *given)),
+                                 paddle.to_tensor(mask.astype(np.float32)), start, scale, tokens_first=tokens_first)

@@ -183,7 +183,7 @@ class DeepseekV2Attention(nn.Layer):
             ))
         expanded = self.expanded_is_cheaper(q_len, kv_len)
         if expanded and cache is not None and mha_kernels_apply(q_nope, cache.dtype):
-            # kv_b_proj expands the written positions only, as one GEMM over its stored weight; the kernel takes
+            # kv_b_proj expands the written positions only, reading its weight as stored; the kernel takes
             # per-head keys [k_nope | k_pe] and values, tokens first.
             end = cache_start + q_len
             k_nope, values = self.kv_b_proj(compressed_kv[:, :end]).reshape(

@@ -275,7 +275,9 @@ def populate_pages(array: np.ndarray) -> None:
     first_page = address // mmap.PAGESIZE * mmap.PAGESIZE
     length = ctypes.c_size_t(address + array.nbytes - first_page)
     if madvise is None or madvise(ctypes.c_void_p(first_page), length, _MADV_POPULATE_READ) != 0:
-        array.reshape(-1)[:: mmap.PAGESIZE // array.itemsize].max(initial=0)
+        flat = array.reshape(-1)
+        flat[:: mmap.PAGESIZE // array.itemsize].max(initial=0)
+        flat[-1:].max(initial=0)  # the last page, which the stride can step over when the start is not aligned
 
 
 def _write_rows(dst: np.ndarray, rows: np.ndarray) -> None:

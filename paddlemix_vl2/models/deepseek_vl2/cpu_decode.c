@@ -218,7 +218,7 @@ int mha_layer_decode(const mha_layer *layer, const float *x, long rows, const fl
  *
  * For each sequence b and head h: q_latent = W_UK[h] q_nope (the key up-projection folded into the query),
  * score[s] = scale * (q_pe . k_pe[s] + q_latent . compressed_kv[s]) + mask[s] over the written positions,
- * p = softmax(score), out[h] = W_UV[h]^T (sum_s p[s] compressed_kv[s]). In Paddle this is a dozen ops
+ * p = softmax(score), out[h] = W_UV[h] (sum_s p[s] compressed_kv[s]). In Paddle this is a dozen ops
  * whose two matmuls over the cache ([16, 512] x [512, S] and back) took 0.25 ms each at S = 2064 on the
  * small model's shapes, and the 4-layer step grew by 7-17% from a 256- to a 2048-token context.
  *
@@ -308,7 +308,8 @@ static inline __attribute__((always_inline)) void latent_outputs(const float *p,
 
 /* One head's block of n scores joins its running softmax: adds the mask, raises the running max (*top,
  * rescaling the running sum and the latent sums partial[0 .. latent - 1] when it rises), and turns the
- * scores into exp(score - max), adding them to *sum. */
+ * scores into exp(score - max), adding them to *sum. A block hidden by -inf everywhere leaves the running
+ * softmax as it was and its weights 0. */
 static void running_softmax_block(float *scores, const float *mask, long n, float *top, float *sum, float *partial,
                                   long latent) {
     __m512 vmax = _mm512_set1_ps(-INFINITY);
@@ -319,6 +320,10 @@ static void running_softmax_block(float *scores, const float *mask, long n, floa
         vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
     }
     const float block_max = _mm512_reduce_max_ps(vmax);
+    if (block_max == -INFINITY) {
+        for (long i = 0; i < n; ++i) scores[i] = 0.0f;
+        return;
+    }
     if (block_max > *top) {
         if (*sum > 0.0f) {
             const float factor = expf(*top - block_max);
@@ -361,9 +366,11 @@ static inline float dot_weights(const float *x, const void *w, int bf16, long of
 /* q_nope [B, heads, nope], q_pe [B, heads, rope] (rotated), k_pe [B, max_len, rope], ckv [B, max_len, latent]
  * (float32, contiguous); kv_b, kv_b_proj's weight as stored, [heads * (nope + value), latent] float32 or
  * (bf16) bfloat16: head h's W_UK is rows h (nope + value) .. + nope - 1, its W_UV the next value rows, both
- * read along the latent; mask additive [B, max_len]; positions 0 .. keys - 1 (1 <= keys <= max_len) are read; a row whose mask
- * hides them all averages them evenly (Paddle's softmax averages the whole buffer there: only padding
- * queries, whose outputs nothing reads). out [B, heads, value]. Returns 0, or -1 when scratch memory ran out. */
+ * read along the latent; mask additive [B, max_len] (finite, as the model builds it: finfo.min hides a
+ * position); positions 0 .. keys - 1 (1 <= keys <= max_len) are read; a row whose mask hides them all
+ * averages them evenly (Paddle's softmax averages the whole buffer there: only padding queries, whose
+ * outputs nothing reads); positions masked with -inf are skipped, and a row hidden by -inf everywhere
+ * gives zeros. out [B, heads, value]. Returns 0, or -1 when scratch memory ran out. */
 int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_pe, const float *ckv,
                          const void *kv_b, int bf16, const float *mask, float *out, long batch,
                          long heads, long nope, long rope, long latent, long value, long max_len, long keys,
@@ -397,7 +404,7 @@ int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_
                 const long se = s1 - sb < LATENT_BLOCK ? s1 : sb + LATENT_BLOCK, ahead = se + LATENT_PREFETCH_ROWS;
                 for (long s = se; s < (ahead < s1 ? ahead : s1); ++s) {
                     for (long c = 0; c < latent; c += 16) __builtin_prefetch(ckv_b + s * latent + c, 0, 3);
-                    __builtin_prefetch(k_pe_b + s * rope, 0, 3);
+                    for (long r = 0; r < rope; r += 16) __builtin_prefetch(k_pe_b + s * rope + r, 0, 3);
                 }
                 long h0 = 0;
                 for (; h0 + 8 <= heads; h0 += 8)
@@ -428,7 +435,8 @@ int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_
                     sum += weight * part[heads * latent + heads + h];
                     for (long c = 0; c < latent; ++c) merged[c] += weight * part[h * latent + c];
                 }
-                for (long c = 0; c < latent; ++c) merged[c] /= sum;
+                const float norm = sum > 0.0f ? 1.0f / sum : 0.0f; /* 0: hidden by -inf everywhere */
+                for (long c = 0; c < latent; ++c) merged[c] *= norm;
                 for (long v = 0; v < value; ++v)
                     out[(b * heads + h) * value + v] =
                         dot_weights(merged, kv_b, bf16, (h * (nope + value) + nope + v) * latent, latent);

@@ -22,8 +22,9 @@
 * ``mha_decode`` (AVX-512 builds): a decode step's multi-head attention (RoPE, cache write, softmax
   attention over the written positions) in one call per layer instead of about fifteen Paddle ops.
 * ``attention_qkv`` and ``attention_prefill`` (AVX-512 builds): the vision tower's attention straight from
-  its fused q/k/v projection, and the MHA language model's prefill attention over its cache, each head's
-  products through the GEMM (a prefill's query blocks skip the keys after their last row).
+  its fused q/k/v projection, and the language model's prefill attention (over the MHA cache, or MLA's
+  keys and values expanded from its cache), each head's products through the GEMM (a prefill's query
+  blocks skip the keys after their last row).
 * ``softmax_last_axis`` and ``gelu_tanh_`` (AVX-512 builds): the attention normalisation (with its mask)
   and the ViT's GELU, which Paddle's CPU kernels run at about 0.3 G values/s (a fifth of the tower's time
   together).
@@ -402,8 +403,8 @@ MAX_DECODE_HEAD_DIM = 512  # the kernel's per-head buffers (MAX_HEAD_DIM in cpu_
 
 def mha_kernels_apply(x: paddle.Tensor, cache_dtype) -> bool:
     """Whether the attention kernels (``attention_prefill``; ``mha_decode`` for one new token per sequence
-    and heads of at most ``MAX_DECODE_HEAD_DIM``; MLA's ``native_decode.mla_decode_attention``) serve a
-    layer: a float32 cache and ``vector_kernels_apply(x)``."""
+    and heads of at most ``MAX_DECODE_HEAD_DIM``; MLA's ``native_decode.mla_decode_attention``, which also
+    needs ``weights_readable(kv_b_proj.weight)``) serve a layer: a float32 cache and ``vector_kernels_apply(x)``."""
     return cache_dtype == paddle.float32 and vector_kernels_apply(x)
 
 
@@ -470,6 +471,9 @@ def attention_prefill(
     Returns:
         [B, T, nh * Dv].
     """
+    if any(t.ndim != 4 or t.dtype != paddle.float32 for t in (q, keys, values)) or start < 0:
+        raise ValueError(f"attention_prefill takes float32 q, keys and values of rank 4 and a start >= 0, not "
+                         f"{[(list(t.shape), str(t.dtype)) for t in (q, keys, values)]} from {start}")
     batch, q_len, heads, key_dim = q.shape
     value_dim = values.shape[3]
     key_len, kv_heads = (keys.shape[1], keys.shape[2]) if tokens_first else (keys.shape[2], keys.shape[1])
@@ -478,7 +482,7 @@ def attention_prefill(
         raise ValueError(f"mask {list(mask.shape)} {mask.dtype} does not fit {q_len} queries after {start} positions")
     position_axes = [key_len, kv_heads] if tokens_first else [kv_heads, key_len]
     if (list(keys.shape) != [batch, *position_axes, key_dim] or list(values.shape) != [batch, *position_axes, value_dim]
-            or key_len < start + q_len or heads % kv_heads):
+            or key_len < start + q_len or kv_heads == 0 or heads % kv_heads):
         raise ValueError(f"keys {list(keys.shape)} and values {list(values.shape)} do not fit queries "
                          f"{list(q.shape)} after {start} positions")
     q, keys, values, mask = (t if t.is_contiguous() else t.contiguous() for t in (q, keys, values, mask))

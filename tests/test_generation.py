@@ -7,7 +7,7 @@ from lm_golden import expected, load_lm, load_processor, load_vl, process_case
 from paddlemix_vl2.generation import GenerationConfig, PromptTooLongError, generate, prefill, split_at_eos
 
 
-@pytest.mark.parametrize("name", ["micro-tiny", "micro-small"])
+@pytest.mark.parametrize("name", ["micro-tiny", "micro-small", "micro-full"])  # micro-full: expanded MLA prefill
 @pytest.mark.parametrize("chunk_size", [1, 100, 333])
 def test_chunked_prefill_equals_one_shot(name, chunk_size):
     lm, exp = load_lm(name), expected(name, "viii_batch_left_pad")

@@ -177,12 +177,13 @@ class DeepseekV2Attention(nn.Layer):
         kv_len = k_pe.shape[1]
 
         weight = self.kv_b_proj.weight
-        if cache is not None and q_len == 1 and mha_kernels_apply(q_nope, cache.dtype) and weights_readable(weight):
+        native = cache is not None and mha_kernels_apply(q_nope, cache.dtype)
+        if native and q_len == 1 and weights_readable(weight):
             return self.o_proj(mla_decode_attention(
                 q_nope, q_pe, k_pe, compressed_kv, weight, mask, cache_start + 1, self.softmax_scale
             ))
         expanded = self.expanded_is_cheaper(q_len, kv_len)
-        if expanded and cache is not None and mha_kernels_apply(q_nope, cache.dtype):
+        if expanded and native:
             # kv_b_proj expands the written positions only, reading its weight as stored; the kernel takes
             # per-head keys [k_nope | k_pe] and values, tokens first.
             end = cache_start + q_len

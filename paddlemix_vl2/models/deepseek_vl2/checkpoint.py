@@ -234,7 +234,6 @@ class _ShardReader:
         tensor = paddle.to_tensor(values, place=paddle.CPUPlace())
         return tensor.view(paddle.bfloat16) if entry["dtype"] == "BF16" else tensor
 
-
     def mapped_bf16(self, name: str) -> np.ndarray:
         """A BF16 tensor as uint16 bits in a copy-on-write mapping of the file (``populate_pages`` maps its
         pages in).

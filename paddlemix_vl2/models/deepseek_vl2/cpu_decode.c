@@ -363,6 +363,24 @@ static inline float dot_weights(const float *x, const void *w, int bf16, long of
     return sum;
 }
 
+/* A thread's part of mla_decode_attention's scratch (mla_thread_floats floats each, one after another):
+ * its latent sums [heads, latent], running max and sum [heads], a block of scores [heads, LATENT_BLOCK]
+ * and a merged latent row [latent]. */
+typedef struct {
+    float *partial, *top, *total, *block, *merged;
+} mla_thread_state;
+
+static inline long mla_thread_floats(long heads, long latent) {
+    return heads * latent + 2 * heads + heads * LATENT_BLOCK + latent;
+}
+
+static inline mla_thread_state mla_state_of(float *state, long thread, long heads, long latent) {
+    float *partial = state + thread * mla_thread_floats(heads, latent), *top = partial + heads * latent;
+    float *total = top + heads;
+    float *block = total + heads;
+    return (mla_thread_state){partial, top, total, block, block + heads * LATENT_BLOCK};
+}
+
 /* q_nope [B, heads, nope], q_pe [B, heads, rope] (rotated), k_pe [B, max_len, rope], ckv [B, max_len, latent]
  * (float32, contiguous); kv_b, kv_b_proj's weight as stored, [heads * (nope + value), latent] float32 or
  * (bf16) bfloat16: head h's W_UK is rows h (nope + value) .. + nope - 1, its W_UV the next value rows, both
@@ -376,9 +394,8 @@ int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_
                          long heads, long nope, long rope, long latent, long value, long max_len, long keys,
                          float scale) {
     const long max_threads = omp_get_max_threads();
-    /* q_latent, then per thread: latent sums, running max and sum, a block of scores, a merged latent row. */
-    const long per_thread = heads * latent + 2 * heads + heads * LATENT_BLOCK + latent;
-    float *buf = grow(&mla_buf, &mla_cap, (size_t)(heads * latent + max_threads * per_thread));
+    /* q_latent [heads, latent], then each thread's mla_thread_state. */
+    float *buf = grow(&mla_buf, &mla_cap, (size_t)(heads * latent + max_threads * mla_thread_floats(heads, latent)));
     if (!buf) return -1;
     float *q_latent = buf, *state = buf + heads * latent;
     for (long b = 0; b < batch; ++b) {
@@ -396,10 +413,9 @@ int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_
             }
             const long thread = omp_get_thread_num(), threads = omp_get_num_threads();
             const long s0 = keys * thread / threads, s1 = keys * (thread + 1) / threads;
-            float *partial = state + thread * per_thread, *top = partial + heads * latent, *total = top + heads;
-            float *block = total + heads, *merged = block + heads * LATENT_BLOCK;
-            for (long i = 0; i < heads * latent; ++i) partial[i] = 0.0f;
-            for (long h = 0; h < heads; ++h) top[h] = -INFINITY, total[h] = 0.0f;
+            const mla_thread_state own = mla_state_of(state, thread, heads, latent);
+            for (long i = 0; i < heads * latent; ++i) own.partial[i] = 0.0f;
+            for (long h = 0; h < heads; ++h) own.top[h] = -INFINITY, own.total[h] = 0.0f;
             for (long sb = s0; sb < s1; sb += LATENT_BLOCK) {
                 const long se = s1 - sb < LATENT_BLOCK ? s1 : sb + LATENT_BLOCK, ahead = se + LATENT_PREFETCH_ROWS;
                 for (long s = se; s < (ahead < s1 ? ahead : s1); ++s) {
@@ -408,32 +424,32 @@ int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_
                 }
                 long h0 = 0;
                 for (; h0 + 8 <= heads; h0 += 8)
-                    latent_scores_span(q_latent, q_pe_b, ckv_b, k_pe_b, block, h0, 8, latent, rope, sb, se, scale);
+                    latent_scores_span(q_latent, q_pe_b, ckv_b, k_pe_b, own.block, h0, 8, latent, rope, sb, se, scale);
                 for (; h0 < heads; ++h0)
-                    latent_scores_span(q_latent, q_pe_b, ckv_b, k_pe_b, block, h0, 1, latent, rope, sb, se, scale);
+                    latent_scores_span(q_latent, q_pe_b, ckv_b, k_pe_b, own.block, h0, 1, latent, rope, sb, se, scale);
                 for (long h = 0; h < heads; ++h)
-                    running_softmax_block(block + h * LATENT_BLOCK, mask_b + sb, se - sb, top + h, total + h,
-                                          partial + h * latent, latent);
+                    running_softmax_block(own.block + h * LATENT_BLOCK, mask_b + sb, se - sb, own.top + h,
+                                          own.total + h, own.partial + h * latent, latent);
                 for (long c = 0; c < latent; c += 32) {
                     long first = 0;
                     for (; first + 8 <= heads; first += 8)
-                        latent_outputs(block, ckv_b + sb * latent, partial, first, 8, latent, se - sb, c);
+                        latent_outputs(own.block, ckv_b + sb * latent, own.partial, first, 8, latent, se - sb, c);
                     for (; first < heads; ++first)
-                        latent_outputs(block, ckv_b + sb * latent, partial, first, 1, latent, se - sb, c);
+                        latent_outputs(own.block, ckv_b + sb * latent, own.partial, first, 1, latent, se - sb, c);
                 }
             }
 #pragma omp barrier
             /* Merge the threads' running softmaxes head by head, then apply W_UV. */
 #pragma omp for schedule(static)
             for (long h = 0; h < heads; ++h) {
-                float best = -INFINITY, sum = 0.0f;
-                for (long t = 0; t < threads; ++t) best = fmaxf(best, state[t * per_thread + heads * latent + h]);
+                float best = -INFINITY, sum = 0.0f, *merged = own.merged;
+                for (long t = 0; t < threads; ++t) best = fmaxf(best, mla_state_of(state, t, heads, latent).top[h]);
                 for (long c = 0; c < latent; ++c) merged[c] = 0.0f;
                 for (long t = 0; t < threads; ++t) {
-                    const float *part = state + t * per_thread, part_top = part[heads * latent + h];
-                    const float weight = part_top == -INFINITY ? 0.0f : expf(part_top - best);
-                    sum += weight * part[heads * latent + heads + h];
-                    for (long c = 0; c < latent; ++c) merged[c] += weight * part[h * latent + c];
+                    const mla_thread_state part = mla_state_of(state, t, heads, latent);
+                    const float weight = part.top[h] == -INFINITY ? 0.0f : expf(part.top[h] - best);
+                    sum += weight * part.total[h];
+                    for (long c = 0; c < latent; ++c) merged[c] += weight * part.partial[h * latent + c];
                 }
                 const float norm = sum > 0.0f ? 1.0f / sum : 0.0f; /* 0: hidden by -inf everywhere */
                 for (long c = 0; c < latent; ++c) merged[c] *= norm;

@@ -245,6 +245,31 @@ def test_decode_kernels_refuse_weights_that_moved():
             lm(input_ids=paddle.to_tensor([[6]]), cache=cache)
 
 
+@pytest.mark.parametrize("source", ["micro-tiny", "micro-small"])
+def test_decode_structures_are_made_on_the_prompts_pass(source):
+    """The layers' decode-kernel descriptions are made while the prompt goes through, so the first decode
+    step makes none: MHA layers whole, MLA layers' MLP blocks."""
+    from lm_golden import load_lm
+    from paddlemix_vl2.generation import decode_one_token, prefill
+    from paddlemix_vl2.models.deepseek_vl2.modeling_deepseek import DeepseekV2ForCausalLM
+
+    if not _vector_kernels_built():
+        pytest.skip("no AVX-512 build of the CPU kernels here: layers decode through their modules")
+    lm = DeepseekV2ForCausalLM(load_lm(source).config)
+    lm.eval()
+    with paddle.no_grad():
+        cache = lm.new_cache(2, 8)
+        embeds = lm.get_input_embeddings()(paddle.to_tensor([[5, 6, 7], [8, 9, 10]]))
+        token = paddle.argmax(prefill(lm, embeds, paddle.ones([2, 3], dtype=paddle.bool), cache), axis=-1)
+        made = dict(cache._memo)
+        for layer in lm.model.layers:
+            assert made[(id(layer.mlp), "decode_block")] is not None
+            whole = made[(id(layer), "decode_layer")]
+            assert (whole is not None) == (source == "micro-tiny")
+        decode_one_token(lm, token, cache, paddle.to_tensor([3, 3]))
+    assert cache._memo.keys() == made.keys()
+
+
 @pytest.mark.parametrize("weight_dtype", ["auto", "float32"])
 @pytest.mark.parametrize("batch", [1, 6])
 def test_mha_layer_decode_equals_the_layer_by_layer_path(monkeypatch, weight_dtype, batch):

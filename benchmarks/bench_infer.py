@@ -16,8 +16,11 @@ steps/s over the measured memory bandwidth; the FLOPs and bytes come from the co
 The full ``roofline.measure`` runs once after loading (load runs first, so its
 peak RSS is not inflated by the roofline's buffers), and each stage is also bracketed by quick probes of
 the same measurements (``LimitProbe``): on a shared machine a stage's ratio is taken against the capacity
-the machine had around it. The roofline and the probes share one set of operands, held for the whole run
-(``roofline.Operands`` says why). Each section records the 1-minute load average too.
+the machine had around it. Decode steps are also interleaved with single bandwidth probes (every
+``IN_TURN_PROBE_EVERY`` rounds of steps, untimed), since this host's bandwidth drifts by a third within
+seconds: the decode ratios are also given over the medians of those, Paddle's and the package GEMV's.
+The roofline and the probes share one set of operands, held for the whole run (``roofline.Operands``
+says why). Each section records the 1-minute load average too.
 
 Usage::
 
@@ -64,6 +67,8 @@ DEFAULT_IMAGE = REPO_ROOT / "tests" / "fixtures" / "images" / "scene_640x480.png
 GIB = 1 << 30
 GREEDY = SamplingParams()
 PROBE_REPEATS = 3
+# Decode steps (of every stream) between two single bandwidth probes taken in turn with the steps.
+IN_TURN_PROBE_EVERY = 4
 # With the real 129k tokenizer these give the issue's prompt lengths: 1037 tokens for one image
 # (global view + 2×2 tiles), 1279 for three (each a global view + one tile).
 ONE_IMAGE_QUESTION = "<image>\nDescribe each shape in this image."
@@ -163,10 +168,19 @@ class LimitProbe:
         rate = roofline.package_gemm_gflops(self.sizes.square_matmul, PROBE_REPEATS, 1, self.operands)
         return _best_or_nan(rate)
 
-    def bandwidth_gbs(self) -> float:
-        """Decode reads each weight once; the better of the two streaming measurements is the limit."""
-        read = roofline.read_bandwidth_gbs(self.sizes.read_bytes, PROBE_REPEATS, 1, self.operands).best
-        return max(read, roofline.gemv_bandwidth_gbs(self.sizes.gemv_k_n, PROBE_REPEATS, 1, self.operands).best)
+    def bandwidth_gbs(self, repeats: int = PROBE_REPEATS, warmup: int = 1) -> float:
+        """Decode reads each weight once; the better of Paddle's two streaming measurements is the limit."""
+        read = roofline.read_bandwidth_gbs(self.sizes.read_bytes, repeats, warmup, self.operands).best
+        return max(read, roofline.gemv_bandwidth_gbs(self.sizes.gemv_k_n, repeats, warmup, self.operands).best)
+
+    def package_gemv_gbs(self, repeats: int = PROBE_REPEATS, warmup: int = 1) -> float:
+        """The package's decode GEMV on the same weight (NaN where it does not run)."""
+        rate = roofline.package_gemv_bandwidth_gbs(self.sizes.gemv_k_n, repeats, warmup, self.operands)
+        return _best_or_nan(rate)
+
+    def bandwidths_once(self) -> tuple:
+        """(Paddle's limit, the package GEMV's rate) from single runs, for probes taken between steps."""
+        return self.bandwidth_gbs(repeats=1, warmup=0), self.package_gemv_gbs(repeats=1, warmup=0)
 
     @contextlib.contextmanager
     def around(self, measure: Callable[[], float]) -> Iterator[Limit]:
@@ -233,9 +247,11 @@ def timed_step(lm, token: paddle.Tensor, cache, positions: paddle.Tensor):
     return token, time.perf_counter() - start
 
 
-def decode_in_turn(lm, streams: Sequence[tuple], steps: int) -> List[tuple]:
+def decode_in_turn(lm, streams: Sequence[tuple], steps: int, between: Optional[Callable[[], None]] = None,
+                   every: int = IN_TURN_PROBE_EVERY) -> List[tuple]:
     """Greedy-decode ``steps`` tokens for each (token, cache, positions) stream, one step of each in turn,
-    so a host that drifts between fast and slow phases touches every stream alike.
+    so a host that drifts between fast and slow phases touches every stream alike. ``between`` (untimed)
+    runs after every ``every`` rounds of steps and after the last.
 
     Returns per stream (seconds per step, distinct experts per step and MoE layer).
     """
@@ -244,13 +260,15 @@ def decode_in_turn(lm, streams: Sequence[tuple], steps: int) -> List[tuple]:
     spans = [[] for _ in streams]  # per step, its entries of the stream's routing record
     for _, cache, _ in streams:
         cache.routing = []
-    for _ in range(steps):
+    for step in range(steps):
         for i, (token, cache, positions) in enumerate(streams):
             first = len(cache.routing)
             token, elapsed = timed_step(lm, token, cache, positions)
             seconds[i].append(elapsed)
             spans[i].append((first, len(cache.routing)))
             streams[i] = (token, cache, positions + 1)
+        if between is not None and ((step + 1) % every == 0 or step + 1 == steps):
+            between()
     experts = [
         [[len(np.unique(topk_idx)) for topk_idx in cache.routing[a:b]] for a, b in stream_spans]
         for (_, cache, _), stream_spans in zip(streams, spans)
@@ -259,8 +277,11 @@ def decode_in_turn(lm, streams: Sequence[tuple], steps: int) -> List[tuple]:
 
 
 def decode_report(lm, seconds: Sequence[float], experts: Sequence[Sequence[int]], batch: int,
-                  context: int, bandwidth_gbs: float) -> dict:
-    """Decode rates and the bandwidth ratio (weight bytes per step × steps/s over ``bandwidth_gbs``)."""
+                  context: int, bandwidth_gbs: float, in_turn: Sequence[tuple]) -> dict:
+    """Decode rates and the bandwidth ratio: weight bytes per step × steps/s over ``bandwidth_gbs``, the
+    best of Paddle's probes around the stage. Then the same over the medians of the single probes taken in
+    turn with the steps (``in_turn``: (Paddle's limit, the package GEMV's rate) each), the bandwidth of the
+    moments the steps ran in: over Paddle's (the issue's limit), and over the better of the two."""
     config = lm.config
     matrix_bytes = lm.lm_head.weight.element_size()
     weight_bytes = statistics.mean(
@@ -268,6 +289,8 @@ def decode_report(lm, seconds: Sequence[float], experts: Sequence[Sequence[int]]
     )
     median, total = statistics.median(seconds), sum(seconds)
     achieved_gbs = weight_bytes * len(seconds) / total / 1e9
+    paddle_in_turn = statistics.median(limit for limit, _ in in_turn)
+    best_in_turn = statistics.median(max(limit, np.nan_to_num(package)) for limit, package in in_turn)
     return {
         "steps": len(seconds),
         "batch": batch,
@@ -282,6 +305,11 @@ def decode_report(lm, seconds: Sequence[float], experts: Sequence[Sequence[int]]
         "achieved_weight_gbs": achieved_gbs,
         "bandwidth_gbs": bandwidth_gbs,
         "bandwidth_ratio": achieved_gbs / bandwidth_gbs,
+        "bandwidth_in_turn_gbs": paddle_in_turn,
+        "best_bandwidth_in_turn_gbs": best_in_turn,
+        "bandwidth_in_turn_probes": [list(probe) for probe in in_turn],
+        "bandwidth_ratio_in_turn": achieved_gbs / paddle_in_turn,
+        "best_bandwidth_ratio_in_turn": achieved_gbs / best_in_turn,
         "tokens_per_second_limit": batch * bandwidth_gbs * 1e9 / weight_bytes,
     }
 
@@ -308,13 +336,15 @@ def run_generation(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new
     with probe.around(probe.lm_matmul_gflops) as prefill_limit, probe.around(probe.lm_gemm_gflops) as gemm_limit:
         with profiler.stage(f"{label}_prefill"):
             stream, prefill_seconds, first_token_seconds = prefilled(lm, embeds, attention_mask, new_tokens)
+    in_turn = []
     with probe.around(probe.bandwidth_gbs) as bandwidth, profiler.stage(f"{label}_decode"):
-        decoded = decode_in_turn(lm, [stream] if alongside is None else [stream, alongside], new_tokens)
+        decoded = decode_in_turn(lm, [stream] if alongside is None else [stream, alongside], new_tokens,
+                                 between=lambda: in_turn.append(probe.bandwidths_once()))
     (seconds, experts), *others = decoded
     return {"prefill_seconds": prefill_seconds, "prefill_and_first_token_seconds": first_token_seconds,
             "prefill_limit_gflops": prefill_limit.value, "prefill_gemm_limit_gflops": gemm_limit.value,
             "step_seconds": seconds, "experts": experts, "bandwidth_gbs": bandwidth.value,
-            "alongside_step_seconds": [other[0] for other in others]}
+            "bandwidth_in_turn_gbs": in_turn, "alongside_step_seconds": [other[0] for other in others]}
 
 
 def time_processor(processor, question: str, images: Sequence[Image.Image], repeats: int = 3):
@@ -372,7 +402,7 @@ def bench_prompt(model, processor, images, question, settings: BenchSettings, pr
         section[f"{stage}_best_matmul_ratio"] = section[f"{stage}_gflops"] / best
     section["decode"] = decode_report(
         lm, generation["step_seconds"], generation["experts"], 1,
-        prompt_len + settings.decode_tokens // 2, generation["bandwidth_gbs"],
+        prompt_len + settings.decode_tokens // 2, generation["bandwidth_gbs"], generation["bandwidth_in_turn_gbs"],
     )
     return section, embeds, inputs
 
@@ -404,6 +434,7 @@ def bench_batch(model, processor, image, one_image: tuple, settings: BenchSettin
     section["decode"] = decode_report(
         lm, generation["step_seconds"], generation["experts"], len(samples),
         max(batch.seq_lens) + settings.decode_tokens // 2, generation["bandwidth_gbs"],
+        generation["bandwidth_in_turn_gbs"],
     )
     (single_seconds,) = generation["alongside_step_seconds"]
     section["speedup_over_single_in_turn"] = len(samples) * sum(single_seconds) / sum(generation["step_seconds"])
@@ -521,6 +552,9 @@ def _decode_rows(title: str, decode: dict) -> List[tuple]:
          f"{decode['tokens_per_second_limit']:.2f} tok/s at {decode['bandwidth_gbs']:.1f} GB/s", ""),
         (f"{title}: decode, all {decode['steps']} steps", f"{decode['tokens_per_second_all_steps']:.2f} tok/s",
          f"{decode['weight_bytes_per_step'] / 1e9:.2f} GB weights/step", f"{decode['bandwidth_ratio']:.2f}"),
+        (f"{title}: decode, probes in turn", f"{decode['achieved_weight_gbs']:.1f} GB/s",
+         f"{decode['bandwidth_in_turn_gbs']:.1f} (Paddle) / {decode['best_bandwidth_in_turn_gbs']:.1f} (best) GB/s",
+         f"{decode['bandwidth_ratio_in_turn']:.2f} / {decode['best_bandwidth_ratio_in_turn']:.2f}"),
         (f"{title}: decode, max step / median", f"{decode['max_over_median']:.2f}", "< 2", ""),
     ]
 

@@ -5,9 +5,10 @@ bundled MKL here, so its rate is measured too: Paddle's rate is the limit the is
 two is the best this machine has shown for the shape.
 
 The figures bound what inference can reach here: prefill (ViT, projector, LM over the prompt) is matmul
-bound, decode reads every active weight once per token and is bandwidth bound. Two bandwidths are given:
-a large ``paddle.sum`` (pure streaming read) and a 1×K×N GEMV whose weight is far larger than the caches,
-which is what a decode step does.
+bound, decode reads every active weight once per token and is bandwidth bound. Three bandwidths are given:
+a large ``paddle.sum`` (pure streaming read), a 1×K×N GEMV whose weight is far larger than the caches,
+which is what a decode step does, and the same GEMV through the package's decode kernel (faster than
+Paddle's here, so the bandwidth limit is the best of the three).
 
 Usage::
 
@@ -40,7 +41,7 @@ import paddle  # noqa: E402
 FP32_BYTES = 4
 RESULT_KEYS = (
     "matmul_gflops_2048", "matmul_gflops_vit_fc1", "package_gemm_gflops_2048", "package_gemm_gflops_vit_fc1",
-    "read_bandwidth_gbs", "gemv_bandwidth_gbs", "cpu_model", "avx512",
+    "read_bandwidth_gbs", "gemv_bandwidth_gbs", "package_gemv_bandwidth_gbs", "cpu_model", "avx512",
 )
 
 
@@ -168,6 +169,22 @@ def gemv_bandwidth_gbs(k_n: tuple[int, int], repeats: int, warmup: int,
     return _rate(k * n * FP32_BYTES / 1e9, times)
 
 
+def package_gemv_bandwidth_gbs(k_n: tuple[int, int], repeats: int, warmup: int,
+                               operands: Optional[Operands] = None) -> Optional[Rate]:
+    """GB/s of weight bytes the package's decode GEMV (``native.few_rows_linear``, the weight held [N, K]
+    as a Linear holds it) reads for one row, or None where it does not run (no CPU kernels built)."""
+    from paddlemix_vl2.models.deepseek_vl2 import native
+
+    operands = operands or Operands()
+    k, n = k_n
+    weight, activation = operands.get([n, k], _half), operands.get([1, k], _normal)
+    with paddle.no_grad():
+        if not native.few_rows_applies(activation, weight, 1):
+            return None
+        times = _run_times(lambda: native.few_rows_linear(activation, weight), repeats, warmup)
+    return _rate(k * n * FP32_BYTES / 1e9, times)
+
+
 def cpu_info() -> tuple[str, bool]:
     """(CPU model name, whether any avx512 flag is present), from lscpu or else /proc/cpuinfo.
 
@@ -193,7 +210,8 @@ def measure(quick: bool = False, repeats: int | None = None, operands: Optional[
     Stable keys (``RESULT_KEYS``): ``matmul_gflops_2048``, ``matmul_gflops_vit_fc1`` (Paddle, GFLOP/s, best
     run), ``package_gemm_gflops_2048``, ``package_gemm_gflops_vit_fc1`` (the package's GEMM, None where it
     does not run),
-    ``read_bandwidth_gbs``, ``gemv_bandwidth_gbs`` (GB/s, best run), ``cpu_model`` (str), ``avx512`` (bool).
+    ``read_bandwidth_gbs``, ``gemv_bandwidth_gbs`` (GB/s, best run), ``package_gemv_bandwidth_gbs`` (the
+    package's decode GEMV, None where it does not run), ``cpu_model`` (str), ``avx512`` (bool).
     Each rate also has a ``*_median`` twin. With ``quick=True`` the sizes are tiny (``QUICK_SIZES``) but the
     keys stay the same; the ``*_shape`` / ``read_bytes`` entries say what was actually run. ``operands``:
     where the tensors come from (fresh ones, freed at the end, by default).
@@ -209,6 +227,7 @@ def measure(quick: bool = False, repeats: int | None = None, operands: Optional[
     vit_fc1_gemm = package_gemm_gflops(sizes.vit_fc1_matmul, sizes.repeats, sizes.warmup, operands)
     read = read_bandwidth_gbs(sizes.read_bytes, sizes.repeats, sizes.warmup, operands)
     gemv = gemv_bandwidth_gbs(sizes.gemv_k_n, sizes.repeats, sizes.warmup, operands)
+    package_gemv = package_gemv_bandwidth_gbs(sizes.gemv_k_n, sizes.repeats, sizes.warmup, operands)
     cpu_model, avx512 = cpu_info()
     return {
         "matmul_gflops_2048": square.best,
@@ -223,6 +242,8 @@ def measure(quick: bool = False, repeats: int | None = None, operands: Optional[
         "read_bandwidth_gbs_median": read.median,
         "gemv_bandwidth_gbs": gemv.best,
         "gemv_bandwidth_gbs_median": gemv.median,
+        "package_gemv_bandwidth_gbs": package_gemv and package_gemv.best,
+        "package_gemv_bandwidth_gbs_median": package_gemv and package_gemv.median,
         "cpu_model": cpu_model,
         "avx512": avx512,
         "square_matmul_shape": list(sizes.square_matmul),
@@ -250,6 +271,7 @@ def format_table(result: dict) -> str:
         (f"package GEMM fp32 {shape(result['vit_fc1_shape'])}", "package_gemm_gflops_vit_fc1", "GFLOP/s"),
         (f"read: paddle.sum over {result['read_bytes'] / 2**20:.0f} MiB", "read_bandwidth_gbs", "GB/s"),
         (f"GEMV {shape(result['gemv_shape'])} fp32 (decode)", "gemv_bandwidth_gbs", "GB/s"),
+        (f"package GEMV {shape(result['gemv_shape'])} fp32", "package_gemv_bandwidth_gbs", "GB/s"),
     ]
     width = max(len(label) for label, _, _ in rows)
     lines = [f"{'measurement':<{width}}  {'best':>9}  {'median':>9}  unit"]

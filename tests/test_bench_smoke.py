@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import checkpoint_dir
 
@@ -32,7 +33,9 @@ PROMPT_FIELDS = {
 DECODE_FIELDS = {
     "steps", "batch", "median_step_seconds", "max_step_seconds", "max_over_median", "step_seconds",
     "tokens_per_second_median_step", "tokens_per_second_all_steps", "weight_bytes_per_step", "kv_cache_bytes_read_per_step", "achieved_weight_gbs",
-    "bandwidth_gbs", "bandwidth_ratio", "tokens_per_second_limit",
+    "bandwidth_gbs", "bandwidth_ratio", "tokens_per_second_limit", "bandwidth_in_turn_gbs",
+    "bandwidth_in_turn_probes", "bandwidth_ratio_in_turn", "best_bandwidth_in_turn_gbs",
+    "best_bandwidth_ratio_in_turn",
 }
 BATCH_FIELDS = {
     "load_average_1min", "batch", "prompt_tokens", "prefill_seconds", "decode", "speedup_over_single",
@@ -66,6 +69,18 @@ def assert_positive_numbers(section, fields):
         assert isinstance(value, (int, float)) and value > 0, f"{field} = {value!r}"
 
 
+def check_in_turn_bandwidth(decode):
+    """One probe pair (Paddle's limit, the package GEMV) per ``IN_TURN_PROBE_EVERY`` rounds of steps and one
+    after the last; the ratios are the achieved rate over the medians of Paddle's and of the better one."""
+    probes = np.array(decode["bandwidth_in_turn_probes"], dtype=float)
+    assert probes.shape == (-(-decode["steps"] // 4), 2) and (probes[:, 0] > 0).all()
+    paddle_median, best_median = np.median(probes[:, 0]), np.median(np.fmax(probes[:, 0], probes[:, 1]))
+    assert decode["bandwidth_in_turn_gbs"] == pytest.approx(paddle_median)
+    assert decode["best_bandwidth_in_turn_gbs"] == pytest.approx(best_median)
+    assert decode["bandwidth_ratio_in_turn"] == pytest.approx(decode["achieved_weight_gbs"] / paddle_median)
+    assert decode["best_bandwidth_ratio_in_turn"] == pytest.approx(decode["achieved_weight_gbs"] / best_median)
+
+
 def check_common(report, config):
     assert set(report) == TOP_FIELDS
     assert set(report["load"]) == LOAD_FIELDS
@@ -80,11 +95,13 @@ def check_common(report, config):
         assert (section["images"], section["tiles"]) == (images, tiles)
         assert set(section["decode"]) == DECODE_FIELDS
         assert section["decode"]["steps"] == report["settings"]["decode_tokens"]
+        check_in_turn_bandwidth(section["decode"])
         assert_positive_numbers(section, {"vision_seconds", "vision_gflops", "prefill_seconds", "prefill_gflops"})
     assert set(report["batch"]) == BATCH_FIELDS
     assert set(report["batch"]["decode"]) == DECODE_FIELDS
     assert report["batch"]["decode"]["batch"] == 4 and len(report["batch"]["prompt_tokens"]) == 4
     assert_positive_numbers(report["batch"], {"speedup_over_single", "speedup_over_single_in_turn"})
+    check_in_turn_bandwidth(report["batch"]["decode"])
     lm = config["language_config"]
     # fp32 bytes of every parameter the port builds, counted independently from the checkpoint's headers.
     assert report["load"]["fp32_weight_bytes"] == 2 * bf16_bytes_in_checkpoint(report["checkpoint"])
@@ -276,7 +293,8 @@ def test_demo_grounding_attention_splits_the_cells_by_shape():
 
 def test_streams_decoded_in_turn_decode_as_they_would_alone():
     """bench_infer.decode_in_turn: each stream gets its own tokens and its own routing records (one count
-    per MoE layer per step, at most K per row), the same as when it is decoded alone."""
+    per MoE layer per step, at most K per row), the same as when it is decoded alone; ``between`` runs
+    after every ``every`` rounds and after the last."""
     sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
     import paddle
     from bench_infer import decode_in_turn, prefilled
@@ -293,11 +311,15 @@ def test_streams_decoded_in_turn_decode_as_they_would_alone():
             return [prefilled(lm, lm.get_input_embeddings()(ids), paddle.ones(ids.shape, dtype=paddle.bool), 3)[0]
                     for ids in prompts]
 
+    streams = fresh_streams()
+    rounds_seen = []  # steps each stream had taken when ``between`` ran
     with paddle.no_grad():
-        together = decode_in_turn(lm, fresh_streams(), 3)
+        together = decode_in_turn(lm, streams, 3, every=2, between=lambda: rounds_seen.append(
+            [len(cache.routing) // moe_layers for _, cache, _ in streams]))
         alone = [decode_in_turn(lm, [stream], 3)[0] for stream in fresh_streams()]
     for (seconds, experts), (_, experts_alone), ids in zip(together, alone, prompts):
         assert len(seconds) == 3 and all(s > 0 for s in seconds)
         assert experts == experts_alone
         assert all(len(step) == moe_layers for step in experts)
         assert all(1 <= count <= config.num_experts_per_tok * ids.shape[0] for step in experts for count in step)
+    assert rounds_seen == [[2, 2], [3, 3]]

@@ -47,7 +47,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 # roofline sets the thread and MKL variables before Paddle is imported.
 import roofline  # noqa: I001
@@ -178,7 +178,7 @@ class LimitProbe:
         rate = roofline.package_gemv_bandwidth_gbs(self.sizes.gemv_k_n, repeats, warmup, self.operands)
         return _best_or_nan(rate)
 
-    def bandwidths_once(self) -> tuple:
+    def bandwidths_once(self) -> Tuple[float, float]:
         """(Paddle's limit, the package GEMV's rate) from single runs, for probes taken between steps."""
         return self.bandwidth_gbs(repeats=1, warmup=0), self.package_gemv_gbs(repeats=1, warmup=0)
 
@@ -277,7 +277,7 @@ def decode_in_turn(lm, streams: Sequence[tuple], steps: int, between: Optional[C
 
 
 def decode_report(lm, seconds: Sequence[float], experts: Sequence[Sequence[int]], batch: int,
-                  context: int, bandwidth_gbs: float, in_turn: Sequence[tuple]) -> dict:
+                  context: int, bandwidth_gbs: float, in_turn: Sequence[Tuple[float, float]]) -> dict:
     """Decode rates and the bandwidth ratio: weight bytes per step × steps/s over ``bandwidth_gbs``, the
     best of Paddle's probes around the stage. Then the same over the medians of the single probes taken in
     turn with the steps (``in_turn``: (Paddle's limit, the package GEMV's rate) each), the bandwidth of the
@@ -344,7 +344,7 @@ def run_generation(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new
     return {"prefill_seconds": prefill_seconds, "prefill_and_first_token_seconds": first_token_seconds,
             "prefill_limit_gflops": prefill_limit.value, "prefill_gemm_limit_gflops": gemm_limit.value,
             "step_seconds": seconds, "experts": experts, "bandwidth_gbs": bandwidth.value,
-            "bandwidth_in_turn_gbs": in_turn, "alongside_step_seconds": [other[0] for other in others]}
+            "in_turn_probes": in_turn, "alongside_step_seconds": [other[0] for other in others]}
 
 
 def time_processor(processor, question: str, images: Sequence[Image.Image], repeats: int = 3):
@@ -402,7 +402,7 @@ def bench_prompt(model, processor, images, question, settings: BenchSettings, pr
         section[f"{stage}_best_matmul_ratio"] = section[f"{stage}_gflops"] / best
     section["decode"] = decode_report(
         lm, generation["step_seconds"], generation["experts"], 1,
-        prompt_len + settings.decode_tokens // 2, generation["bandwidth_gbs"], generation["bandwidth_in_turn_gbs"],
+        prompt_len + settings.decode_tokens // 2, generation["bandwidth_gbs"], generation["in_turn_probes"],
     )
     return section, embeds, inputs
 
@@ -433,8 +433,7 @@ def bench_batch(model, processor, image, one_image: tuple, settings: BenchSettin
     section["prefill_seconds"] = generation["prefill_seconds"]
     section["decode"] = decode_report(
         lm, generation["step_seconds"], generation["experts"], len(samples),
-        max(batch.seq_lens) + settings.decode_tokens // 2, generation["bandwidth_gbs"],
-        generation["bandwidth_in_turn_gbs"],
+        max(batch.seq_lens) + settings.decode_tokens // 2, generation["bandwidth_gbs"], generation["in_turn_probes"],
     )
     (single_seconds,) = generation["alongside_step_seconds"]
     section["speedup_over_single_in_turn"] = len(samples) * sum(single_seconds) / sum(generation["step_seconds"])

@@ -8,7 +8,7 @@ The figures bound what inference can reach here: prefill (ViT, projector, LM ove
 bound, decode reads every active weight once per token and is bandwidth bound. Three bandwidths are given:
 a large ``paddle.sum`` (pure streaming read), a 1×K×N GEMV whose weight is far larger than the caches,
 which is what a decode step does, and the same GEMV through the package's decode kernel (faster than
-Paddle's here, so the bandwidth limit is the best of the three).
+Paddle's here: the best reader of memory measured, a stricter limit than Paddle's two).
 
 Usage::
 

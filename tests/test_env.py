@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from paddlemix_vl2._env import KEEP_DENORMALS_VARIABLE
+from paddlemix_vl2._env import KEEP_DENORMALS_VARIABLE, RETURN_FREED_MEMORY_VARIABLE
 
 # A subnormal float32 through numpy and through a two-thread Paddle matmul, in a fresh process.
 _PROBE = """
@@ -39,3 +39,35 @@ def test_subnormals_are_kept_on_request():
     numpy_product, matmul_max = _probe(keep_denormals=True)
     assert numpy_product == pytest.approx(1e-39, rel=1e-3)
     assert matmul_max == pytest.approx(512e-39, rel=1e-3)
+
+
+# Resident memory around freeing a 256 MiB array, in a fresh process that imported the package.
+_FREE_PROBE = """
+import numpy as np
+import paddlemix_vl2
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+block = np.ones(256 << 18, dtype=np.float32)
+held = resident()
+del block
+print(held - resident())
+"""
+
+
+def _released_bytes(return_freed: bool) -> int:
+    env = {name: value for name, value in os.environ.items() if name != RETURN_FREED_MEMORY_VARIABLE}
+    if return_freed:
+        env[RETURN_FREED_MEMORY_VARIABLE] = "1"
+    completed = subprocess.run([sys.executable, "-c", _FREE_PROBE], capture_output=True, text=True, env=env,
+                               check=True)
+    return int(completed.stdout.split()[-1])
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not platform.libc_ver()[0] == "glibc",
+                    reason="freed memory is kept with glibc only")
+def test_freed_memory_is_kept_unless_asked_to_return_it():
+    assert _released_bytes(return_freed=False) < 16 << 20
+    assert _released_bytes(return_freed=True) > 200 << 20

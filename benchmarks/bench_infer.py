@@ -113,6 +113,7 @@ class Profiler:
 
     def __init__(self, folder: Optional[Path], top: int = 25):
         self.folder, self.top = folder, top
+        self._active: Optional[cProfile.Profile] = None
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -121,16 +122,29 @@ class Profiler:
         if self.folder is None:
             yield
             return
-        profile = cProfile.Profile()
+        profile = self._active = cProfile.Profile()
         profile.enable()
         try:
             yield
         finally:
             profile.disable()
+            self._active = None
             profile.dump_stats(self.folder / f"{name}.prof")
             text = io.StringIO()
             pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(self.top)
             (self.folder / f"{name}.txt").write_text(text.getvalue(), encoding="utf-8")
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave what runs inside out of the current stage's profile (the probes taken between steps)."""
+        if self._active is None:
+            yield
+            return
+        self._active.disable()
+        try:
+            yield
+        finally:
+            self._active.enable()
 
 
 @dataclasses.dataclass
@@ -337,9 +351,14 @@ def run_generation(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new
         with profiler.stage(f"{label}_prefill"):
             stream, prefill_seconds, first_token_seconds = prefilled(lm, embeds, attention_mask, new_tokens)
     in_turn = []
+
+    def probe_between_steps() -> None:
+        with profiler.paused():
+            in_turn.append(probe.bandwidths_once())
+
     with probe.around(probe.bandwidth_gbs) as bandwidth, profiler.stage(f"{label}_decode"):
         decoded = decode_in_turn(lm, [stream] if alongside is None else [stream, alongside], new_tokens,
-                                 between=lambda: in_turn.append(probe.bandwidths_once()))
+                                 between=probe_between_steps)
     (seconds, experts), *others = decoded
     return {"prefill_seconds": prefill_seconds, "prefill_and_first_token_seconds": first_token_seconds,
             "prefill_limit_gflops": prefill_limit.value, "prefill_gemm_limit_gflops": gemm_limit.value,

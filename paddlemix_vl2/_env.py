@@ -14,14 +14,17 @@ written as 0 (the demo model's answers on 100 test images came out byte-identica
 matmuls even when they ran before the package was imported (measured; Intel's OpenMP runtime hands the
 caller's floating-point control to its workers by default, ``KMP_INHERIT_FP_CONTROL``).
 
-With glibc, memory the process frees is kept for its next allocations instead of being handed back to the
-system: glibc serves blocks above 32 MiB (a vision tower's activations) with fresh mappings and unmaps them
-when freed, so every forward faulted its activations in again (slow on virtual machines: 0.3-0.9 GB/s on
-the KVM benchmark machine), and a guest that reports freed pages to its host slowed down for a moment
-about two seconds later. Measured on tiny's shapes there, a second one-image generation in the same
-process: vision 11.6-12.6 s instead of 13.4-13.7 s, prefill 3.0-3.4 s instead of 4.0-4.5 s; peak RSS
-6.96 instead of 6.89 GiB. The process keeps its peak heap until it exits;
-``PADDLEMIX_VL2_RETURN_FREED_MEMORY=1`` keeps glibc's defaults.
+With glibc, memory the main thread frees is kept for its next allocations instead of being handed back
+to the system: glibc serves blocks above 32 MiB (a vision tower's activations) with fresh mappings and
+unmaps them when freed, so every forward faulted its activations in again (slow on virtual machines:
+0.3-0.9 GB/s on the KVM benchmark machine), and a guest that reports freed pages to its host slowed down
+for a moment about two seconds later. Measured on tiny's shapes there, a second one-image generation in
+the same process: vision 11.6-12.6 s instead of 13.4-13.7 s, prefill 3.0-3.4 s instead of 4.0-4.5 s;
+peak RSS 6.96 instead of 6.89 GiB. The main heap keeps its peak until the process exits; other threads'
+heaps keep what they freed below 64 MiB a block (the loader's read buffers: up to 128 MiB), their larger
+blocks are still mapped and returned one by one. ``PADDLEMIX_VL2_RETURN_FREED_MEMORY=1``, or malloc
+settings of one's own (``MALLOC_*_`` variables, ``GLIBC_TUNABLES`` with ``glibc.malloc``), keep glibc's
+behaviour.
 """
 import ctypes
 import ctypes.util
@@ -32,10 +35,10 @@ import sys
 KEEP_DENORMALS_VARIABLE = "PADDLEMIX_VL2_KEEP_DENORMALS"
 RETURN_FREED_MEMORY_VARIABLE = "PADDLEMIX_VL2_RETURN_FREED_MEMORY"
 
-# glibc's mallopt parameters: no allocation gets its own mapping; the heap's free top is returned to the
-# system only beyond the largest trim threshold mallopt's int takes (2 GiB).
+# glibc's mallopt parameters: M_MMAP_MAX 0 (no block of the main heap gets its own mapping) and
+# M_TRIM_THRESHOLD -1 (the heap's free top is never returned), as mallopt(3) documents them.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_TRIM_THRESHOLD_BYTES = 2**31 - 1
+_MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 # MXCSR bits: flush-to-zero (subnormal results become 0) and denormals-are-zero (subnormal inputs read as 0).
 _MXCSR_FTZ_DAZ = 0x8000 | 0x0040
@@ -72,10 +75,13 @@ def flush_denormals() -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """With glibc, serve every allocation from the heap and keep freed memory there (see the module
-    docstring). Returns whether the settings took: False off glibc, when mallopt refuses them, or when
-    ``PADDLEMIX_VL2_RETURN_FREED_MEMORY=1``."""
-    if os.environ.get(RETURN_FREED_MEMORY_VARIABLE) == "1" or sys.platform != "linux":
+    """With glibc, serve the main heap's blocks from the heap and keep freed memory there (see the module
+    docstring). Returns whether the settings took: False off glibc, when mallopt refuses them, when
+    ``PADDLEMIX_VL2_RETURN_FREED_MEMORY=1`` or when the environment sets malloc parameters itself."""
+    user_settings = any(name in os.environ for name in _MALLOC_VARIABLES) or (
+        "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+    )
+    if os.environ.get(RETURN_FREED_MEMORY_VARIABLE) == "1" or user_settings or sys.platform != "linux":
         return False
     try:
         libc = ctypes.CDLL(None)
@@ -86,4 +92,4 @@ def keep_freed_memory() -> bool:
         return False
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1
+    return mallopt(_M_TRIM_THRESHOLD, -1) == 1 and mallopt(_M_MMAP_MAX, 0) == 1

@@ -323,3 +323,29 @@ def test_streams_decoded_in_turn_decode_as_they_would_alone():
         assert all(len(step) == moe_layers for step in experts)
         assert all(1 <= count <= config.num_experts_per_tok * ids.shape[0] for step in experts for count in step)
     assert rounds_seen == [[2, 2], [3, 3]]
+
+
+def test_profiler_leaves_paused_work_out_of_the_stage(tmp_path):
+    """bench_infer.Profiler: what runs inside ``paused`` (the probes between decode steps) is not in the stage's
+    profile; what runs around it is."""
+    sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
+    import pstats
+
+    from bench_infer import Profiler
+
+    def measured_work():
+        return sum(range(1000))
+
+    def probe_work():
+        return sum(range(1000))
+
+    profiler = Profiler(tmp_path)
+    with profiler.stage("decode"):
+        measured_work()
+        with profiler.paused():
+            probe_work()
+        measured_work()
+    with profiler.paused():  # outside a stage: nothing to pause
+        probe_work()
+    called = {name for _, _, name in pstats.Stats(str(tmp_path / "decode.prof")).stats}
+    assert "measured_work" in called and "probe_work" not in called

@@ -245,6 +245,27 @@ def test_decode_kernels_refuse_weights_that_moved():
             lm(input_ids=paddle.to_tensor([[6]]), cache=cache)
 
 
+def test_decode_kernels_refuse_a_weight_recast_at_its_old_address():
+    """A weight whose memory now holds another dtype at the same address (a cast whose new buffer landed
+    where the old one was) is refused, not read as the old dtype."""
+    from lm_golden import load_lm
+    from paddlemix_vl2.models.deepseek_vl2.modeling_deepseek import DeepseekV2ForCausalLM
+
+    if not _vector_kernels_built():
+        pytest.skip("no AVX-512 build of the CPU kernels here: MHA layers decode through their modules")
+    lm = DeepseekV2ForCausalLM(load_lm("micro-tiny").config)
+    lm.eval()
+    weight = lm.model.layers[0].self_attn.o_proj.weight
+    with paddle.no_grad():
+        cache = lm.new_cache(1, 4)
+        lm(input_ids=paddle.to_tensor([[5]]), cache=cache)
+        address = weight.data_ptr()
+        weight.detach().view(paddle.int32)._share_buffer_to(weight)
+        assert weight.data_ptr() == address and weight.dtype == paddle.int32
+        with pytest.raises(ValueError, match="start a new KVCache"):
+            lm(input_ids=paddle.to_tensor([[6]]), cache=cache)
+
+
 @pytest.mark.parametrize("source", ["micro-tiny", "micro-small"])
 def test_decode_structures_are_made_on_the_prompts_pass(source):
     """The layers' decode-kernel descriptions are made while the prompt goes through, so the first decode

@@ -301,12 +301,14 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor
 
 
 class PinnedTensors:
-    """Tensors a kernel structure points to, with the addresses it took. In-place updates (``set_value``, an
-    optimizer step) keep a tensor's memory, but a cast or a replaced parameter (a LoRA merge into bf16
-    storage) moves it, and a kernel would then read freed memory: ``check`` runs before every call."""
+    """Tensors a kernel structure points to, with the addresses and dtypes it took. In-place updates
+    (``set_value``, an optimizer step) keep a tensor's memory, but a cast or a replaced parameter (a LoRA
+    merge into bf16 storage) moves it, and a kernel would then read freed memory; a cast can also land on
+    the old address (the heap keeps freed memory, see ``_env``) and would be read as the old dtype.
+    ``check`` runs before every call."""
 
     def __init__(self, tensors: Sequence[paddle.Tensor]):
-        self.pairs = tuple((t, t.data_ptr()) for t in tensors)
+        self.pairs = tuple((t, (t.data_ptr(), t.dtype)) for t in tensors)
 
     def __add__(self, other: "PinnedTensors") -> "PinnedTensors":
         joined = PinnedTensors(())
@@ -314,9 +316,9 @@ class PinnedTensors:
         return joined
 
     def check(self) -> None:
-        """Raise when a tensor no longer lives where it was pinned."""
-        for tensor, address in self.pairs:
-            if tensor.data_ptr() != address:
+        """Raise when a tensor no longer lives where it was pinned, or holds another dtype there."""
+        for tensor, (address, dtype) in self.pairs:
+            if tensor.data_ptr() != address or tensor.dtype != dtype:
                 raise ValueError("the CPU kernels' weight pointers are stale (a weight was cast or replaced since "
                                  "they were set up); start a new KVCache after changing the model's weights")
 

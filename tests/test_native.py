@@ -225,9 +225,21 @@ def test_moe_decode_block_routes_and_computes_as_the_module_path(monkeypatch, so
                                np.take_along_axis(topk_weight.numpy(), order, 1), rtol=1e-5, atol=1e-7)
 
 
-def test_decode_kernels_refuse_weights_that_moved():
-    """A generation's kernel structures point at the weights; a weight whose memory moved meanwhile is
-    refused, not read from freed memory."""
+def _cast_moving_the_memory(o_proj):
+    o_proj.to(dtype="float64")  # a cast in place moves the weight's memory
+
+
+def _recast_at_the_old_address(o_proj):
+    # A cast whose new buffer landed where the old one was: another dtype at the same address.
+    weight, address = o_proj.weight, o_proj.weight.data_ptr()
+    weight.detach().view(paddle.int32)._share_buffer_to(weight)
+    assert weight.data_ptr() == address and weight.dtype == paddle.int32
+
+
+@pytest.mark.parametrize("change", [_cast_moving_the_memory, _recast_at_the_old_address])
+def test_decode_kernels_refuse_weights_that_changed(change):
+    """A generation's kernel structures point at the weights; a weight whose memory moved meanwhile, or that
+    holds another dtype where it was, is refused, not read from freed memory or as the old dtype."""
     from lm_golden import load_lm
     from paddlemix_vl2.models.deepseek_vl2.modeling_deepseek import DeepseekV2ForCausalLM
 
@@ -240,28 +252,7 @@ def test_decode_kernels_refuse_weights_that_moved():
         cache = lm.new_cache(1, 4)
         lm(input_ids=paddle.to_tensor([[5]]), cache=cache)
         assert cache.memo((id(layer), "decode_layer"), lambda: None) is not None
-        layer.self_attn.o_proj.to(dtype="float64")  # a cast in place moves the weight's memory
-        with pytest.raises(ValueError, match="start a new KVCache"):
-            lm(input_ids=paddle.to_tensor([[6]]), cache=cache)
-
-
-def test_decode_kernels_refuse_a_weight_recast_at_its_old_address():
-    """A weight whose memory now holds another dtype at the same address (a cast whose new buffer landed
-    where the old one was) is refused, not read as the old dtype."""
-    from lm_golden import load_lm
-    from paddlemix_vl2.models.deepseek_vl2.modeling_deepseek import DeepseekV2ForCausalLM
-
-    if not _vector_kernels_built():
-        pytest.skip("no AVX-512 build of the CPU kernels here: MHA layers decode through their modules")
-    lm = DeepseekV2ForCausalLM(load_lm("micro-tiny").config)
-    lm.eval()
-    weight = lm.model.layers[0].self_attn.o_proj.weight
-    with paddle.no_grad():
-        cache = lm.new_cache(1, 4)
-        lm(input_ids=paddle.to_tensor([[5]]), cache=cache)
-        address = weight.data_ptr()
-        weight.detach().view(paddle.int32)._share_buffer_to(weight)
-        assert weight.data_ptr() == address and weight.dtype == paddle.int32
+        change(layer.self_attn.o_proj)
         with pytest.raises(ValueError, match="start a new KVCache"):
             lm(input_ids=paddle.to_tensor([[6]]), cache=cache)
 

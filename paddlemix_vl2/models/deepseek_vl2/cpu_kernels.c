@@ -321,7 +321,6 @@ int mha_decode(const float *q, const float *k_new, const float *v_new, const flo
             const float *v_cache = cache_v + (b * kv_heads + g) * max_len * head_dim;
             float query[MAX_HEAD_DIM], acc[MAX_HEAD_DIM];
             rope_neox(q + bh * head_dim, cos + b * head_dim, sin + b * head_dim, scale, query, head_dim);
-            __m512 vmax = _mm512_set1_ps(-INFINITY);
             for (long s = 0; s < keys; ++s) {
                 __m512 dot = _mm512_setzero_ps();
                 for (long i = 0; i < head_dim; i += 16) {
@@ -329,16 +328,12 @@ int mha_decode(const float *q, const float *k_new, const float *v_new, const flo
                     dot = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, query + i),
                                           _mm512_maskz_loadu_ps(m, k_cache + s * head_dim + i), dot);
                 }
-                scores[s] = _mm512_reduce_add_ps(dot) + mask[b * max_len + s];
+                scores[s] = _mm512_reduce_add_ps(dot);
             }
-            for (long s = 0; s < keys; s += 16) {
-                const __mmask16 m = tail_mask(keys - s);
-                vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, scores + s));
-            }
-            const float inv = 1.0f / exp_shifted_sum(scores, scores, keys, _mm512_reduce_max_ps(vmax));
+            softmax_row(scores, mask + b * max_len, scores, keys);
             for (long i = 0; i < head_dim; ++i) acc[i] = 0.0f;
             for (long s = 0; s < keys; ++s) {
-                const __m512 p = _mm512_set1_ps(scores[s] * inv);
+                const __m512 p = _mm512_set1_ps(scores[s]);
                 for (long i = 0; i < head_dim; i += 16) {
                     const __mmask16 m = tail_mask(head_dim - i);
                     const __m512 value = _mm512_maskz_loadu_ps(m, v_cache + s * head_dim + i);

@@ -81,8 +81,8 @@ class DeepseekV2DecoderLayer(nn.Layer):
     def forward(self, x, position_embeddings, mask, cache=None, cache_start=0):
         """x [B, T, H], position_embeddings (cos, sin) -> [B, T, H]; the cache is updated in place."""
         if cache is not None and decode_rows_apply(x):
-            # Made on the prompt's pass: made at the first decode step, the tiny model's twelve descriptions
-            # took 15-20 ms of a 35-50 ms step.
+            # Looked up on the prompt's pass too, so it is built there: built at the first decode step, the
+            # tiny model's twelve layer descriptions took 15-20 ms of a 35-50 ms step.
             layer = self.decode_layer(cache)
             if layer is not None and x.shape[1] == 1:
                 out, topk_idx = mha_layer_decode(x, layer, *position_embeddings, mask, cache_start)

@@ -141,6 +141,28 @@ def test_bf16_storage_keeps_the_matrices_as_stored_and_refuses_training(monkeypa
     widened.eval()
 
 
+def test_a_load_maps_in_every_mapped_matrix_through_a_few_ranges(monkeypatch):
+    """The pages of every mapped matrix are populated at load, by one ``populate_pages`` call per run of
+    neighbouring matrices (not one per matrix), and the progress bar counts each tensor once."""
+    from paddlemix_vl2.models.deepseek_vl2 import checkpoint, native
+
+    if not native.bf16_weights_supported():
+        pytest.skip("the kernels here do not read bf16 weights (no AVX512BW build): nothing is mapped")
+    ranges, steps = [], []
+    populate = checkpoint.populate_pages
+    monkeypatch.setattr(checkpoint, "populate_pages", lambda array: (ranges.append(
+        (array.ctypes.data, array.ctypes.data + array.nbytes)), populate(array)))
+    monkeypatch.setattr(checkpoint._Progress, "step", lambda self: steps.append(1))
+    lm = DeepseekV2ForCausalLM.from_pretrained(checkpoint_dir("micro-small"), progress=False)
+    matrices = [p for p in lm.parameters() if p.dtype == paddle.bfloat16]
+    assert len(matrices) > 4 * len(ranges) > 0
+    for matrix in matrices:
+        begin = matrix.data_ptr()
+        end = begin + int(np.prod(matrix.shape)) * matrix.element_size()
+        assert any(low <= begin and end <= high for low, high in ranges), matrix.name
+    assert len(steps) == len(lm.state_dict())
+
+
 def test_bf16_storage_takes_no_gradient_and_passes_float32_ones_to_the_inputs():
     """An eval-mode gradient of a model with bf16-stored matrices: none for those matrices (it would be
     rounded to bf16), float32 ones for the rest and for the inputs, equal to the float32 model's."""

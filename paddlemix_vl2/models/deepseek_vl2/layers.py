@@ -50,9 +50,10 @@ class Linear(nn.Layer):
     def __init__(self, in_features: int, out_features: int, weight_attr=None, bias_attr=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        weight_attr = paddle.ParamAttr._to_attr(weight_attr)
+        # create_parameter deep-copies the attr it is given: None (no attr) costs nothing, which a build of
+        # thousands of experts notices.
         draw_like_nn_linear = (
-            weight_attr.initializer is None
+            (weight_attr is None or paddle.ParamAttr._to_attr(weight_attr).initializer is None)
             and _global_weight_initializer() is None
             and not lazy_init_helper().state
         )

@@ -16,6 +16,8 @@ from conftest import checkpoint_dir
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 BENCH_SCRIPT = os.path.join(TESTS_DIR, "..", "benchmarks", "bench_infer.py")
+# The benchmark scripts import their siblings by bare name, as they do when run as scripts.
+sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
 
 LOAD_FIELDS = {
     "load_average_1min", "file_bytes", "file_read_seconds", "seconds", "peak_rss_bytes", "fp32_weight_bytes",
@@ -72,8 +74,10 @@ def assert_positive_numbers(section, fields):
 def check_in_turn_bandwidth(decode):
     """One probe pair (Paddle's limit, the package GEMV) per ``IN_TURN_PROBE_EVERY`` rounds of steps and one
     after the last; the ratios are the achieved rate over the medians of Paddle's and of the better one."""
+    from bench_infer import IN_TURN_PROBE_EVERY
+
     probes = np.array(decode["bandwidth_in_turn_probes"], dtype=float)
-    assert probes.shape == (-(-decode["steps"] // 4), 2) and (probes[:, 0] > 0).all()
+    assert probes.shape == (-(-decode["steps"] // IN_TURN_PROBE_EVERY), 2) and (probes[:, 0] > 0).all()
     paddle_median, best_median = np.median(probes[:, 0]), np.median(np.fmax(probes[:, 0], probes[:, 1]))
     assert decode["bandwidth_in_turn_gbs"] == pytest.approx(paddle_median)
     assert decode["best_bandwidth_in_turn_gbs"] == pytest.approx(best_median)
@@ -156,7 +160,6 @@ def test_quick_run_on_mla_checkpoint_reports_cache_size(tmp_path):
 def test_decode_weight_bytes_equal_the_parameters_a_step_touches():
     """model_costs against the built model: the bytes of every LM parameter except the embedding table and
     the routed experts a step does not use, with the matrices in float32 and (where the kernels read it) bf16."""
-    sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
     import model_costs
     from lm_golden import load_lm
 
@@ -205,7 +208,6 @@ def test_prefill_flops_equal_the_executed_matmuls():
     (the prefill runs MLA expanded, checked below)."""
     import paddle
 
-    sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
     import model_costs
     from lm_golden import load_lm
 
@@ -241,7 +243,6 @@ def test_vision_flops_equal_the_executed_matmuls():
     all-pairs attention written out here."""
     import paddle
 
-    sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
     import model_costs
     from lm_golden import load_vl
 
@@ -259,7 +260,6 @@ def test_vision_flops_equal_the_executed_matmuls():
 
 
 def test_demo_box_tolerance_snaps_boxes_outwards_to_the_patch_grid():
-    sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
     from demo_box_tolerance import snap_to_patches
 
     # A square 384-px image is its own view: pixel edges snap to multiples of 24.
@@ -279,7 +279,6 @@ def test_demo_tower_probe_finds_the_shipped_tower_names_the_pairs():
 
 
 def test_demo_grounding_attention_splits_the_cells_by_shape():
-    sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
     from demo_grounding_attention import cell_regions
 
     # A square 384-px image is its own view of 8 x 8 cells of 48 px: the asked box covers cell 0 alone, the
@@ -295,7 +294,6 @@ def test_streams_decoded_in_turn_decode_as_they_would_alone():
     """bench_infer.decode_in_turn: each stream gets its own tokens and its own routing records (one count
     per MoE layer per step, at most K per row), the same as when it is decoded alone; ``between`` runs
     after every ``every`` rounds and after the last."""
-    sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
     import paddle
     from bench_infer import decode_in_turn, prefilled
     from lm_golden import load_lm
@@ -328,7 +326,6 @@ def test_streams_decoded_in_turn_decode_as_they_would_alone():
 def test_profiler_leaves_paused_work_out_of_the_stage(tmp_path):
     """bench_infer.Profiler: what runs inside ``paused`` (the probes between decode steps) is not in the stage's
     profile; what runs around it is."""
-    sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
     import pstats
 
     from bench_infer import Profiler

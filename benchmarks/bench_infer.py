@@ -105,6 +105,31 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def mapped_huge_page_fraction(checkpoint: Path) -> Optional[float]:
+    """Of the checkpoint's shard pages mapped in this process (the bf16 matrices a load maps), the share
+    mapped as 2 MiB pages (``FilePmdMapped`` over ``Rss`` in ``/proc/self/smaps``); None without mapped
+    shards or without Linux's smaps.
+
+    Why: a decode step streams the mapped matrices, and how fast depends on how the page cache holds the
+    shards. Files read into the cache whole come in 2 MiB folios; pages the kernel reclaimed and read again
+    (a DAMON pageout scheme on an idle guest does this) come back in small ones: on the Intel benchmark
+    machine a 331 MB bf16 matrix (the tiny lm_head) mapped from small folios streamed at 18.9 GB/s against
+    27.7 from 2 MiB ones (one process, in turn; benchmarks/README.md)."""
+    shards = {str(path.resolve()) for path in checkpoint.glob("*.safetensors")}
+    totals, current = {"Rss:": 0, "FilePmdMapped:": 0}, False
+    try:
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                fields = line.split()
+                if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                    current = len(fields) >= 6 and fields[-1] in shards
+                elif current and fields and fields[0] in totals:
+                    totals[fields[0]] += int(fields[1])
+    except OSError:
+        return None
+    return totals["FilePmdMapped:"] / totals["Rss:"] if totals["Rss:"] else None
+
+
 class Profiler:
     """cProfile per named stage when an output folder is given, otherwise a no-op.
 
@@ -233,6 +258,7 @@ def bench_load(checkpoint: Path, profiler: Profiler, weight_dtype: str, map_weig
         )
     section["seconds"] = time.perf_counter() - start
     section["peak_rss_bytes"] = peak_rss_bytes()
+    section["mapped_huge_page_fraction"] = mapped_huge_page_fraction(checkpoint)
     section["matrix_dtype"] = str(model.language.lm_head.weight.dtype).replace("paddle.", "")
     section["stored_weight_bytes"] = sum(int(np.prod(p.shape)) * p.element_size() for p in model.parameters())
     weight_bytes = sum(int(np.prod(p.shape)) for p in model.parameters()) * model_costs.FP32_BYTES
@@ -507,6 +533,7 @@ def run(checkpoint: Path, image_path: Path, settings: BenchSettings, profile_dir
     report["batch"]["speedup_over_single"] = report["batch"]["decode"]["tokens_per_second_all_steps"] / single_rate
     report["mla"] = bench_mla(model.language, settings)
     report["peak_rss_bytes_end"] = peak_rss_bytes()
+    report["mapped_huge_page_fraction_end"] = mapped_huge_page_fraction(checkpoint)
     report["load_average_1min_end"] = load_average()
     return report
 
@@ -551,6 +578,10 @@ def format_table(report: dict) -> str:
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.append(f"CPU: {report['roofline']['cpu_model']}; 1-min load average at the end: "
                  f"{report['load_average_1min_end']}")
+    huge = (load["mapped_huge_page_fraction"], report["mapped_huge_page_fraction_end"])
+    if None not in huge:
+        lines.append("mapped shard pages in 2 MiB pages after the load / at the end: "
+                     f"{huge[0]:.2f} / {huge[1]:.2f}")
     return "\n".join(lines)
 
 

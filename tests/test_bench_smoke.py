@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(BENCH_SCRIPT))
 LOAD_FIELDS = {
     "load_average_1min", "file_bytes", "file_read_seconds", "seconds", "peak_rss_bytes", "fp32_weight_bytes",
     "rss_limit_bytes", "rss_ratio", "time_ratio", "weight_dtype", "matrix_dtype", "stored_weight_bytes",
-    "map_weights",
+    "map_weights", "mapped_huge_page_fraction",
 }
 PROMPT_FIELDS = {
     "load_average_1min", "images", "processor_seconds", "synthetic_text_ids", "prompt_tokens", "tiles",
@@ -49,7 +49,7 @@ MLA_FIELDS = {
 }
 TOP_FIELDS = {
     "checkpoint", "settings", "load", "roofline", "image_size", "one_image", "three_images", "batch", "mla",
-    "peak_rss_bytes_end", "load_average_1min_end",
+    "peak_rss_bytes_end", "load_average_1min_end", "mapped_huge_page_fraction_end",
 }
 
 
@@ -89,8 +89,12 @@ def check_common(report, config):
     assert set(report) == TOP_FIELDS
     assert set(report["load"]) == LOAD_FIELDS
     assert_positive_numbers(
-        report["load"], LOAD_FIELDS - {"load_average_1min", "weight_dtype", "matrix_dtype", "map_weights"}
+        report["load"],
+        LOAD_FIELDS - {"load_average_1min", "weight_dtype", "matrix_dtype", "map_weights", "mapped_huge_page_fraction"},
     )
+    mapped = report["load"]["map_weights"] and report["load"]["matrix_dtype"] == "bfloat16"
+    for huge in (report["load"]["mapped_huge_page_fraction"], report["mapped_huge_page_fraction_end"]):
+        assert (huge is not None and 0.0 <= huge <= 1.0) if mapped and os.path.exists("/proc/self/smaps") else huge is None
     assert report["load"]["matrix_dtype"] in ("float32", "bfloat16")
     assert report["image_size"] == [640, 480]
     for key, images, tiles in (("one_image", 1, 5), ("three_images", 3, 6)):

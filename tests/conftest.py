@@ -26,3 +26,20 @@ def expected_path(name: str, case: str) -> str:
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def amx_switch(monkeypatch):
+    """``amx_switch("0" | "1")`` sets PADDLEMIX_VL2_AMX and reloads the kernel library's settings, returning
+    whether the GEMM now runs on AMX; the default comes back afterwards."""
+    from paddlemix_vl2.models.deepseek_vl2 import native
+
+    def switch(value):
+        monkeypatch.setenv(native.AMX_VARIABLE, value)
+        native.kernel_library.cache_clear()
+        return native.amx_gemm_runs()
+
+    yield switch
+    monkeypatch.delenv(native.AMX_VARIABLE, raising=False)
+    native.kernel_library.cache_clear()
+    native.kernel_library()

@@ -142,6 +142,44 @@ def test_gemm_equals_numpy(m, k, n, with_bias, weight_dtype):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 
+def _cpu_has_amx_bf16() -> bool:
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = next((line.split() for line in cpuinfo if line.startswith("flags")), [])
+    return {"amx_tile", "amx_bf16", "avx512bw"} <= set(flags)
+
+
+def test_amx_gemm_runs_where_the_cpu_has_it_and_equals_the_avx512_gemm(amx_switch):
+    """On a CPU with AMX-BF16 the GEMM takes it for bf16 weights (PADDLEMIX_VL2_AMX=0 switches it off), and
+    its products (the vision tower's fc1 on one tile's rows with a bias; a MoE prefill through
+    swiglu_mlps: gathered rows, router scales, two experts summed into one output) equal the AVX-512 GEMM's
+    to float32 rounding."""
+    if not (os.path.exists("/proc/cpuinfo") and _cpu_has_amx_bf16() and native.bf16_weights_supported()):
+        pytest.skip("no AMX-BF16 here (or no AVX-512 build): the GEMM runs on AVX-512, which "
+                    "test_gemm_equals_numpy checks")
+    assert amx_switch("1"), "the CPU has AMX-BF16 but the GEMM does not take it (a build or arch_prctl problem)"
+    rng = np.random.default_rng(7)
+    x = paddle.to_tensor(rng.standard_normal((729, 1152)).astype(np.float32))
+    weight = paddle.to_tensor(rng.standard_normal((4304, 1152)).astype(np.float32) * 0.03).astype("bfloat16")
+    bias = paddle.to_tensor(rng.standard_normal(4304).astype(np.float32))
+    rows = rng.standard_normal((40, 64)).astype(np.float32)
+    experts = [tuple(paddle.to_tensor(rng.standard_normal(s).astype(np.float32) * 0.1).astype("bfloat16")
+                     for s in ((96, 64), (96, 64), (64, 96))) for _ in range(2)]
+    ids = np.concatenate([rng.permutation(40)[:36], rng.permutation(40)[:33]])
+    scales = rng.random(len(ids)).astype(np.float32)
+
+    def products():
+        with paddle.no_grad():
+            fc1 = native.linear(x, weight, bias).numpy()
+            mlps = native.swiglu_mlps(paddle.to_tensor(rows), native.MLPTable(experts), np.array([0, 1]), [36, 33],
+                                      ids, scales).numpy()
+        return fc1, mlps
+
+    with_amx = products()
+    assert not amx_switch("0")
+    for amx, avx512 in zip(with_amx, products()):
+        np.testing.assert_allclose(amx, avx512, rtol=1e-5, atol=1e-5 * np.abs(avx512).max())
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 40])
 def test_mlp_and_moe_with_the_kernels_equal_the_plain_path(monkeypatch, tokens):
     """The dense MLP and a MoE (routed + shared experts in one kernel call: decode steps of one and three

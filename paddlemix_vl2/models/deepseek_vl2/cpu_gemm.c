@@ -19,36 +19,12 @@
 /* The reduction runs in equal blocks of at most KC_MAX (256 measured best of 256, 384 and 512 on the
  * Xeon, 2 MB L2), each thread keeping the packed panels of NC output columns in its L2 at once. */
 #define KC_MAX 256
+/* From this many rows bfloat16 weights take the AMX GEMM where there is one (cpu_amx.c). */
+#define AMX_MIN_ROWS 32
 #define NC 768
 
 static _Thread_local float *a_pack_buf, *b_pack_buf;
 static _Thread_local size_t a_pack_cap, b_pack_cap;
-
-static inline void transpose16(__m512 r[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 8; ++i) {
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; ++i) {
-        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-    }
-    for (int j = 0; j < 4; ++j) {
-        t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
-        t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
-        t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
-        t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
-    }
-    for (int j = 0; j < 4; ++j) {
-        r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
-        r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
-        r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
-        r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd);
-    }
-}
 
 /* 16 consecutive weights from w + offset under mask m, widened to float32 when the weights are bfloat16
  * (the packed panels are float32 either way, so the micro-kernel is the same). */
@@ -158,6 +134,10 @@ static void micro_kernel(long kc, const float *a, const float *b, const gemm_out
  * scratch memory ran out (nothing is written then). */
 int gemm_nt_rows(const float *a, long lda, const long *a_rows, const gemm_weights *weights, long m, long n,
                         long k, const gemm_out *out, int max_threads) {
+    if (m >= AMX_MIN_ROWS) {
+        const int status = amx_gemm_nt_rows(a, lda, a_rows, weights, m, n, k, out, max_threads);
+        if (status <= 0) return status;
+    }
     const long slivers = (m + MR - 1) / MR, panels = (n + NR - 1) / NR;
     const long k_blocks = (k + KC_MAX - 1) / KC_MAX, kc_even = (k + k_blocks - 1) / k_blocks;
     float *a_pack = grow(&a_pack_buf, &a_pack_cap, (size_t)slivers * MR * KC_MAX);

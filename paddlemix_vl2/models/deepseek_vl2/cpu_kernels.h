@@ -89,6 +89,33 @@ int mha_decode(const float *q, const float *k_new, const float *v_new, const flo
                float *cache_k, float *cache_v, const float *mask, float *out, long batch, long heads,
                long kv_heads, long head_dim, long max_len, long pos, float scale);
 
+/* r[i][j] <-> r[j][i] over 16 vectors of 16 32-bit lanes (the GEMMs' weight packing). */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int j = 0; j < 4; ++j) {
+        t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+        t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
+        t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+        t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+    }
+    for (int j = 0; j < 4; ++j) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+        r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+        r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd);
+    }
+}
+
 #define NR 32 /* the GEMM's panel width: output columns per register tile */
 
 /* The weights of one GEMM: W [n, k] (row stride ldw), or two stacked as [W; W2] with W's n1 rows a
@@ -114,6 +141,15 @@ typedef struct {
  * when not NULL. Returns 0, or -1 when scratch memory ran out (nothing is written then). */
 int gemm_nt_rows(const float *a, long lda, const long *a_rows, const gemm_weights *weights, long m, long n, long k,
                  const gemm_out *out, int max_threads);
+
+/* gemm_nt_rows on AMX tiles for bfloat16 weights (cpu_amx.c): returns 0, -1 when scratch memory ran out, or
+ * 1 when it does not run (no AMX in this build, Linux refused the AMX state, float32 or k-major weights),
+ * leaving the work to the AVX-512 GEMM. */
+int amx_gemm_nt_rows(const float *a, long lda, const long *a_rows, const gemm_weights *weights, long m, long n,
+                     long k, const gemm_out *out, int max_threads);
 #endif
+
+/* Switches the AMX GEMM on or off (on by default); returns whether it runs from now on (cpu_amx.c). */
+int amx_gemm_enable(int enabled);
 
 #endif

@@ -36,11 +36,13 @@ static int amx_wanted = 1;
 /* Linux hands out AMX state only to processes that ask for it; asked once. */
 static int amx_permitted(void) {
     static int state = -1;
-    if (state < 0) {
+    int permitted;
 #pragma omp critical(amx_permission)
+    {
         if (state < 0) state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+        permitted = state;
     }
-    return state;
+    return permitted;
 }
 
 static void load_tile_config(void) {

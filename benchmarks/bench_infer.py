@@ -576,7 +576,8 @@ def format_table(report: dict) -> str:
     widths = [max(w, len(h)) for w, h in zip(widths, header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.append(f"CPU: {report['roofline']['cpu_model']}; 1-min load average at the end: "
+    lines.append(f"CPU: {report['roofline']['cpu_model']}; AMX GEMM for bf16 weights: "
+                 f"{'yes' if report['roofline']['amx_gemm'] else 'no'}; 1-min load average at the end: "
                  f"{report['load_average_1min_end']}")
     huge = (load["mapped_huge_page_fraction"], report["mapped_huge_page_fraction_end"])
     if None not in huge:

@@ -41,7 +41,7 @@ import paddle  # noqa: E402
 FP32_BYTES = 4
 RESULT_KEYS = (
     "matmul_gflops_2048", "matmul_gflops_vit_fc1", "package_gemm_gflops_2048", "package_gemm_gflops_vit_fc1",
-    "read_bandwidth_gbs", "gemv_bandwidth_gbs", "package_gemv_bandwidth_gbs", "cpu_model", "avx512",
+    "read_bandwidth_gbs", "gemv_bandwidth_gbs", "package_gemv_bandwidth_gbs", "cpu_model", "avx512", "amx_gemm",
 )
 
 
@@ -212,7 +212,9 @@ def measure(quick: bool = False, repeats: int | None = None, operands: Optional[
     run), ``package_gemm_gflops_2048``, ``package_gemm_gflops_vit_fc1`` (the package's GEMM, None where it
     does not run),
     ``read_bandwidth_gbs``, ``gemv_bandwidth_gbs`` (GB/s, best run), ``package_gemv_bandwidth_gbs`` (the
-    package's decode GEMV, None where it does not run), ``cpu_model`` (str), ``avx512`` (bool).
+    package's decode GEMV, None where it does not run), ``cpu_model`` (str), ``avx512`` (bool), ``amx_gemm``
+    (bool: the package's GEMM takes bf16 weights on AMX tiles, ``native.amx_gemm_runs``; the package GEMM
+    figures here use float32 weights, so they are its AVX-512 rate either way).
     Each rate also has a ``*_median`` twin. With ``quick=True`` the sizes are tiny (``QUICK_SIZES``) but the
     keys stay the same; the ``*_shape`` / ``read_bytes`` entries say what was actually run. ``operands``:
     where the tensors come from (fresh ones, freed at the end, by default).
@@ -230,6 +232,8 @@ def measure(quick: bool = False, repeats: int | None = None, operands: Optional[
     gemv = gemv_bandwidth_gbs(sizes.gemv_k_n, sizes.repeats, sizes.warmup, operands)
     package_gemv = package_gemv_bandwidth_gbs(sizes.gemv_k_n, sizes.repeats, sizes.warmup, operands)
     cpu_model, avx512 = cpu_info()
+    from paddlemix_vl2.models.deepseek_vl2 import native
+
     return {
         "matmul_gflops_2048": square.best,
         "matmul_gflops_2048_median": square.median,
@@ -247,6 +251,7 @@ def measure(quick: bool = False, repeats: int | None = None, operands: Optional[
         "package_gemv_bandwidth_gbs_median": package_gemv and package_gemv.median,
         "cpu_model": cpu_model,
         "avx512": avx512,
+        "amx_gemm": native.amx_gemm_runs(),
         "square_matmul_shape": list(sizes.square_matmul),
         "vit_fc1_shape": list(sizes.vit_fc1_matmul),
         "read_bytes": sizes.read_bytes,
@@ -281,7 +286,8 @@ def format_table(result: dict) -> str:
             lines.append(f"{label:<{width}}  {'-':>9}  {'-':>9}  (the package's kernel does not run here)")
             continue
         lines.append(f"{label:<{width}}  {result[key]:>9.1f}  {result[key + '_median']:>9.1f}  {unit}")
-    lines.append(f"CPU: {result['cpu_model']}; avx512: {'yes' if result['avx512'] else 'no'}")
+    lines.append(f"CPU: {result['cpu_model']}; avx512: {'yes' if result['avx512'] else 'no'}; "
+                 f"AMX GEMM for bf16 weights: {'yes' if result['amx_gemm'] else 'no'}")
     lines.append(
         f"OMP_NUM_THREADS={result['omp_num_threads']}, MKL_DEBUG_CPU_TYPE={result['mkl_debug_cpu_type']}, "
         f"paddle {result['paddle_version']}, {result['repeats']} timed runs each"

@@ -120,9 +120,9 @@ def mapped_huge_page_fraction(checkpoint: Path) -> Optional[float]:
     try:
         with open("/proc/self/smaps") as smaps:
             for line in smaps:
-                fields = line.split()
+                fields = line.split(None, 5)  # a header's sixth field is the path, spaces and all
                 if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
-                    current = len(fields) >= 6 and fields[-1] in shards
+                    current = len(fields) == 6 and fields[5].rstrip("\n").removesuffix(" (deleted)") in shards
                 elif current and fields and fields[0] in totals:
                     totals[fields[0]] += int(fields[1])
     except OSError:

@@ -40,6 +40,6 @@ def amx_switch(monkeypatch):
         return native.amx_gemm_runs()
 
     yield switch
-    monkeypatch.delenv(native.AMX_VARIABLE, raising=False)
+    monkeypatch.undo()  # the session's own setting first, then the library reads it again
     native.kernel_library.cache_clear()
     native.kernel_library()

@@ -151,8 +151,8 @@ def _cpu_has_amx_bf16() -> bool:
 def test_amx_gemm_runs_where_the_cpu_has_it_and_equals_the_avx512_gemm(amx_switch):
     """On a CPU with AMX-BF16 the GEMM takes it for bf16 weights (PADDLEMIX_VL2_AMX=0 switches it off), and
     its products (the vision tower's fc1 on one tile's rows with a bias; a MoE prefill through
-    swiglu_mlps: gathered rows, router scales, two experts summed into one output) equal the AVX-512 GEMM's
-    to float32 rounding."""
+    swiglu_mlps: gathered rows, router scales, two experts summed into one output; rows holding +inf and
+    -inf) equal the AVX-512 GEMM's to float32 rounding."""
     if not (os.path.exists("/proc/cpuinfo") and _cpu_has_amx_bf16() and native.bf16_weights_supported()):
         pytest.skip("no AMX-BF16 here (or no AVX-512 build): the GEMM runs on AVX-512, which "
                     "test_gemm_equals_numpy checks")
@@ -167,17 +167,23 @@ def test_amx_gemm_runs_where_the_cpu_has_it_and_equals_the_avx512_gemm(amx_switc
     ids = np.concatenate([rng.permutation(40)[:36], rng.permutation(40)[:33]])
     scales = rng.random(len(ids)).astype(np.float32)
 
+    infinite = x.numpy()[:40].copy()
+    infinite[0, 3], infinite[1, 5] = np.inf, -np.inf
+    infinite = paddle.to_tensor(infinite)
+
     def products():
         with paddle.no_grad():
             fc1 = native.linear(x, weight, bias).numpy()
             mlps = native.swiglu_mlps(paddle.to_tensor(rows), native.MLPTable(experts), np.array([0, 1]), [36, 33],
                                       ids, scales).numpy()
-        return fc1, mlps
+            overflowed = native.linear(infinite, weight[:64], None).numpy()
+        return fc1, mlps, overflowed
 
     with_amx = products()
+    assert np.isinf(with_amx[2][:2]).all() and np.isfinite(with_amx[2][2:]).all()
     assert not amx_switch("0")
     for amx, avx512 in zip(with_amx, products()):
-        np.testing.assert_allclose(amx, avx512, rtol=1e-5, atol=1e-5 * np.abs(avx512).max())
+        np.testing.assert_allclose(amx, avx512, rtol=1e-5, atol=1e-5 * np.abs(avx512[np.isfinite(avx512)]).max())
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 40])

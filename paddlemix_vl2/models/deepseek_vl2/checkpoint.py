@@ -395,9 +395,10 @@ class _ParameterFiller:
         """
         spans: List[Tuple[_ShardReader, int, int, int]] = []  # (shard, begin, end, matrices ending in it)
         for shard, begin, end in self._mapped:
-            if spans and spans[-1][0] is shard and begin - spans[-1][2] < mmap.PAGESIZE \
-                    and end - spans[-1][1] <= _POPULATE_SPAN_BYTES:
-                spans[-1] = (shard, spans[-1][1], end, spans[-1][3] + 1)
+            last = spans[-1] if spans else None
+            if last and last[0] is shard and last[1] <= begin < last[2] + mmap.PAGESIZE \
+                    and max(end, last[2]) - last[1] <= _POPULATE_SPAN_BYTES:
+                spans[-1] = (shard, last[1], max(end, last[2]), last[3] + 1)
             else:
                 spans.append((shard, begin, end, 1))
         self._mapped = []

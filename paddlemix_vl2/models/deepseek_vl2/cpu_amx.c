@@ -16,7 +16,8 @@
  */
 #include "cpu_kernels.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AMX_TILE__) && \
+    defined(__AMX_BF16__)
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -31,7 +32,7 @@ typedef struct {
     unsigned char rows[16];
 } tile_config;
 
-static int amx_wanted = 1;
+static _Atomic int amx_wanted = 1;  /* set from Python while another thread may multiply */
 
 /* Linux hands out AMX state only to processes that ask for it; asked once. */
 static int amx_permitted(void) {
@@ -59,12 +60,14 @@ static inline __m256i upper_halves(__m512 v) {
 }
 
 /* Rows i0 .. i0 + rows - 1 of A (row ids through a_rows), split into three parts, each [CHUNK_ROWS, kp]
- * bfloat16 (kp = k padded to 32; zeros past k and past the last row). */
+ * bfloat16 (kp = k padded to 32; zeros past k, and past the last row up to the next 32-row block, the last
+ * rows the tiles read). An infinite value stays whole in a1 (inf - inf would make the other parts NaN), so
+ * the products give what the AVX-512 GEMM gives. */
 static void split_rows(const float *a, long lda, const long *a_rows, long i0, long rows, long k, long kp,
                        bf16_t *parts) {
     const __m512i upper = _mm512_set1_epi32((int)0xffff0000u);
 #pragma omp for schedule(static)
-    for (long i = 0; i < CHUNK_ROWS; ++i) {
+    for (long i = 0; i < (rows + 31) / 32 * 32; ++i) {
         bf16_t *p1 = parts + i * kp, *p2 = p1 + CHUNK_ROWS * kp, *p3 = p2 + CHUNK_ROWS * kp;
         if (i >= rows) {
             memset(p1, 0, kp * sizeof(bf16_t)), memset(p2, 0, kp * sizeof(bf16_t)), memset(p3, 0, kp * sizeof(bf16_t));
@@ -75,7 +78,8 @@ static void split_rows(const float *a, long lda, const long *a_rows, long i0, lo
             const __mmask16 m = c < k ? tail_mask(k - c) : 0;
             const __m512 v = _mm512_maskz_loadu_ps(m, row + c);
             const __m512 v1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), upper));
-            const __m512 r1 = _mm512_sub_ps(v, v1);
+            const __mmask16 finite = ~_mm512_fpclass_ps_mask(v, 0x18);  /* 0x08 +inf, 0x10 -inf */
+            const __m512 r1 = _mm512_maskz_sub_ps(finite, v, v1);
             const __m512 v2 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(r1), upper));
             const __m512 r2 = _mm512_sub_ps(r1, v2);
             _mm256_storeu_si256((__m256i *)(p1 + c), upper_halves(v1));
@@ -181,29 +185,38 @@ int amx_gemm_nt_rows(const float *a, long lda, const long *a_rows, const gemm_we
     const long kp = (k + 31) / 32 * 32, panels = (n + 31) / 32;
     bf16_t *parts = (bf16_t *)grow((float **)&parts_buf, &parts_cap, (3 * (size_t)CHUNK_ROWS * kp + 1) / 2);
     if (!parts) return -1;
-    int failed = 0;
-#pragma omp parallel num_threads(max_threads) reduction(| : failed)
+    int failed = 0; /* shared: a thread without its panel buffer stops them all before anything is written */
+#pragma omp parallel num_threads(max_threads)
     {
         const int thread = omp_get_thread_num(), threads = omp_get_num_threads();
         const long p_lo = panels * thread / threads, p_hi = panels * (thread + 1) / threads;
         bf16_t *panel = (bf16_t *)grow((float **)&panel_buf, &panel_cap, (size_t)kp * 16);
         float acc[32 * 32];
-        failed = panel == NULL;
-        load_tile_config();
-        for (long i0 = 0; i0 < m; i0 += CHUNK_ROWS) {
-            const long rows = m - i0 < CHUNK_ROWS ? m - i0 : CHUNK_ROWS;
-            split_rows(a, lda, a_rows, i0, rows, k, kp, parts);  /* ends with the omp for's barrier */
-            for (long p = p_lo; p < p_hi && panel; ++p) {
-                pack_panel(weights, n, p * 32, k, kp, panel);
-                const long cols = n - p * 32 < 32 ? n - p * 32 : 32;
-                for (long i = 0; i < rows; i += 32) {
-                    block_product(parts, kp, i, panel, acc);
-                    write_block(acc, out, i0 + i, rows - i < 32 ? rows - i : 32, p * 32, cols);
-                }
-            }
-#pragma omp barrier
+        if (!panel) {
+#pragma omp atomic write
+            failed = 1;
         }
-        _tile_release();
+#pragma omp barrier
+        int stop;
+#pragma omp atomic read
+        stop = failed;
+        if (!stop) {
+            load_tile_config();
+            for (long i0 = 0; i0 < m; i0 += CHUNK_ROWS) {
+                const long rows = m - i0 < CHUNK_ROWS ? m - i0 : CHUNK_ROWS;
+                split_rows(a, lda, a_rows, i0, rows, k, kp, parts);  /* ends with the omp for's barrier */
+                for (long p = p_lo; p < p_hi; ++p) {
+                    pack_panel(weights, n, p * 32, k, kp, panel);
+                    const long cols = n - p * 32 < 32 ? n - p * 32 : 32;
+                    for (long i = 0; i < rows; i += 32) {
+                        block_product(parts, kp, i, panel, acc);
+                        write_block(acc, out, i0 + i, rows - i < 32 ? rows - i : 32, p * 32, cols);
+                    }
+                }
+#pragma omp barrier
+            }
+            _tile_release();
+        }
     }
     return failed ? -1 : 0;
 }

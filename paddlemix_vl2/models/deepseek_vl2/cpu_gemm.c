@@ -19,7 +19,8 @@
 /* The reduction runs in equal blocks of at most KC_MAX (256 measured best of 256, 384 and 512 on the
  * Xeon, 2 MB L2), each thread keeping the packed panels of NC output columns in its L2 at once. */
 #define KC_MAX 256
-/* From this many rows bfloat16 weights take the AMX GEMM where there is one (cpu_amx.c). */
+/* bfloat16 weights take the AMX GEMM where there is one (cpu_amx.c) from one full 32-row tile block on;
+ * fewer rows would leave its tiles part empty. */
 #define AMX_MIN_ROWS 32
 #define NC 768
 

@@ -19,7 +19,8 @@ use, called through ctypes.
   ``PADDLEMIX_VL2_AMX=0``), exact to float32 rounding: 1.4-2.6x the AVX-512 GEMM on the model's shapes.
 * Weights: every kernel above that multiplies by a weight matrix takes it in float32 or, on AVX512BW
   builds (``bf16_weights_supported``), as the checkpoint's bf16, widened to float32 in registers (the
-  GEMM as it packs its panels), so a bf16-stored model computes exactly what its float32 copy would.
+  GEMM as it packs its panels), so a bf16-stored model computes exactly what its float32 copy would (up to
+  the order of the float32 sums where the AMX GEMM takes the bf16 matrices and not the float32 ones).
 * ``add_bias_``: a Linear's bias added in place into its own output (Paddle's broadcasting add runs at
   about a tenth of that speed).
 * ``mha_decode`` (AVX-512 builds): a decode step's multi-head attention (RoPE, cache write, softmax
@@ -60,8 +61,8 @@ import paddle
 from paddle import _C_ops
 
 __all__ = [
-    "NATIVE_VARIABLE", "AMX_VARIABLE", "amx_gemm_runs", "MAX_FEW_ROWS", "kernel_library", "few_rows_applies", "few_rows_linear",
-    "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "MAX_DECODE_HEAD_DIM", "mha_kernels_apply",
+    "NATIVE_VARIABLE", "AMX_VARIABLE", "amx_gemm_runs", "MAX_FEW_ROWS", "kernel_library", "few_rows_applies",
+    "few_rows_linear", "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "MAX_DECODE_HEAD_DIM", "mha_kernels_apply",
     "mha_decode",
     "attention_qkv", "attention_prefill", "inference_kernels_apply", "add_bias_", "vector_kernels_apply",
     "softmax_last_axis", "gelu_tanh_", "bf16_weights_supported", "rms_norm", "MLPTable", "weights_readable",

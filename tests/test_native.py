@@ -611,6 +611,36 @@ def test_linear_bias_added_in_place_equals_the_broadcast_add(monkeypatch):
     assert len(calls) == 1
 
 
+def test_rope_store_prefill_equals_paddle_rope_and_the_cache_write():
+    """q rotated in place, k rotated and v copied into the heads-first cache at start .. start + T - 1, and
+    nothing else of the cache touched: two sequences, grouped keys/values, heads of 18 (half 9)."""
+    if not _vector_kernels_built():
+        pytest.skip("no AVX-512 build of the CPU kernels here: a prompt's RoPE and cache write run on Paddle's "
+                    "ops, which the goldens check")
+    from paddlemix_vl2.models.deepseek_vl2.rotary import apply_rotary_pos_emb
+
+    batch, tokens, heads, kv_heads, head_dim, max_len, start = 2, 5, 4, 2, 18, 12, 3
+    rng = np.random.default_rng(11)
+    q, k, v = (paddle.to_tensor(rng.standard_normal((batch, tokens, n * head_dim)).astype(np.float32))
+               for n in (heads, kv_heads, kv_heads))
+    angles = rng.random((batch, tokens, head_dim // 2)).astype(np.float32) * 6
+    cos, sin = (paddle.to_tensor(np.concatenate([f(angles)] * 2, axis=-1)) for f in (np.cos, np.sin))
+    keys, values = (paddle.to_tensor(rng.standard_normal((batch, kv_heads, max_len, head_dim)).astype(np.float32))
+                    for _ in range(2))
+    expected_keys, expected_values = keys.numpy().copy(), values.numpy().copy()
+    rotate = lambda x, n: apply_rotary_pos_emb(x.reshape([batch, tokens, n, head_dim]), cos, sin, False).numpy()
+    expected_q = rotate(q, heads)
+    expected_keys[:, :, start:start + tokens] = rotate(k, kv_heads).transpose(0, 2, 1, 3)
+    expected_values[:, :, start:start + tokens] = v.numpy().reshape(batch, tokens, kv_heads, head_dim).transpose(0, 2, 1, 3)
+    with paddle.no_grad():
+        rotated = native.rope_store_prefill(q, k, v, cos, sin, keys, values, start)
+    np.testing.assert_allclose(rotated.numpy(), expected_q, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(keys.numpy(), expected_keys, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(values.numpy(), expected_values)
+    with pytest.raises(ValueError, match="do not fit a cache"):
+        native.rope_store_prefill(q, k, v, cos, sin, keys, values, max_len - tokens + 1)
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_mha_decode_step_equals_the_plain_path(monkeypatch, kv_heads):
     """A prefill (``attention_prefill``) and a decode step (``mha_layer_decode``, whose ``mha_decode`` does

@@ -22,7 +22,9 @@ from paddle import nn
 from .configuration_deepseek import DeepseekV2Config
 from .kv_cache import KVCache
 from .layers import DeepseekV2RMSNorm, Linear, attend, masked_softmax
-from .native import MAX_DECODE_HEAD_DIM, attention_prefill, mha_decode, mha_kernels_apply, weights_readable
+from .native import (
+    MAX_DECODE_HEAD_DIM, attention_prefill, mha_decode, mha_kernels_apply, rope_store_prefill, weights_readable,
+)
 from .native_decode import mla_decode_attention
 from .rotary import apply_rotary_pos_emb, yarn_get_mscale
 
@@ -64,9 +66,12 @@ class DeepseekV2MHAAttention(nn.Layer):
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         cos, sin = position_embeddings
         native = cache is not None and mha_kernels_apply(q, cache.dtype)
-        if native and q_len == 1 and self.head_dim <= MAX_DECODE_HEAD_DIM:
+        if native:
             keys, values = cache.buffers(self.layer_idx)
-            return self.o_proj(mha_decode(q, k, v, cos, sin, keys, values, mask, cache_start, self.head_dim ** -0.5))
+            if q_len == 1 and self.head_dim <= MAX_DECODE_HEAD_DIM:
+                return self.o_proj(mha_decode(q, k, v, cos, sin, keys, values, mask, cache_start, self.head_dim ** -0.5))
+            q = rope_store_prefill(q, k, v, cos, sin, keys, values, cache_start)
+            return self.o_proj(attention_prefill(q, keys, values, mask, cache_start, self.head_dim ** -0.5))
         q = q.reshape([bsz, q_len, self.num_heads, self.head_dim])
         k = k.reshape([bsz, q_len, self.num_kv_heads, self.head_dim])
         v = v.reshape([bsz, q_len, self.num_kv_heads, self.head_dim])
@@ -74,8 +79,6 @@ class DeepseekV2MHAAttention(nn.Layer):
         k = apply_rotary_pos_emb(k, cos, sin, interleaved=False)
         if cache is not None:
             keys, values = cache.store(self.layer_idx, cache_start, k, v)  # [B, kv_heads, S, D]
-            if native:
-                return self.o_proj(attention_prefill(q, keys, values, mask, cache_start, self.head_dim ** -0.5))
         else:
             keys, values = k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3])
         out = attend(q.transpose([0, 2, 1, 3]), keys, values, mask, self.head_dim ** -0.5)  # [B, nh, T, D]

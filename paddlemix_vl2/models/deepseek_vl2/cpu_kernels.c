@@ -346,6 +346,29 @@ int mha_decode(const float *q, const float *k_new, const float *v_new, const flo
     return failed ? -1 : 0;
 }
 
+/* A prefill's RoPE and cache write (MHA): q [B, T, heads, D] rotated in place; k and v [B, T, kv_heads, D]
+ * written into cache_k / cache_v [B, kv_heads, max_len, D] at positions start .. start + T - 1, k rotated;
+ * cos/sin [B, T, D]. In Paddle this was about a dozen ops a layer (q and k each expanded, rotated and
+ * summed, then a transposing copy into the cache): 0.43 s of the tiny model's 3.6 s 1037-token prefill. */
+void rope_store_prefill(float *q, const float *k, const float *v, const float *cos, const float *sin,
+                        float *cache_k, float *cache_v, long batch, long tokens, long heads, long kv_heads,
+                        long head_dim, long max_len, long start) {
+#pragma omp parallel for schedule(static)
+    for (long bt = 0; bt < batch * tokens; ++bt) {
+        const long b = bt / tokens, t = bt % tokens;
+        const float *c = cos + bt * head_dim, *s = sin + bt * head_dim;
+        for (long h = 0; h < heads; ++h) {
+            float *row = q + (bt * heads + h) * head_dim;
+            rope_neox(row, c, s, 1.0f, row, head_dim);
+        }
+        for (long g = 0; g < kv_heads; ++g) {
+            const long slot = ((b * kv_heads + g) * max_len + start + t) * head_dim, src = (bt * kv_heads + g) * head_dim;
+            rope_neox(k + src, c, s, 1.0f, cache_k + slot, head_dim);
+            for (long i = 0; i < head_dim; ++i) cache_v[slot + i] = v[src + i];
+        }
+    }
+}
+
 /* For each of `rows` rows: g[r, :n] = silu(g[r, :n]) * u[r, :n] (row strides ld). */
 static void silu_mul_rows(float *g, const float *u, long rows, long n, long ld) {
 #pragma omp parallel for schedule(static)

@@ -89,6 +89,11 @@ int mha_decode(const float *q, const float *k_new, const float *v_new, const flo
                float *cache_k, float *cache_v, const float *mask, float *out, long batch, long heads,
                long kv_heads, long head_dim, long max_len, long pos, float scale);
 
+/* A prefill's RoPE (q in place) and cache write, MHA (cpu_kernels.c; native.rope_store_prefill). */
+void rope_store_prefill(float *q, const float *k, const float *v, const float *cos, const float *sin,
+                        float *cache_k, float *cache_v, long batch, long tokens, long heads, long kv_heads,
+                        long head_dim, long max_len, long start);
+
 /* r[i][j] <-> r[j][i] over 16 vectors of 16 32-bit lanes (the GEMMs' weight packing). */
 static inline void transpose16(__m512 r[16]) {
     __m512 t[16];

@@ -63,7 +63,7 @@ from paddle import _C_ops
 __all__ = [
     "NATIVE_VARIABLE", "AMX_VARIABLE", "amx_gemm_runs", "MAX_FEW_ROWS", "kernel_library", "few_rows_applies",
     "few_rows_linear", "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "MAX_DECODE_HEAD_DIM", "mha_kernels_apply",
-    "mha_decode",
+    "mha_decode", "rope_store_prefill",
     "attention_qkv", "attention_prefill", "inference_kernels_apply", "add_bias_", "vector_kernels_apply",
     "softmax_last_axis", "gelu_tanh_", "bf16_weights_supported", "rms_norm", "MLPTable", "weights_readable",
     "check_status", "is_bf16", "output_tensor", "C_LONG", "check_step_mask", "PinnedTensors",
@@ -182,6 +182,8 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         library.gemm_nt.restype = ctypes.c_int
         library.mha_decode.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_long] * 6 + [ctypes.c_float]
         library.mha_decode.restype = ctypes.c_int
+        library.rope_store_prefill.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 7
+        library.rope_store_prefill.restype = None
         library.attention_qkv.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_float]
         library.attention_qkv.restype = ctypes.c_int
         library.attention_prefill.argtypes = (
@@ -457,6 +459,35 @@ def mha_decode(
         position, scale,
     ))
     return out
+
+
+def rope_store_prefill(
+    q: paddle.Tensor, k: paddle.Tensor, v: paddle.Tensor, cos: paddle.Tensor, sin: paddle.Tensor,
+    cache_keys: paddle.Tensor, cache_values: paddle.Tensor, start: int,
+) -> paddle.Tensor:
+    """A prompt's rotary embedding and cache write by the kernel (``mha_kernels_apply``).
+
+    Args:
+        q: [B, T, nh * D] and k, v: [B, T, kv_heads * D] float32, the projections of the new tokens (before
+            RoPE); q is the caller's own output, rotated in place when contiguous.
+        cos, sin: [B, T, D] float32, the rotary table at the new tokens' positions.
+        cache_keys, cache_values: [B, kv_heads, L, D] float32, the layer's heads-first cache; the keys
+            (rotated) and values are written at ``start .. start + T - 1``.
+    Returns:
+        q rotated, [B, T, nh, D].
+    """
+    batch, kv_heads, max_len, head_dim = cache_keys.shape
+    tokens, heads = q.shape[1], q.shape[-1] // head_dim
+    if start + tokens > max_len or list(k.shape) != [batch, tokens, kv_heads * head_dim] or list(
+            cos.shape) != [batch, tokens, head_dim]:
+        raise ValueError(f"rope_store_prefill: {tokens} tokens at {start} with k {list(k.shape)}, cos "
+                         f"{list(cos.shape)} do not fit a cache of {list(cache_keys.shape)}")
+    q, k, v, cos, sin = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v, cos, sin))
+    kernel_library().rope_store_prefill(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), cache_keys.data_ptr(),
+        cache_values.data_ptr(), batch, tokens, heads, kv_heads, head_dim, max_len, start,
+    )
+    return q.reshape([batch, tokens, heads, head_dim])
 
 
 def check_step_mask(mask: paddle.Tensor, batch: int, max_len: int) -> None:

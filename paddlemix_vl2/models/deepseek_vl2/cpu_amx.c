@@ -125,22 +125,9 @@ static void write_block(const float *acc, const gemm_out *out, long i0, long row
     const __mmask16 m0 = tail_mask(cols), m1 = cols > 16 ? tail_mask(cols - 16) : 0;
     const __m512 bias0 = out->bias ? _mm512_maskz_loadu_ps(m0, out->bias + n0) : _mm512_setzero_ps();
     const __m512 bias1 = out->bias ? _mm512_maskz_loadu_ps(m1, out->bias + n0 + 16) : _mm512_setzero_ps();
-    for (long i = 0; i < rows; ++i) {
-        const long row = out->c_rows ? out->c_rows[i0 + i] : i0 + i;
-        float *dst = out->c + row * out->ldc + n0;
-        __m512 v0 = _mm512_loadu_ps(acc + i * 32), v1 = _mm512_loadu_ps(acc + i * 32 + 16);
-        if (out->scales) {
-            const __m512 s = _mm512_set1_ps(out->scales[i0 + i]);
-            v0 = _mm512_mul_ps(v0, s), v1 = _mm512_mul_ps(v1, s);
-        }
-        v0 = _mm512_add_ps(v0, bias0), v1 = _mm512_add_ps(v1, bias1);
-        if (out->accumulate) {
-            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, dst));
-            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, dst + 16));
-        }
-        _mm512_mask_storeu_ps(dst, m0, v0);
-        _mm512_mask_storeu_ps(dst + 16, m1, v1);
-    }
+    for (long i = 0; i < rows; ++i)
+        store_out_row(out, i0 + i, n0, _mm512_loadu_ps(acc + i * 32), _mm512_loadu_ps(acc + i * 32 + 16), bias0,
+                      bias1, m0, m1, out->accumulate);
 }
 
 /* One 32 x 32 block of C over the whole reduction: tiles 0-3 accumulate, 4-5 hold one part's two row

@@ -102,22 +102,8 @@ static inline __attribute__((always_inline)) void micro_tile(long kc, const floa
     const __m512 bias0 = first && out->bias ? _mm512_maskz_loadu_ps(m0, out->bias + n0) : _mm512_setzero_ps();
     const __m512 bias1 = first && out->bias ? _mm512_maskz_loadu_ps(m1, out->bias + n0 + 16) : _mm512_setzero_ps();
     const int add_existing = !first || out->accumulate;
-    for (int i = 0; i < rows; ++i) {
-        const long row = out->c_rows ? out->c_rows[i0 + i] : i0 + i;
-        float *dst = out->c + row * out->ldc + n0;
-        __m512 v0 = acc[i][0], v1 = acc[i][1];
-        if (out->scales) {
-            const __m512 s = _mm512_set1_ps(out->scales[i0 + i]);
-            v0 = _mm512_mul_ps(v0, s), v1 = _mm512_mul_ps(v1, s);
-        }
-        v0 = _mm512_add_ps(v0, bias0), v1 = _mm512_add_ps(v1, bias1);
-        if (add_existing) {
-            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, dst));
-            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, dst + 16));
-        }
-        _mm512_mask_storeu_ps(dst, m0, v0);
-        _mm512_mask_storeu_ps(dst + 16, m1, v1);
-    }
+    for (int i = 0; i < rows; ++i)
+        store_out_row(out, i0 + i, n0, acc[i][0], acc[i][1], bias0, bias1, m0, m1, add_existing);
 }
 
 #define TILE_CASE(ROWS) \

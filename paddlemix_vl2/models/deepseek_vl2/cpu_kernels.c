@@ -294,6 +294,17 @@ static void rope_neox(const float *x, const float *cos, const float *sin, float 
     }
 }
 
+/* One token's keys and values (k, v [kv_heads, D], cos/sin [D]) into the heads-first cache of sequence b at
+ * position pos: the keys rotated. */
+static void store_token_kv(const float *k, const float *v, const float *cos, const float *sin, float *cache_k,
+                           float *cache_v, long b, long kv_heads, long head_dim, long max_len, long pos) {
+    for (long g = 0; g < kv_heads; ++g) {
+        const long slot = ((b * kv_heads + g) * max_len + pos) * head_dim;
+        rope_neox(k + g * head_dim, cos, sin, 1.0f, cache_k + slot, head_dim);
+        for (long i = 0; i < head_dim; ++i) cache_v[slot + i] = v[g * head_dim + i];
+    }
+}
+
 /* q [B, heads, D], k_new and v_new [B, kv_heads, D], cos/sin [B, D], cache_k/cache_v [B, kv_heads, max_len, D],
  * mask additive [B, max_len] (the step's row of the [B, 1, 1, max_len] mask), out [B, heads, D]. Returns 0,
  * or -1 when scratch memory ran out (the cache is written either way). */
@@ -301,12 +312,8 @@ int mha_decode(const float *q, const float *k_new, const float *v_new, const flo
                float *cache_k, float *cache_v, const float *mask, float *out, long batch, long heads,
                long kv_heads, long head_dim, long max_len, long pos, float scale) {
     for (long b = 0; b < batch; ++b)
-        for (long g = 0; g < kv_heads; ++g) {
-            const long slot = ((b * kv_heads + g) * max_len + pos) * head_dim;
-            rope_neox(k_new + (b * kv_heads + g) * head_dim, cos + b * head_dim, sin + b * head_dim, 1.0f,
-                      cache_k + slot, head_dim);
-            for (long i = 0; i < head_dim; ++i) cache_v[slot + i] = v_new[(b * kv_heads + g) * head_dim + i];
-        }
+        store_token_kv(k_new + b * kv_heads * head_dim, v_new + b * kv_heads * head_dim, cos + b * head_dim,
+                       sin + b * head_dim, cache_k, cache_v, b, kv_heads, head_dim, max_len, pos);
     const long keys = pos + 1, group = heads / kv_heads;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
@@ -361,11 +368,8 @@ void rope_store_prefill(float *q, const float *k, const float *v, const float *c
             float *row = q + (bt * heads + h) * head_dim;
             rope_neox(row, c, s, 1.0f, row, head_dim);
         }
-        for (long g = 0; g < kv_heads; ++g) {
-            const long slot = ((b * kv_heads + g) * max_len + start + t) * head_dim, src = (bt * kv_heads + g) * head_dim;
-            rope_neox(k + src, c, s, 1.0f, cache_k + slot, head_dim);
-            for (long i = 0; i < head_dim; ++i) cache_v[slot + i] = v[src + i];
-        }
+        store_token_kv(k + bt * kv_heads * head_dim, v + bt * kv_heads * head_dim, c, s, cache_k, cache_v, b,
+                       kv_heads, head_dim, max_len, start + t);
     }
 }
 

@@ -142,6 +142,26 @@ typedef struct {
     int accumulate;        /* add into C instead of overwriting it */
 } gemm_out;
 
+/* Output row i of a call (a 32-column block at n0, two vectors masked by m0 / m1) written through the
+ * gemm_out options: scaled by its factor, bias0 / bias1 added (zeros for none), then what the row holds
+ * when add_existing. Both GEMMs (cpu_gemm.c, cpu_amx.c) write their blocks with it. */
+static inline __attribute__((always_inline)) void store_out_row(const gemm_out *out, long i, long n0, __m512 v0,
+                                                                __m512 v1, __m512 bias0, __m512 bias1,
+                                                                __mmask16 m0, __mmask16 m1, int add_existing) {
+    float *dst = out->c + (out->c_rows ? out->c_rows[i] : i) * out->ldc + n0;
+    if (out->scales) {
+        const __m512 s = _mm512_set1_ps(out->scales[i]);
+        v0 = _mm512_mul_ps(v0, s), v1 = _mm512_mul_ps(v1, s);
+    }
+    v0 = _mm512_add_ps(v0, bias0), v1 = _mm512_add_ps(v1, bias1);
+    if (add_existing) {
+        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, dst));
+        v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, dst + 16));
+    }
+    _mm512_mask_storeu_ps(dst, m0, v0);
+    _mm512_mask_storeu_ps(dst + 16, m1, v1);
+}
+
 /* out = A[m, k] @ W[n, k]^T through the gemm_out options, on max_threads threads; A's rows through a_rows
  * when not NULL. Returns 0, or -1 when scratch memory ran out (nothing is written then). */
 int gemm_nt_rows(const float *a, long lda, const long *a_rows, const gemm_weights *weights, long m, long n, long k,

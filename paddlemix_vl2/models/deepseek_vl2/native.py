@@ -62,8 +62,8 @@ from paddle import _C_ops
 
 __all__ = [
     "NATIVE_VARIABLE", "AMX_VARIABLE", "amx_gemm_runs", "MAX_FEW_ROWS", "kernel_library", "few_rows_applies",
-    "few_rows_linear", "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "MAX_DECODE_HEAD_DIM", "mha_kernels_apply",
-    "mha_decode", "rope_store_prefill",
+    "few_rows_linear", "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "MAX_DECODE_HEAD_DIM",
+    "mha_kernels_apply", "mha_decode", "rope_store_prefill",
     "attention_qkv", "attention_prefill", "inference_kernels_apply", "add_bias_", "vector_kernels_apply",
     "softmax_last_axis", "gelu_tanh_", "bf16_weights_supported", "rms_norm", "MLPTable", "weights_readable",
     "check_status", "is_bf16", "output_tensor", "C_LONG", "check_step_mask", "PinnedTensors",

@@ -304,17 +304,17 @@ def test_populate_pages_maps_a_mapped_tensor_in(tmp_path, monkeypatch, madvise_w
     the tensor's size) through madvise, or by reading a value per page where madvise is refused."""
     import mmap
 
-    from paddlemix_vl2.models.deepseek_vl2 import checkpoint
+    from paddlemix_vl2.models.deepseek_vl2 import safetensors_shards
 
     if not madvise_works:
-        monkeypatch.setattr(checkpoint, "_libc_madvise", lambda: (lambda *args: -1))
+        monkeypatch.setattr(safetensors_shards, "_libc_madvise", lambda: (lambda *args: -1))
     path = tmp_path / "shard.bin"
     path.write_bytes(np.arange(8 << 20, dtype=np.uint16).tobytes())  # 16 MiB
     with open(path, "rb") as handle:
         mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     array = np.frombuffer(mapping, dtype=np.uint16, count=4 << 20, offset=4096 + 2).reshape(1024, -1)
     before = _rss_file_kib()
-    checkpoint.populate_pages(array)
+    safetensors_shards.populate_pages(array)
     assert _rss_file_kib() - before >= (8 << 20) // 1024 - 8  # the 8 MiB view, bar a page at each end
     flat = array.reshape(-1)  # the values as written, unchanged
     assert int(flat[0]) == 2049 and int(flat[-1]) == (2049 + (4 << 20) - 1) % 65536

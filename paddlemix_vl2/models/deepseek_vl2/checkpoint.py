@@ -2,7 +2,8 @@
 
 A checkpoint folder holds ``config.json`` and either ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``. Loading streams one tensor at a time from the shards straight into the
-model's parameters, so peak memory is the model plus a few small read buffers.
+model's parameters, so peak memory is the model plus a few small read buffers (the files themselves are
+read by ``safetensors_shards``).
 
 Module attribute names equal checkpoint names and every tensor keeps its checkpoint shape (the model's
 ``Linear`` stores its weight ``[out, in]`` as torch does), so the only rules are:
@@ -45,8 +46,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
-import functools
 import json
 import logging
 import mmap
@@ -61,10 +60,12 @@ import numpy as np
 import paddle
 from safetensors.paddle import save_file
 
-from ...json_files import read_json_object
 from ...output_folders import atomic_directory
 from .layers import Linear, TokenEmbedding
 from .native import bf16_weights_supported
+from .safetensors_shards import (
+    INDEX_FILE, READ_CHUNK_BYTES, SINGLE_FILE, CheckpointError, ShardReader, checkpoint_weight_map, populate_pages,
+)
 
 __all__ = [
     "CheckpointError",
@@ -82,8 +83,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 # NOTE(port): the official SigLIP tower builds an attention-pooling head that VL2 never calls
 # (ignore_head=True); its tensors are in every checkpoint and are skipped here.
 SKIPPED_KEYS = (re.compile(r"^vision\.attn_pool\."),)
@@ -94,22 +93,11 @@ DTYPES_BY_NAME = {
     "bfloat16": paddle.bfloat16, "bf16": paddle.bfloat16,
     "float16": paddle.float16, "fp16": paddle.float16,
 }
-# safetensors dtype -> the NumPy dtype its bytes are read as (bf16 as raw uint16 bits).
-_STORAGE_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
-# Bytes read per call: large enough for sequential throughput, small enough to add little to the peak.
-_READ_CHUNK_BYTES = 32 << 20
-# Linux's madvise(MADV_POPULATE_READ) (5.14+; the mmap module names it from Python 3.13): map a range's
-# pages in, sharing the page cache, without breaking copy-on-write.
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 # Threads filling parameters; beyond a few, memory bandwidth is the limit.
 _LOAD_THREADS = min(4, os.cpu_count() or 1)
 # Mapped matrices are populated in ranges of about this size: whole matrices coalesced, so a thread returns
 # for the GIL once per range rather than once per matrix.
 _POPULATE_SPAN_BYTES = 256 << 20
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read as asked; the message names the file or keys and the fix."""
 
 
 def resolve_dtype(dtype=None) -> paddle.dtype:
@@ -134,156 +122,8 @@ def resolve_dtype(dtype=None) -> paddle.dtype:
     return dtype
 
 
-def checkpoint_weight_map(path: str) -> Dict[str, str]:
-    """Map every tensor name to the shard file that holds it (absolute paths)."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path} is not a folder; pass the checkpoint folder that holds config.json")
-    index = os.path.join(path, INDEX_FILE)
-    if os.path.isfile(index):
-        weight_map = read_json_object(index, CheckpointError, "re-download it").get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
-            raise CheckpointError(f"{index} is not a valid safetensors index: its weight_map must map tensor "
-                                  "names to shard file names; re-download it")
-        files = {name: os.path.join(path, shard) for name, shard in weight_map.items()}
-    elif os.path.isfile(os.path.join(path, SINGLE_FILE)):
-        single = os.path.join(path, SINGLE_FILE)
-        files = {name: single for name in _ShardReader(single).entries}
-    else:
-        raise CheckpointError(f"{path} has neither {INDEX_FILE} nor {SINGLE_FILE}; is it a DeepSeek-VL2 checkpoint?")
-    missing_shards = sorted({p for p in files.values() if not os.path.isfile(p)})
-    if missing_shards:
-        raise CheckpointError(
-            f"missing shard file(s) {', '.join(os.path.basename(p) for p in missing_shards)} in {path}; "
-            "download every file listed in the index"
-        )
-    return files
 
 
-class _ShardReader:
-    """One safetensors file: its header parsed by hand, tensor bytes read with positioned reads.
-
-    The format is an 8-byte little-endian header length, a JSON header mapping each name to
-    ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets from the end of the header), then the
-    data. Every read opens its own handle, so threads can read one shard at once.
-    """
-
-    def __init__(self, file: str):
-        self.file = file
-        self._mapping: Optional[mmap.mmap] = None
-        with open(file, "rb", buffering=0) as handle:
-            self.entries = self._read_header(handle)
-
-    def _read_header(self, handle) -> Dict[str, dict]:
-        size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(8)
-        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if header_len < 0 or 8 + header_len > size:
-            raise CheckpointError(f"{self.file} is truncated or not a safetensors file; re-download it")
-        try:
-            header = json.loads(handle.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{self.file} has a corrupt header ({e}); re-download it") from None
-        header.pop("__metadata__", None)
-        data_start, entries = 8 + header_len, {}
-        for name, entry in header.items():
-            begin, end = entry["data_offsets"]
-            if data_start + end > size:
-                raise CheckpointError(
-                    f"{self.file} is truncated: {name} ends at byte {data_start + end} of {size}; re-download it"
-                )
-            if entry["dtype"] not in _STORAGE_DTYPES:
-                raise CheckpointError(
-                    f"{self.file}: {name} has dtype {entry['dtype']}, which a DeepSeek-VL2 checkpoint never holds; "
-                    f"use one of {', '.join(_STORAGE_DTYPES)}"
-                )
-            entries[name] = {"dtype": entry["dtype"], "shape": list(entry["shape"]), "offset": data_start + begin}
-        return entries
-
-    def names_in_file_order(self, names: Sequence[str]) -> List[str]:
-        return sorted(names, key=lambda name: self.entries[name]["offset"])
-
-    def read_chunks(self, name: str, buffer: bytearray) -> Iterator[Tuple[int, np.ndarray]]:
-        """Yield ``(first_row, rows)`` over the tensor, ``rows`` a [n, *shape[1:]] view into ``buffer``."""
-        entry = self.entries[name]
-        storage = np.dtype(_STORAGE_DTYPES[entry["dtype"]])
-        shape = entry["shape"] or [1]
-        row_bytes = max(int(np.prod(shape[1:], dtype=np.int64)) * storage.itemsize, 1)
-        if row_bytes > len(buffer):  # a single row larger than the shared buffer gets its own
-            buffer = bytearray(row_bytes)
-        rows_per_chunk = len(buffer) // row_bytes
-        with open(self.file, "rb", buffering=0) as handle:
-            for first in range(0, shape[0], rows_per_chunk):
-                count = min(rows_per_chunk, shape[0] - first)
-                view = memoryview(buffer)[: count * row_bytes]
-                self._read_exact(handle, entry["offset"] + first * row_bytes, view, name)
-                yield first, np.frombuffer(view, dtype=storage).reshape([count] + shape[1:])
-
-    def _read_exact(self, handle, offset: int, view: memoryview, name: str) -> None:
-        handle.seek(offset)
-        done = 0
-        while done < len(view):
-            count = handle.readinto(view[done:])
-            if not count:
-                raise CheckpointError(f"{self.file}: cannot read {name}; the file is truncated, re-download it")
-            done += count
-
-    def read_tensor(self, name: str) -> paddle.Tensor:
-        """The whole tensor as a host Paddle tensor in its checkpoint dtype."""
-        entry = self.entries[name]
-        values = np.empty(entry["shape"], dtype=_STORAGE_DTYPES[entry["dtype"]])
-        flat = values.reshape([values.shape[0], -1]) if values.ndim else values.reshape([1, 1])
-        for first, rows in self.read_chunks(name, bytearray(_READ_CHUNK_BYTES)):
-            flat[first:first + len(rows)] = rows.reshape([len(rows), -1])
-        tensor = paddle.to_tensor(values, place=paddle.CPUPlace())
-        return tensor.view(paddle.bfloat16) if entry["dtype"] == "BF16" else tensor
-
-    def mapped_bf16(self, name: str) -> np.ndarray:
-        """A BF16 tensor as uint16 bits in a copy-on-write mapping of the file (``populate_pages`` maps its
-        pages in).
-
-        The mapping is the tensor's storage from then on: pages come from the page cache without a copy
-        (or from disk if the file is not cached), stay clean, so the kernel may drop and re-read them
-        under memory pressure, and a write (a LoRA merge in place) copies only the pages it touches.
-        """
-        if self._mapping is None:
-            with open(self.file, "rb") as handle:
-                self._mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-        entry = self.entries[name]
-        count = int(np.prod(entry["shape"], dtype=np.int64))
-        array = np.frombuffer(self._mapping, dtype=np.uint16, count=count, offset=entry["offset"])
-        return array.reshape(entry["shape"])
-
-    def mapped_span(self, begin: int, end: int) -> np.ndarray:
-        """Bytes ``[begin, end)`` of the file as a view of the mapping ``mapped_bf16`` made."""
-        return np.frombuffer(self._mapping, dtype=np.uint8, count=end - begin, offset=begin)
-
-    def read_into(self, name: str, dst: np.ndarray) -> None:
-        """The tensor's bytes as stored, straight into ``dst`` (C-contiguous, of the same size and dtype)."""
-        entry = self.entries[name]
-        with open(self.file, "rb", buffering=0) as handle:
-            self._read_exact(handle, entry["offset"], memoryview(dst.reshape(-1)).cast("B"), name)
-
-
-@functools.lru_cache(maxsize=None)
-def _libc_madvise():
-    try:
-        return ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError, TypeError):
-        return None
-
-
-def populate_pages(array: np.ndarray) -> None:
-    """Map in now the pages of ``array`` (a view of a file mapping): the load reads the file, not the first
-    forward. ``madvise(MADV_POPULATE_READ)`` is called through ctypes, which releases the GIL (``mmap.madvise``
-    keeps it), so the loader's threads populate in parallel; a kernel before 5.14 gets a value read per page
-    instead."""
-    madvise, address = _libc_madvise(), array.ctypes.data
-    first_page = address // mmap.PAGESIZE * mmap.PAGESIZE
-    length = ctypes.c_size_t(address + array.nbytes - first_page)
-    if madvise is None or madvise(ctypes.c_void_p(first_page), length, _MADV_POPULATE_READ) != 0:
-        flat = array.reshape(-1)
-        flat[:: mmap.PAGESIZE // array.itemsize].max(initial=0)
-        flat[-1:].max(initial=0)  # the last page, which the stride can step over when the start is not aligned
 
 
 def _write_rows(dst: np.ndarray, rows: np.ndarray) -> None:
@@ -297,7 +137,7 @@ def _write_rows(dst: np.ndarray, rows: np.ndarray) -> None:
 _thread_buffers = threading.local()
 
 
-def _fill_host_array(shard: _ShardReader, name: str, dst: np.ndarray) -> None:
+def _fill_host_array(shard: ShardReader, name: str, dst: np.ndarray) -> None:
     """Read ``name`` into ``dst`` of its checkpoint shape: float32, or bf16 bits (uint16) as stored.
 
     Runs on a loader thread; each thread converts through its own buffer.
@@ -308,7 +148,7 @@ def _fill_host_array(shard: _ShardReader, name: str, dst: np.ndarray) -> None:
         shard.read_into(name, dst)
         return
     if not hasattr(_thread_buffers, "buffer"):
-        _thread_buffers.buffer = bytearray(_READ_CHUNK_BYTES)
+        _thread_buffers.buffer = bytearray(READ_CHUNK_BYTES)
     chunks = shard.read_chunks(name, _thread_buffers.buffer)
     flat = dst.reshape([dst.shape[0], -1]) if dst.ndim else dst.reshape([1, 1])
     for first, rows in chunks:
@@ -338,7 +178,7 @@ class _ParameterFiller:
         self._pool = ThreadPoolExecutor(max_workers=_LOAD_THREADS, thread_name_prefix="load_weights")
         self._pending: collections.deque = collections.deque()
         self._on_done = on_done
-        self._mapped: List[Tuple[_ShardReader, int, int]] = []  # (shard, begin, end) not yet populated
+        self._mapped: List[Tuple[ShardReader, int, int]] = []  # (shard, begin, end) not yet populated
 
     def __enter__(self) -> "_ParameterFiller":
         return self
@@ -352,7 +192,7 @@ class _ParameterFiller:
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def fill(self, param: paddle.Tensor, shard: _ShardReader, name: str, keep_bf16: bool = False) -> None:
+    def fill(self, param: paddle.Tensor, shard: ShardReader, name: str, keep_bf16: bool = False) -> None:
         """Fill ``param`` from ``name``; ``keep_bf16``: a bf16 tensor stays bf16 (a lazy host parameter),
         mapped from the file or read into fresh memory, and takes no gradient."""
         keep_bf16 = keep_bf16 and shard.entries[name]["dtype"] == "BF16" and _lazy_on_host(param)
@@ -393,7 +233,7 @@ class _ParameterFiller:
         took 0.24-0.27 s of the threads' time, and its ``load_weights`` 0.39-0.62 s against 0.23-0.35 s in
         ranges. The progress bar counts a matrix when its pages are in.
         """
-        spans: List[Tuple[_ShardReader, int, int, int]] = []  # (shard, begin, end, matrices ending in it)
+        spans: List[Tuple[ShardReader, int, int, int]] = []  # (shard, begin, end, matrices ending in it)
         for shard, begin, end in self._mapped:
             last = spans[-1] if spans else None
             if last and last[0] is shard and last[1] <= begin < last[2] + mmap.PAGESIZE \
@@ -480,7 +320,7 @@ def load_weights(
     bar = _Progress(sum(len(v) for v in wanted.values()), f"loading {os.path.basename(os.path.normpath(path))}", progress)
     with _ParameterFiller(on_done=bar.step, map_bf16=map_weights) as filler:
         for file in sorted(wanted):
-            shard = _ShardReader(file)
+            shard = ShardReader(file)
             missing_in_shard = [n for n in wanted[file] if n not in shard.entries]
             if missing_in_shard:
                 raise CheckpointError(

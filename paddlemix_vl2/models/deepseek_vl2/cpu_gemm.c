@@ -71,32 +71,40 @@ static void pack_w_panel(const gemm_weights *weights, long n_dim, long n0, long 
 }
 
 /* A rows i0 .. i0 + MR - 1 (row ids through a_rows when not NULL; zeros past m), columns k0 .. k0 + kc - 1,
- * into dst[k * MR + i]. */
+ * into dst[k * MR + i]: 16 columns at a time by a register transpose, whose 16 rows are the 12 of A and 4
+ * of zeros (a scalar copy made packing A cost about half of attention's P V, where k is the 729 keys and
+ * n only a head's 72 values). */
 static void pack_a_sliver(const float *a, long lda, const long *a_rows, long m, long i0, long k0, long kc,
                           float *dst) {
-    for (int i = 0; i < MR; ++i) {
-        if (i0 + i >= m) {
-            for (long k = 0; k < kc; ++k) dst[k * MR + i] = 0.0f;
-            continue;
-        }
-        const float *row = a + (a_rows ? a_rows[i0 + i] : i0 + i) * lda + k0;
-        for (long k = 0; k < kc; ++k) dst[k * MR + i] = row[k];
+    const float *rows[MR];
+    for (int i = 0; i < MR; ++i) rows[i] = i0 + i < m ? a + (a_rows ? a_rows[i0 + i] : i0 + i) * lda + k0 : NULL;
+    for (long kk = 0; kk < kc; kk += 16) {
+        const __mmask16 m16 = tail_mask(kc - kk);
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i)
+            r[i] = i < MR && rows[i] ? _mm512_maskz_loadu_ps(m16, rows[i] + kk) : _mm512_setzero_ps();
+        transpose16(r);
+        const long count = kc - kk < 16 ? kc - kk : 16;
+        for (long c = 0; c < count; ++c) _mm512_mask_storeu_ps(dst + (kk + c) * MR, (1u << MR) - 1, r[c]);
     }
 }
 
-/* One tile of `rows` x NR: output rows i0 .. i0 + rows - 1, columns n0 .. (masked). rows is a constant
- * after inlining, so a sliver's last rows cost no multiplies of padding. */
+/* One tile of `rows` x NR: output rows i0 .. i0 + rows - 1, columns n0 .. (masked). rows and `wide` are
+ * constants after inlining, so a sliver's last rows cost no multiplies of padding, and a last panel of at
+ * most 16 columns (wide = 0) multiplies by its first vector only: attention's P V over heads of 72 would
+ * otherwise spend a quarter of its multiplies on the third panel's padding. */
 static inline __attribute__((always_inline)) void micro_tile(long kc, const float *a, const float *b,
                                                              const gemm_out *out, long i0, const int rows,
-                                                             long n0, __mmask16 m0, __mmask16 m1, int first) {
+                                                             const int wide, long n0, __mmask16 m0, __mmask16 m1,
+                                                             int first) {
     __m512 acc[MR][2];
     for (int i = 0; i < rows; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (long k = 0; k < kc; ++k) {
-        const __m512 b0 = _mm512_load_ps(b + k * NR), b1 = _mm512_load_ps(b + k * NR + 16);
+        const __m512 b0 = _mm512_load_ps(b + k * NR), b1 = wide ? _mm512_load_ps(b + k * NR + 16) : b0;
         for (int i = 0; i < rows; ++i) {
             const __m512 ai = _mm512_set1_ps(a[k * MR + i]);
             acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+            if (wide) acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
         }
     }
     const __m512 bias0 = first && out->bias ? _mm512_maskz_loadu_ps(m0, out->bias + n0) : _mm512_setzero_ps();
@@ -107,7 +115,10 @@ static inline __attribute__((always_inline)) void micro_tile(long kc, const floa
 }
 
 #define TILE_CASE(ROWS) \
-    case ROWS: micro_tile(kc, a, b, out, i0, ROWS, n0, m0, m1, first); break;
+    case ROWS: \
+        if (m1) micro_tile(kc, a, b, out, i0, ROWS, 1, n0, m0, m1, first); \
+        else micro_tile(kc, a, b, out, i0, ROWS, 0, n0, m0, m1, first); \
+        break;
 
 static void micro_kernel(long kc, const float *a, const float *b, const gemm_out *out, long i0, long rows, long n0,
                          __mmask16 m0, __mmask16 m1, int first) {

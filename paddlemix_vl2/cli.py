@@ -290,7 +290,8 @@ class Answer:
 
     text: the decoded answer without the final end-of-sentence token; finished: it ended with that token;
     token_ids: every generated id, the end-of-sentence id included; eos_text: that token's text;
-    prompt_tokens: the prompt's length; seconds: wall time of image encoding, prefill and decoding.
+    prompt_tokens: the prompt's length; seconds: wall time of image encoding, prefill and decoding;
+    first_token_seconds: of which until the first new token (image encoding and prefill).
     """
 
     text: str
@@ -299,15 +300,40 @@ class Answer:
     eos_text: str
     prompt_tokens: int
     seconds: float
+    first_token_seconds: Optional[float] = None
 
     def timing(self) -> str:
-        generated = len(self.token_ids)
-        return f"{generated} new tokens in {self.seconds:.2f} s ({generated / max(self.seconds, 1e-9):.1f} tokens/s)"
+        return generation_timing(len(self.token_ids), self.seconds, self.first_token_seconds)
 
     @property
     def official_text(self) -> str:
         """The answer as the official scripts print it: special tokens kept, the end-of-sentence included."""
         return self.text + (self.eos_text if self.finished else "")
+
+
+def generation_timing(new_tokens: int, seconds: float, first_token_seconds: Optional[float]) -> str:
+    """"N new tokens in S s: the first after F s, then R tokens/s": the time to the first token is the
+    images and the prompt, the rate after it the decoding, which users compare (one figure mixing both
+    says little about either)."""
+    line = f"{new_tokens} new token{'s' if new_tokens != 1 else ''} in {seconds:.2f} s"
+    if first_token_seconds is None:
+        return line
+    line += f": the first after {first_token_seconds:.2f} s"
+    decoding = seconds - first_token_seconds
+    if new_tokens > 1 and decoding > 0:
+        line += f", then {(new_tokens - 1) / decoding:.1f} tokens/s"
+    return line
+
+
+class _FirstStep:
+    """A step callback remembering when the first step came."""
+
+    def __init__(self):
+        self.start, self.first = time.perf_counter(), None
+
+    def __call__(self, _token) -> None:
+        if self.first is None:
+            self.first = time.perf_counter() - self.start
 
 
 def generate_answer(model, processor, inputs, config, stream: Optional[TextIO] = None) -> Answer:
@@ -317,15 +343,20 @@ def generate_answer(model, processor, inputs, config, stream: Optional[TextIO] =
     """
     eos_id = processor.eos_id
     eos_text = processor.decode([eos_id])
-    start = time.perf_counter()
+    first_step = _FirstStep()
     if stream is None:
-        token_ids = model.generate(**inputs, config=config)[0].tolist()
+        token_ids = model.generate(**inputs, config=config, on_step=first_step)[0].tolist()
         finished = bool(token_ids) and token_ids[-1] == eos_id
         text = processor.decode(token_ids[:-1] if finished else token_ids)
     else:
         token_ids, pieces = [], []
+
+        def on_token(token_id: int) -> None:
+            first_step(token_id)
+            token_ids.append(token_id)
+
         for piece in model.stream_generate(
-            processor.tokenizer, **inputs, config=config, on_token=token_ids.append, stop_strings=(eos_text,)
+            processor.tokenizer, **inputs, config=config, on_token=on_token, stop_strings=(eos_text,)
         ):
             stream.write(piece)
             stream.flush()
@@ -334,7 +365,8 @@ def generate_answer(model, processor, inputs, config, stream: Optional[TextIO] =
         finished = bool(token_ids) and token_ids[-1] == eos_id
     return Answer(
         text=text, finished=finished, token_ids=token_ids, eos_text=eos_text,
-        prompt_tokens=int(inputs.input_ids.shape[1]), seconds=time.perf_counter() - start,
+        prompt_tokens=int(inputs.input_ids.shape[1]), seconds=time.perf_counter() - first_step.start,
+        first_token_seconds=first_step.first,
     )
 
 
@@ -405,22 +437,22 @@ def answer_each(
     model = load_model(args)
     eos_id = processor.eos_id
     eos_text = processor.decode([eos_id])
-    start = time.perf_counter()
-    rows = model.generate(**inputs, config=config).tolist()
-    seconds = time.perf_counter() - start
+    first_step = _FirstStep()
+    rows = model.generate(**inputs, config=config, on_step=first_step).tolist()
+    seconds = time.perf_counter() - first_step.start
     answers = []
     for sample, token_ids in zip(samples, rows):
         answer_ids, finished = split_at_eos(token_ids, eos_id)
         answer = Answer(text=processor.decode(answer_ids), finished=finished,
                         token_ids=answer_ids + [eos_id] * finished, eos_text=eos_text,
-                        prompt_tokens=len(sample.input_ids), seconds=seconds)
+                        prompt_tokens=len(sample.input_ids), seconds=seconds, first_token_seconds=first_step.first)
         out.write(f"{sample.sft_format} {answer.official_text}\n")
         if args.show_token_ids:
             out.write("token ids: " + " ".join(str(token) for token in answer.token_ids) + "\n")
         answers.append(answer)
     out.flush()
-    status(f"answers: {sum(len(a.token_ids) for a in answers)} new tokens for {len(answers)} conversations "
-           f"in {seconds:.2f} s")
+    status(f"answers: {len(answers)} conversations, {generation_timing(len(rows[0]), seconds, first_step.first)} "
+           "per conversation (a finished one pads to the longest)")
     return answers
 
 

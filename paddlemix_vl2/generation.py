@@ -155,6 +155,7 @@ def generate(
     input_ids: Optional[paddle.Tensor] = None,
     config: Optional[GenerationConfig] = None,
     tokenizer=None,
+    on_step: Optional[Callable[[paddle.Tensor], None]] = None,
     **kwargs,
 ) -> paddle.Tensor:
     """Generate new tokens for a (left-padded) batch.
@@ -167,6 +168,8 @@ def generate(
             inputs_embeds are given).
         config: a ``GenerationConfig``; keyword arguments override its fields.
         tokenizer: needed only for ``stop_strings``.
+        on_step: called with each step's tokens [B] as they are chosen (a progress display or a timer: the
+            first call marks the end of the prefill).
     Returns:
         [B, N] int64 new tokens only; rows that finished early are filled with ``pad_token_id``.
     """
@@ -175,7 +178,11 @@ def generate(
         if input_ids is None:
             raise ValueError("pass inputs_embeds or input_ids")
         inputs_embeds = lm.get_input_embeddings()(input_ids)
-    tokens = list(_generate_steps(lm, config, inputs_embeds, attention_mask, input_ids, tokenizer))
+    tokens = []
+    for token in _generate_steps(lm, config, inputs_embeds, attention_mask, input_ids, tokenizer):
+        tokens.append(token)
+        if on_step is not None:
+            on_step(token)
     return paddle.stack(tokens, axis=1)
 
 

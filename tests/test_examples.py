@@ -161,7 +161,16 @@ def test_answer_ends_at_end_of_sentence_alike_when_streamed_or_not():
         assert answer.token_ids == gen_tokens[:3] and answer.finished
         assert answer.text == processor.decode(gen_tokens[:2])
         assert answer.official_text == processor.decode(gen_tokens[:3])
+        assert 0 < answer.first_token_seconds < answer.seconds
     assert streamed_to.getvalue() == plain.text
+
+
+def test_timing_line_splits_the_first_token_from_the_decoding():
+    from paddlemix_vl2.cli import generation_timing
+
+    assert generation_timing(11, 7.0, 2.0) == "11 new tokens in 7.00 s: the first after 2.00 s, then 2.0 tokens/s"
+    assert generation_timing(1, 2.5, 2.5) == "1 new token in 2.50 s: the first after 2.50 s"
+    assert generation_timing(4, 1.0, None) == "4 new tokens in 1.00 s"
 
 
 def test_chat_keeps_history_attaches_images_and_resets():

@@ -32,6 +32,32 @@ def test_stream_yields_exactly_the_generated_text():
     assert "".join(pieces) == processor.tokenizer.decode(tokens.tolist())
 
 
+def test_on_step_sees_each_step_as_it_is_chosen():
+    """``on_step`` gets every step's tokens [B], in order, before the next step runs (the CLIs time the
+    first token with it)."""
+    lm, exp = load_lm("micro-tiny"), expected("micro-tiny", "viii_batch_left_pad")
+    embeds, mask = paddle.to_tensor(exp["inputs_embeds"]), paddle.to_tensor(exp["attention_mask"])
+    steps, caches = [], []
+    real_new_cache = lm.new_cache
+
+    def new_cache(*args):
+        caches.append(real_new_cache(*args))
+        return caches[-1]
+
+    def on_step(tokens):
+        steps.append((tokens.numpy().copy(), caches[0].length))
+
+    lm.new_cache = new_cache
+    try:
+        out = generate(lm, embeds, mask, max_new_tokens=4, on_step=on_step).numpy()
+    finally:
+        del lm.new_cache
+    prompt_len = embeds.shape[1]
+    np.testing.assert_array_equal(np.stack([tokens for tokens, _ in steps], axis=1), out)
+    # Step i is reported with the prompt and i - 1 decoded tokens in the cache: before step i + 1 runs.
+    assert [length for _, length in steps] == [prompt_len + i for i in range(4)]
+
+
 def test_stop_string_ends_the_stream_before_it():
     model, processor = load_vl("micro-tiny"), load_processor("micro-tiny")
     inputs = process_case("micro-tiny", "i_text_only")

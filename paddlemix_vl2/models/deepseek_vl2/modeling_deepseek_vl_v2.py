@@ -200,17 +200,19 @@ class DeepseekVLV2ForCausalLM(nn.Layer):
         attention_mask: Optional[paddle.Tensor] = None,
         config: Optional[GenerationConfig] = None,
         tokenizer=None,
+        on_step=None,
         **kwargs,
     ) -> paddle.Tensor:
         """New tokens [B, N] for a processed (left-padded) batch; images are embedded once, at prefill.
 
         ``kwargs`` are ``GenerationConfig`` fields (``max_new_tokens``, ``do_sample``, ``temperature``,
         ``top_p``, ``top_k``, ``repetition_penalty``, ``seed``, ``eos_token_id``, ``stop_strings``,
-        ``chunk_size`` ...) or processor-only fields, which are ignored.
+        ``chunk_size`` ...) or processor-only fields, which are ignored. ``on_step`` as in
+        ``generation.generate``.
         """
         kwargs = {k: v for k, v in kwargs.items() if k not in _PROCESSOR_ONLY_FIELDS | {"labels"}}
         embeds = self._prompt_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
-        return generate(self.language, embeds, attention_mask, input_ids, config, tokenizer, **kwargs)
+        return generate(self.language, embeds, attention_mask, input_ids, config, tokenizer, on_step, **kwargs)
 
     def stream_generate(
         self,

@@ -1,13 +1,14 @@
 from setuptools import find_packages, setup
 
-# The inference core needs only these five. Pins:
-# - paddlepaddle is installed by build_paddle_env.sh (CPU from PyPI, GPU from Paddle's index), so it is
-#   only required here as ">=3.2": safetensors' paddle backend needs paddle>=3.2 for lazy safe_open.
+# The inference core needs PaddlePaddle and these four. Pins:
+# - PaddlePaddle is not listed: it comes as paddlepaddle (CPU, PyPI) or paddlepaddle-gpu (Paddle's index),
+#   two distributions of one `paddle` module, and listing either would make pip install the CPU wheel over
+#   a GPU one. build_paddle_env.sh installs the right one (3.3.1); paddlemix_vl2/paddle_version.py refuses
+#   a missing one, or one older than 3.2, with a one-line message saying what to install.
 # - pillow 13: Pillow 9.5-12.3 bicubic-downscale differently, which breaks pixel parity with the
 #   official processor (the goldens were made with Pillow 13.0.0).
 # - safetensors >=0.6: framework="paddle" in safe_open with bf16 support.
 INSTALL_REQUIRES = [
-    "paddlepaddle>=3.2",
     "safetensors>=0.6,<1",
     "tokenizers>=0.19,<1",
     "pillow>=13,<14",

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from .demo import DEFAULT_CHECKPOINT
+from .paddle_version import PaddleVersionError, require_paddle
 
 __all__ = [
     "ASSISTANT_ROLE",
@@ -504,6 +505,9 @@ def call_reporting_errors(job: Callable[[], int], input_errors: Callable[[], tup
     on failure: the error types' modules import Paddle, which ``job`` imports quietly first.)"""
     try:
         return job()
+    except PaddleVersionError as err:  # before input_errors(), whose modules need Paddle
+        sys.stderr.write(error_line(err) + "\n")
+        return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         sys.stdout.flush()
         sys.stderr.write("\ninterrupted\n")
@@ -517,15 +521,16 @@ def call_reporting_errors(job: Callable[[], int], input_errors: Callable[[], tup
 
 
 def import_paddle_quietly() -> None:
-    """Import Paddle without its import-time chatter: a ccache warning for people building C++ extensions
-    and an OMP_NUM_THREADS notice for data-parallel training. Anything else it prints is passed on."""
-    if "paddle" in sys.modules:
-        return
+    """Import Paddle (``require_paddle``: a missing or too old one is a ``PaddleVersionError``) without its
+    import-time chatter: a ccache warning for people building C++ extensions and an OMP_NUM_THREADS notice
+    for data-parallel training. Anything else it prints is passed on."""
     captured = io.StringIO()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="No ccache found")
-        with contextlib.redirect_stderr(captured):
-            import paddle  # noqa: F401
-    for line in captured.getvalue().splitlines(keepends=True):
-        if not line.startswith(_PADDLE_IMPORT_NOTICES):
-            sys.stderr.write(line)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No ccache found")
+            with contextlib.redirect_stderr(captured):
+                require_paddle()
+    finally:
+        for line in captured.getvalue().splitlines(keepends=True):
+            if not line.startswith(_PADDLE_IMPORT_NOTICES):
+                sys.stderr.write(line)

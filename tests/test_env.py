@@ -79,3 +79,40 @@ def test_freed_memory_is_kept_unless_asked_to_return_it():
     assert _heap_bytes_after_free(return_freed=True) < 1 << 30
     # glibc's own settings, given by the user, are left as they are (here: its default mmap threshold).
     assert _heap_bytes_after_free(return_freed=False, MALLOC_MMAP_THRESHOLD_="33554432") < 1 << 30
+
+
+def test_paddle_release_reads_versions_and_takes_develop_builds_as_new():
+    from paddlemix_vl2.paddle_version import paddle_release
+
+    assert paddle_release("3.3.1") == (3, 3)
+    assert paddle_release("3.0.0rc1") == (3, 0)
+    assert paddle_release("2.6.2") == (2, 6)
+    assert paddle_release("0.0.0") is None  # nightly and source builds
+    assert paddle_release("unknown") is None
+
+
+def test_an_old_paddle_is_refused_with_what_to_install(monkeypatch):
+    import paddle
+
+    from paddlemix_vl2.paddle_version import PaddleVersionError, require_paddle
+
+    require_paddle()  # the Paddle the tests run on
+    monkeypatch.setattr(paddle, "__version__", "2.6.2")
+    with pytest.raises(PaddleVersionError, match=r"needs PaddlePaddle >= 3\.2, found 2\.6\.2; .*pip install paddlepaddle"):
+        require_paddle()
+
+
+@pytest.mark.parametrize("version", [None, "2.6.2"])
+def test_cli_without_a_usable_paddle_says_so_in_one_line(version):
+    """No Paddle (an import that fails) or an old one: the CLI exits 2 with one error line, no traceback."""
+    stand_in = "None" if version is None else f"types.SimpleNamespace(__version__={version!r})"
+    script = (
+        f"import sys, types; sys.modules['paddle'] = {stand_in}\n"
+        "from paddlemix_vl2.apps.multi_image_infer import cli\n"
+        "sys.exit(cli())\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert completed.returncode == 2, completed.stderr
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "pip install paddlepaddle" in lines[0]
+    assert ("cannot be imported" if version is None else "found 2.6.2") in lines[0]

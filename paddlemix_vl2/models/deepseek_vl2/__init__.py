@@ -1,5 +1,9 @@
 """DeepSeek-VL2 model classes under their official (and PaddleMIX) names."""
-from .checkpoint import CheckpointError
+from ...paddle_version import require_paddle
+
+require_paddle()
+
+from .checkpoint import CheckpointError  # noqa: E402 (after the Paddle check)
 from .configuration_deepseek import (
     ConfigError,
     DeepseekV2Config,

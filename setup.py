@@ -35,8 +35,8 @@ setup(
             "paddlemix-vl2-single-infer=paddlemix_vl2.apps.single_image_infer:cli",
             "paddlemix-vl2-ground=paddlemix_vl2.apps.grounding_infer:cli",
             "paddlemix-vl2-chat=paddlemix_vl2.apps.chat:cli",
-            "paddlemix-vl2-finetune=paddlemix_vl2.finetune.cli:main",
-            "paddlemix-vl2-lora-merge=paddlemix_vl2.finetune.cli:merge_main",
+            "paddlemix-vl2-finetune=paddlemix_vl2.cli:finetune_main",
+            "paddlemix-vl2-lora-merge=paddlemix_vl2.cli:lora_merge_main",
         ]
     },
 )

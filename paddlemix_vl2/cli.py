@@ -49,6 +49,8 @@ __all__ = [
     "generate_answer",
     "generation_config",
     "import_paddle_quietly",
+    "finetune_main",
+    "lora_merge_main",
     "load_model",
     "load_pil_images",
     "load_processor",
@@ -292,7 +294,8 @@ class Answer:
     text: the decoded answer without the final end-of-sentence token; finished: it ended with that token;
     token_ids: every generated id, the end-of-sentence id included; eos_text: that token's text;
     prompt_tokens: the prompt's length; seconds: wall time of image encoding, prefill and decoding;
-    first_token_seconds: of which until the first new token (image encoding and prefill).
+    first_token_seconds: of which until the first new token (image encoding and prefill). Answers generated
+    together as a batch carry the batch's times.
     """
 
     text: str
@@ -312,29 +315,36 @@ class Answer:
         return self.text + (self.eos_text if self.finished else "")
 
 
-def generation_timing(new_tokens: int, seconds: float, first_token_seconds: Optional[float]) -> str:
+def generation_timing(count: int, seconds: float, first_token_seconds: Optional[float],
+                      unit: str = "new token") -> str:
     """"N new tokens in S s: the first after F s, then R tokens/s": the time to the first token is the
     images and the prompt, the rate after it the decoding, which users compare (one figure mixing both
-    says little about either)."""
-    line = f"{new_tokens} new token{'s' if new_tokens != 1 else ''} in {seconds:.2f} s"
+    says little about either). ``unit`` names what is counted ("step" for a batch's steps)."""
+    line = f"{count} {unit}{'s' if count != 1 else ''} in {seconds:.2f} s"
     if first_token_seconds is None:
         return line
     line += f": the first after {first_token_seconds:.2f} s"
     decoding = seconds - first_token_seconds
-    if new_tokens > 1 and decoding > 0:
-        line += f", then {(new_tokens - 1) / decoding:.1f} tokens/s"
+    if count > 1 and decoding > 0:
+        line += f", then {(count - 1) / decoding:.1f} {unit.split()[-1]}s/s"
     return line
 
 
 class _FirstStep:
-    """A step callback remembering when the first step came."""
+    """A step callback timing the generation: when it started, when the first step came (``first``)."""
 
     def __init__(self):
         self.start, self.first = time.perf_counter(), None
 
-    def __call__(self, _token) -> None:
+    def __call__(self, token) -> None:
         if self.first is None:
+            wait = getattr(token, "numpy", None)
+            if wait is not None:
+                wait()  # on a GPU the step may still be queued: the time is when the token exists
             self.first = time.perf_counter() - self.start
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def generate_answer(model, processor, inputs, config, stream: Optional[TextIO] = None) -> Answer:
@@ -366,8 +376,7 @@ def generate_answer(model, processor, inputs, config, stream: Optional[TextIO] =
         finished = bool(token_ids) and token_ids[-1] == eos_id
     return Answer(
         text=text, finished=finished, token_ids=token_ids, eos_text=eos_text,
-        prompt_tokens=int(inputs.input_ids.shape[1]), seconds=time.perf_counter() - first_step.start,
-        first_token_seconds=first_step.first,
+        prompt_tokens=int(inputs.input_ids.shape[1]), seconds=first_step.elapsed(), first_token_seconds=first_step.first,
     )
 
 
@@ -440,7 +449,7 @@ def answer_each(
     eos_text = processor.decode([eos_id])
     first_step = _FirstStep()
     rows = model.generate(**inputs, config=config, on_step=first_step).tolist()
-    seconds = time.perf_counter() - first_step.start
+    seconds = first_step.elapsed()
     answers = []
     for sample, token_ids in zip(samples, rows):
         answer_ids, finished = split_at_eos(token_ids, eos_id)
@@ -452,8 +461,8 @@ def answer_each(
             out.write("token ids: " + " ".join(str(token) for token in answer.token_ids) + "\n")
         answers.append(answer)
     out.flush()
-    status(f"answers: {len(answers)} conversations, {generation_timing(len(rows[0]), seconds, first_step.first)} "
-           "per conversation (a finished one pads to the longest)")
+    status(f"answers: {sum(len(a.token_ids) for a in answers)} new tokens for {len(answers)} conversations, "
+           + generation_timing(len(rows[0]), seconds, first_step.first, unit="step"))
     return answers
 
 
@@ -518,6 +527,27 @@ def call_reporting_errors(job: Callable[[], int], input_errors: Callable[[], tup
         sys.stdout.flush()
         sys.stderr.write(error_line(err) + "\n")
         return EXIT_INPUT_ERROR
+
+
+def finetune_main() -> int:
+    """The ``paddlemix-vl2-finetune`` program, ``finetune.cli.main``: its modules import Paddle as they load,
+    so they are loaded once Paddle is found usable (else one error line and exit 2, as everywhere)."""
+    return _finetune_program("main")
+
+
+def lora_merge_main() -> int:
+    """The ``paddlemix-vl2-lora-merge`` program, ``finetune.cli.merge_main``, loaded as ``finetune_main``."""
+    return _finetune_program("merge_main")
+
+
+def _finetune_program(name: str) -> int:
+    def job() -> int:
+        import_paddle_quietly()
+        from .finetune import cli as finetune_cli
+
+        return getattr(finetune_cli, name)()
+
+    return call_reporting_errors(job, lambda: ())
 
 
 def import_paddle_quietly() -> None:

@@ -14,8 +14,8 @@ __all__ = ["MIN_PADDLE_VERSION", "PaddleVersionError", "paddle_release", "requir
 
 # Tested with 3.3.1; 3.2 is the oldest whose APIs the package uses (lazy parameters, C ops on the CPU).
 MIN_PADDLE_VERSION = (3, 2)
-_INSTALL = ("install it with 'bash build_paddle_env.sh', or 'pip install paddlepaddle==3.3.1' (CPU) or "
-            "'pip install paddlepaddle-gpu==3.3.1 -i https://www.paddlepaddle.org.cn/packages/stable/cu126/' (GPU)")
+_INSTALL = ("install PaddlePaddle 3.2 or later: 'bash build_paddle_env.sh' makes a .venv with it, or pip install "
+            "paddlepaddle (CPU), or paddlepaddle-gpu from Paddle's index (GPU; build_paddle_env.sh names the index)")
 
 
 class PaddleVersionError(ImportError):
@@ -36,11 +36,9 @@ def require_paddle() -> None:
     """Import Paddle, or raise ``PaddleVersionError`` naming the problem and the fix."""
     try:
         import paddle
-    except ImportError as err:
-        raise PaddleVersionError(f"PaddlePaddle cannot be imported ({err}); {_INSTALL}") from None
+    except Exception as err:  # not only ImportError: a broken install can fail with OSError and others
+        raise PaddleVersionError(f"PaddlePaddle cannot be imported ({type(err).__name__}: {err}); {_INSTALL}") from None
     release = paddle_release(getattr(paddle, "__version__", ""))
     if release is not None and release < MIN_PADDLE_VERSION:
-        raise PaddleVersionError(
-            f"paddlemix_vl2 needs PaddlePaddle >= {'.'.join(map(str, MIN_PADDLE_VERSION))}, found {paddle.__version__}; "
-            + _INSTALL
-        )
+        minimum = ".".join(map(str, MIN_PADDLE_VERSION))
+        raise PaddleVersionError(f"paddlemix_vl2 needs PaddlePaddle >= {minimum}, found {paddle.__version__}; {_INSTALL}")

@@ -102,15 +102,13 @@ def test_an_old_paddle_is_refused_with_what_to_install(monkeypatch):
         require_paddle()
 
 
+@pytest.mark.parametrize("program", ["apps.multi_image_infer import cli", "cli import finetune_main as cli",
+                                     "cli import lora_merge_main as cli"])
 @pytest.mark.parametrize("version", [None, "2.6.2"])
-def test_cli_without_a_usable_paddle_says_so_in_one_line(version):
-    """No Paddle (an import that fails) or an old one: the CLI exits 2 with one error line, no traceback."""
+def test_cli_without_a_usable_paddle_says_so_in_one_line(version, program):
+    """No Paddle (an import that fails) or an old one: the CLIs exit 2 with one error line, no traceback."""
     stand_in = "None" if version is None else f"types.SimpleNamespace(__version__={version!r})"
-    script = (
-        f"import sys, types; sys.modules['paddle'] = {stand_in}\n"
-        "from paddlemix_vl2.apps.multi_image_infer import cli\n"
-        "sys.exit(cli())\n"
-    )
+    script = f"import sys, types; sys.modules['paddle'] = {stand_in}\nfrom paddlemix_vl2.{program}\nsys.exit(cli())\n"
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert completed.returncode == 2, completed.stderr
     lines = completed.stderr.strip().splitlines()

@@ -171,6 +171,7 @@ def test_timing_line_splits_the_first_token_from_the_decoding():
     assert generation_timing(11, 7.0, 2.0) == "11 new tokens in 7.00 s: the first after 2.00 s, then 2.0 tokens/s"
     assert generation_timing(1, 2.5, 2.5) == "1 new token in 2.50 s: the first after 2.50 s"
     assert generation_timing(4, 1.0, None) == "4 new tokens in 1.00 s"
+    assert generation_timing(3, 1.5, 0.5, unit="step") == "3 steps in 1.50 s: the first after 0.50 s, then 2.0 steps/s"
 
 
 def test_chat_keeps_history_attaches_images_and_resets():

@@ -4,14 +4,12 @@
         --merge_model_path merged
 
 The result loads with ``DeepseekVLV2ForCausalLM.from_pretrained(merged)`` and the inference examples.
-The program is ``paddlemix_vl2.finetune.cli.merge_main``.
+The program is ``paddlemix_vl2.finetune.cli.merge_main``, run by ``paddlemix_vl2.cli.lora_merge_main``, which
+first checks Paddle.
 """
 import sys
 
-from paddlemix_vl2.cli import import_paddle_quietly
-
-import_paddle_quietly()  # before the fine-tuning modules import Paddle with its notices
-from paddlemix_vl2.finetune.cli import merge_main  # noqa: E402
+from paddlemix_vl2.cli import lora_merge_main
 
 if __name__ == "__main__":
-    sys.exit(merge_main())
+    sys.exit(lora_merge_main())

@@ -1,9 +1,6 @@
 """DeepSeek-VL2 model classes under their official (and PaddleMIX) names."""
-from ...paddle_version import require_paddle
-
-require_paddle()
-
-from .checkpoint import CheckpointError  # noqa: E402 (after the Paddle check)
+from ... import paddle_required  # noqa: F401 (first: checks Paddle)
+from .checkpoint import CheckpointError
 from .configuration_deepseek import (
     ConfigError,
     DeepseekV2Config,

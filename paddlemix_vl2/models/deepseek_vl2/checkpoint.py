@@ -122,10 +122,6 @@ def resolve_dtype(dtype=None) -> paddle.dtype:
     return dtype
 
 
-
-
-
-
 def _write_rows(dst: np.ndarray, rows: np.ndarray) -> None:
     """Convert checkpoint rows into float32 ``dst`` of the same shape (bf16 bits -> float32 bits)."""
     if rows.dtype == np.uint16:

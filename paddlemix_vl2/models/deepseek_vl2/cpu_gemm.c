@@ -7,8 +7,9 @@
  * Paddle's bundled MKL (2019) runs fp32 sgemm here at about 230-250 GFLOP/s on large shapes and 70-110 on
  * the MoE experts' ~100-row blocks, where the machine's FMA units allow about 400 (numpy's OpenBLAS
  * reaches that). This is the usual blocked GEMM: W is packed k-major in 32-column panels (a 16 x 16
- * register transpose, since W is [N, K] with K contiguous), A in 12-row slivers, and a 12 x 32
- * register-tile micro-kernel (24 accumulators) broadcasts A against two vectors of W. Each thread owns a
+ * register transpose, since W is [N, K] with K contiguous), A in 12-row slivers (transposed the same
+ * way), and a 12 x 32 register-tile micro-kernel (24 accumulators) broadcasts A against two vectors of W,
+ * or one for a last panel of at most 16 columns. Each thread owns a
  * contiguous range of output columns and packs only its own panels; A is packed once per K block by all
  * threads together.
  *
@@ -54,7 +55,7 @@ static void pack_w_panel(const gemm_weights *weights, long n_dim, long n0, long 
     const void *w = weights->w;
     if (weights->w2 && n0 >= weights->n1) w = weights->w2, n0 -= weights->n1, n_dim -= weights->n1;
     const long ldw = weights->ldw;
-    for (int half = 0; half < 2; ++half) {
+    for (int half = 0; half < (n_dim - n0 > 16 ? 2 : 1); ++half) {  /* a narrow micro tile reads one half */
         const long first = n0 + 16 * half;
         for (long kk = 0; kk < kc; kk += 16) {
             const long left = kc - kk;
@@ -79,12 +80,13 @@ static void pack_a_sliver(const float *a, long lda, const long *a_rows, long m, 
     const float *rows[MR];
     for (int i = 0; i < MR; ++i) rows[i] = i0 + i < m ? a + (a_rows ? a_rows[i0 + i] : i0 + i) * lda + k0 : NULL;
     for (long kk = 0; kk < kc; kk += 16) {
-        const __mmask16 m16 = tail_mask(kc - kk);
+        const long left = kc - kk;
+        const __mmask16 m16 = tail_mask(left);
         __m512 r[16];
         for (int i = 0; i < 16; ++i)
             r[i] = i < MR && rows[i] ? _mm512_maskz_loadu_ps(m16, rows[i] + kk) : _mm512_setzero_ps();
         transpose16(r);
-        const long count = kc - kk < 16 ? kc - kk : 16;
+        const long count = left >= 16 ? 16 : left;
         for (long c = 0; c < count; ++c) _mm512_mask_storeu_ps(dst + (kk + c) * MR, (1u << MR) - 1, r[c]);
     }
 }

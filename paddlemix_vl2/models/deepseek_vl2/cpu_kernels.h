@@ -94,7 +94,7 @@ void rope_store_prefill(float *q, const float *k, const float *v, const float *c
                         float *cache_k, float *cache_v, long batch, long tokens, long heads, long kv_heads,
                         long head_dim, long max_len, long start);
 
-/* r[i][j] <-> r[j][i] over 16 vectors of 16 32-bit lanes (the GEMMs' weight packing). */
+/* r[i][j] <-> r[j][i] over 16 vectors of 16 32-bit lanes (the GEMMs' packing of weights and rows). */
 static inline void transpose16(__m512 r[16]) {
     __m512 t[16];
     for (int i = 0; i < 8; ++i) {

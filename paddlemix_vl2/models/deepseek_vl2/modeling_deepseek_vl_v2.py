@@ -212,7 +212,7 @@ class DeepseekVLV2ForCausalLM(nn.Layer):
         """
         kwargs = {k: v for k, v in kwargs.items() if k not in _PROCESSOR_ONLY_FIELDS | {"labels"}}
         embeds = self._prompt_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
-        return generate(self.language, embeds, attention_mask, input_ids, config, tokenizer, on_step, **kwargs)
+        return generate(self.language, embeds, attention_mask, input_ids, config, tokenizer, on_step=on_step, **kwargs)
 
     def stream_generate(
         self,

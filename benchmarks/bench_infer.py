@@ -114,7 +114,7 @@ def mapped_huge_page_fraction(checkpoint: Path) -> Optional[float]:
     shards. Files read into the cache whole come in 2 MiB folios; pages the kernel reclaimed and read again
     (a DAMON pageout scheme on an idle guest does this) come back in small ones: on the Intel benchmark
     machine a 331 MB bf16 matrix (the tiny lm_head) mapped from small folios streamed at 18.9 GB/s against
-    27.7 from 2 MiB ones (one process, in turn; benchmarks/README.md)."""
+    27.7 from 2 MiB ones (one process, in turn; benchmarks/HISTORY.md)."""
     shards = {str(path.resolve()) for path in checkpoint.glob("*.safetensors")}
     totals, current = {"Rss:": 0, "FilePmdMapped:": 0}, False
     try:

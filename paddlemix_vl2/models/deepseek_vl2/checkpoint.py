@@ -31,7 +31,7 @@ fresh memory on the benchmark machine, whose first touch of fresh memory is slow
 streams mapped matrices depends on how the page cache holds the shards: in 2 MiB folios (what reading an
 uncached shard through the mapping gives, and a plain copy of the files) the tiny model's step took 62 ms,
 as from a copy; in small folios left by earlier page-cache history, 76 ms, the 331 MB lm_head alone
-streaming at 15 against 25 GB/s (benchmarks/README.md). The cached pages cannot be collapsed into huge
+streaming at 15 against 25 GB/s (benchmarks/HISTORY.md). The cached pages cannot be collapsed into huge
 pages afterwards (this machine's Linux 6.18 refuses ``MADV_COLLAPSE`` for these mappings), so
 ``map_weights=False``, which reads the matrices into fresh memory, is the choice for a long-running server
 whatever the page cache holds. Mapped pages are clean, so the kernel can reclaim them under memory

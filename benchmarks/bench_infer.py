@@ -19,6 +19,9 @@ the same measurements (``LimitProbe``): on a shared machine a stage's ratio is t
 the machine had around it. Decode steps are also interleaved with single bandwidth probes (every
 ``IN_TURN_PROBE_EVERY`` rounds of steps, untimed), since this host's bandwidth drifts by a third within
 seconds: the decode ratios are also given over the medians of those, Paddle's and the package GEMV's.
+Each of those probes is one timed run after an untimed one, and the round of steps after it is untimed
+too: this host reads memory left idle for a moment at a quarter to a half of its warm rate, so a cold
+probe understated the bandwidth and the steps after a probe (1.4-1.6x the median) measured the probe.
 The roofline and the probes share one set of operands, held for the whole run (``roofline.Operands``
 says why). Each section records the 1-minute load average too.
 
@@ -69,6 +72,11 @@ GREEDY = SamplingParams()
 PROBE_REPEATS = 3
 # Decode steps (of every stream) between two single bandwidth probes taken in turn with the steps.
 IN_TURN_PROBE_EVERY = 4
+
+
+def settling_rounds(steps: int, every: int = IN_TURN_PROBE_EVERY) -> int:
+    """Untimed rounds ``decode_in_turn`` adds to ``steps`` timed ones: one after each probe but the last."""
+    return (steps - 1) // every
 # With the real 129k tokenizer these give the issue's prompt lengths: 1037 tokens for one image
 # (global view + 2×2 tiles), 1279 for three (each a global view + one tile).
 ONE_IMAGE_QUESTION = "<image>\nDescribe each shape in this image."
@@ -218,8 +226,9 @@ class LimitProbe:
         return _best_or_nan(rate)
 
     def bandwidths_once(self) -> Tuple[float, float]:
-        """(Paddle's limit, the package GEMV's rate) from single runs, for probes taken between steps."""
-        return self.bandwidth_gbs(repeats=1, warmup=0), self.package_gemv_gbs(repeats=1, warmup=0)
+        """(Paddle's limit, the package GEMV's rate) from one timed run each after an untimed one, for
+        probes taken between steps (a cold single run read idle memory, slow on this host)."""
+        return self.bandwidth_gbs(repeats=1, warmup=1), self.package_gemv_gbs(repeats=1, warmup=1)
 
     @contextlib.contextmanager
     def around(self, measure: Callable[[], float]) -> Iterator[Limit]:
@@ -289,26 +298,35 @@ def timed_step(lm, token: paddle.Tensor, cache, positions: paddle.Tensor):
 
 def decode_in_turn(lm, streams: Sequence[tuple], steps: int, between: Optional[Callable[[], None]] = None,
                    every: int = IN_TURN_PROBE_EVERY) -> List[tuple]:
-    """Greedy-decode ``steps`` tokens for each (token, cache, positions) stream, one step of each in turn,
-    so a host that drifts between fast and slow phases touches every stream alike. ``between`` (untimed)
-    runs after every ``every`` rounds of steps and after the last.
+    """Greedy-decode ``steps`` timed tokens for each (token, cache, positions) stream, one step of each in
+    turn, so a host that drifts between fast and slow phases touches every stream alike. ``between``
+    (untimed) runs after every ``every`` rounds of steps and after the last; the round after it is untimed
+    (``settling_rounds``: each cache needs room for those steps too), since on this host it pays for the
+    memory ``between`` read.
 
-    Returns per stream (seconds per step, distinct experts per step and MoE layer).
+    Returns per stream (seconds per timed step, distinct experts per timed step and MoE layer).
     """
     streams = list(streams)
     seconds = [[] for _ in streams]
-    spans = [[] for _ in streams]  # per step, its entries of the stream's routing record
+    spans = [[] for _ in streams]  # per timed step, its entries of the stream's routing record
     for _, cache, _ in streams:
         cache.routing = []
-    for step in range(steps):
+
+    def one_round(timed: bool) -> None:
         for i, (token, cache, positions) in enumerate(streams):
             first = len(cache.routing)
             token, elapsed = timed_step(lm, token, cache, positions)
-            seconds[i].append(elapsed)
-            spans[i].append((first, len(cache.routing)))
+            if timed:
+                seconds[i].append(elapsed)
+                spans[i].append((first, len(cache.routing)))
             streams[i] = (token, cache, positions + 1)
+
+    for step in range(steps):
+        one_round(timed=True)
         if between is not None and ((step + 1) % every == 0 or step + 1 == steps):
             between()
+            if step + 1 < steps:
+                one_round(timed=False)
     experts = [
         [[len(np.unique(topk_idx)) for topk_idx in cache.routing[a:b]] for a, b in stream_spans]
         for (_, cache, _), stream_spans in zip(streams, spans)
@@ -375,7 +393,8 @@ def run_generation(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new
     ``alongside_step_seconds``; the decode profile then covers both)."""
     with probe.around(probe.lm_matmul_gflops) as prefill_limit, probe.around(probe.lm_gemm_gflops) as gemm_limit:
         with profiler.stage(f"{label}_prefill"):
-            stream, prefill_seconds, first_token_seconds = prefilled(lm, embeds, attention_mask, new_tokens)
+            stream, prefill_seconds, first_token_seconds = prefilled(
+                lm, embeds, attention_mask, new_tokens + settling_rounds(new_tokens))
     in_turn = []
 
     def probe_between_steps() -> None:
@@ -471,7 +490,8 @@ def bench_batch(model, processor, image, one_image: tuple, settings: BenchSettin
         text = model.get_input_embeddings()(input_ids)
         image_mask = batch.images_seq_mask.astype(paddle.bool).unsqueeze(-1).expand_as(text)
         embeds = paddle.masked_scatter(text, image_mask, paddle.concat([image_embeds] * len(samples)))
-        single, _, _ = prefilled(lm, single_embeds, single_inputs.attention_mask, settings.decode_tokens)
+        single, _, _ = prefilled(lm, single_embeds, single_inputs.attention_mask,
+                                 settings.decode_tokens + settling_rounds(settings.decode_tokens))
         generation = run_generation(
             lm, embeds, batch.attention_mask, settings.decode_tokens, profiler, probe, "batch", alongside=single
         )

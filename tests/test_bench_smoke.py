@@ -297,9 +297,10 @@ def test_demo_grounding_attention_splits_the_cells_by_shape():
 def test_streams_decoded_in_turn_decode_as_they_would_alone():
     """bench_infer.decode_in_turn: each stream gets its own tokens and its own routing records (one count
     per MoE layer per step, at most K per row), the same as when it is decoded alone; ``between`` runs
-    after every ``every`` rounds and after the last."""
+    after every ``every`` rounds and after the last, and the round after it (``settling_rounds``) is not
+    timed."""
     import paddle
-    from bench_infer import decode_in_turn, prefilled
+    from bench_infer import decode_in_turn, prefilled, settling_rounds
     from lm_golden import load_lm
 
     lm = load_lm("micro-tiny", "float32")
@@ -318,13 +319,14 @@ def test_streams_decoded_in_turn_decode_as_they_would_alone():
     with paddle.no_grad():
         together = decode_in_turn(lm, streams, 3, every=2, between=lambda: rounds_seen.append(
             [len(cache.routing) // moe_layers for _, cache, _ in streams]))
-        alone = [decode_in_turn(lm, [stream], 3)[0] for stream in fresh_streams()]
+        alone = [decode_in_turn(lm, [stream], 3, every=2, between=lambda: None)[0] for stream in fresh_streams()]
     for (seconds, experts), (_, experts_alone), ids in zip(together, alone, prompts):
         assert len(seconds) == 3 and all(s > 0 for s in seconds)
         assert experts == experts_alone
         assert all(len(step) == moe_layers for step in experts)
         assert all(1 <= count <= config.num_experts_per_tok * ids.shape[0] for step in experts for count in step)
-    assert rounds_seen == [[2, 2], [3, 3]]
+    assert rounds_seen == [[2, 2], [4, 4]]  # steps 1, 2, then a settling step, then step 3
+    assert settling_rounds(3, every=2) == 1 and settling_rounds(64) == 15
 
 
 def test_profiler_leaves_paused_work_out_of_the_stage(tmp_path):

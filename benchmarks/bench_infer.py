@@ -76,7 +76,16 @@ IN_TURN_PROBE_EVERY = 4
 
 def settling_rounds(steps: int, every: int = IN_TURN_PROBE_EVERY) -> int:
     """Untimed rounds ``decode_in_turn`` adds to ``steps`` timed ones: one after each probe but the last."""
-    return (steps - 1) // every
+    if every < 1:
+        raise ValueError(f"probes every {every} rounds: give at least 1")
+    return max(0, (steps - 1) // every)
+
+
+def mean_context(prompt_len: int, steps: int) -> int:
+    """The mean number of cached positions over a section's timed steps (settling ones among them)."""
+    return prompt_len + (steps + settling_rounds(steps)) // 2
+
+
 # With the real 129k tokenizer these give the issue's prompt lengths: 1037 tokens for one image
 # (global view + 2×2 tiles), 1279 for three (each a global view + one tile).
 ONE_IMAGE_QUESTION = "<image>\nDescribe each shape in this image."
@@ -307,6 +316,11 @@ def decode_in_turn(lm, streams: Sequence[tuple], steps: int, between: Optional[C
     Returns per stream (seconds per timed step, distinct experts per timed step and MoE layer).
     """
     streams = list(streams)
+    needed = steps + (settling_rounds(steps, every) if between is not None else 0)
+    for _, cache, _ in streams:
+        if cache.max_length - cache.length < needed:
+            raise ValueError(f"a cache with room for {cache.max_length - cache.length} new tokens cannot take {needed} "
+                             "steps (timed and settling): prefill with room for steps + settling_rounds(steps)")
     seconds = [[] for _ in streams]
     spans = [[] for _ in streams]  # per timed step, its entries of the stream's routing record
     for _, cache, _ in streams:
@@ -466,7 +480,7 @@ def bench_prompt(model, processor, images, question, settings: BenchSettings, pr
         section[f"{stage}_best_matmul_ratio"] = section[f"{stage}_gflops"] / best
     section["decode"] = decode_report(
         lm, generation["step_seconds"], generation["experts"], 1,
-        prompt_len + settings.decode_tokens // 2, generation["bandwidth_gbs"], generation["in_turn_probes"],
+        mean_context(prompt_len, settings.decode_tokens), generation["bandwidth_gbs"], generation["in_turn_probes"],
     )
     return section, embeds, inputs
 
@@ -498,7 +512,8 @@ def bench_batch(model, processor, image, one_image: tuple, settings: BenchSettin
     section["prefill_seconds"] = generation["prefill_seconds"]
     section["decode"] = decode_report(
         lm, generation["step_seconds"], generation["experts"], len(samples),
-        max(batch.seq_lens) + settings.decode_tokens // 2, generation["bandwidth_gbs"], generation["in_turn_probes"],
+        mean_context(max(batch.seq_lens), settings.decode_tokens), generation["bandwidth_gbs"],
+        generation["in_turn_probes"],
     )
     (single_seconds,) = generation["alongside_step_seconds"]
     section["speedup_over_single_in_turn"] = len(samples) * sum(single_seconds) / sum(generation["step_seconds"])

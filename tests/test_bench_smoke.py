@@ -297,8 +297,8 @@ def test_demo_grounding_attention_splits_the_cells_by_shape():
 def test_streams_decoded_in_turn_decode_as_they_would_alone():
     """bench_infer.decode_in_turn: each stream gets its own tokens and its own routing records (one count
     per MoE layer per step, at most K per row), the same as when it is decoded alone; ``between`` runs
-    after every ``every`` rounds and after the last, and the round after it (``settling_rounds``) is not
-    timed."""
+    after every ``every`` rounds and after the last, and the round after it (``settling_rounds``) is
+    decoded but not timed; a cache without room for those rounds is refused before any step."""
     import paddle
     from bench_infer import decode_in_turn, prefilled, settling_rounds
     from lm_golden import load_lm
@@ -308,25 +308,30 @@ def test_streams_decoded_in_turn_decode_as_they_would_alone():
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     rng = np.random.default_rng(0)
     prompts = [paddle.to_tensor(rng.integers(0, config.vocab_size, size=(rows, 7))) for rows in (1, 2)]
+    steps, every = 5, 2
+    settling = settling_rounds(steps, every)
 
-    def fresh_streams():
+    def fresh_streams(room):
         with paddle.no_grad():
-            return [prefilled(lm, lm.get_input_embeddings()(ids), paddle.ones(ids.shape, dtype=paddle.bool), 3)[0]
-                    for ids in prompts]
+            return [prefilled(lm, lm.get_input_embeddings()(ids), paddle.ones(ids.shape, dtype=paddle.bool),
+                              room - 1)[0] for ids in prompts]  # prefilled leaves one position spare
 
-    streams = fresh_streams()
+    streams = fresh_streams(steps + settling)
     rounds_seen = []  # steps each stream had taken when ``between`` ran
     with paddle.no_grad():
-        together = decode_in_turn(lm, streams, 3, every=2, between=lambda: rounds_seen.append(
+        together = decode_in_turn(lm, streams, steps, every=every, between=lambda: rounds_seen.append(
             [len(cache.routing) // moe_layers for _, cache, _ in streams]))
-        alone = [decode_in_turn(lm, [stream], 3, every=2, between=lambda: None)[0] for stream in fresh_streams()]
-    for (seconds, experts), (_, experts_alone), ids in zip(together, alone, prompts):
-        assert len(seconds) == 3 and all(s > 0 for s in seconds)
-        assert experts == experts_alone
+        plain = [decode_in_turn(lm, [stream], steps + settling)[0] for stream in fresh_streams(steps + settling)]
+        with pytest.raises(ValueError, match="cannot take 7 steps"):
+            decode_in_turn(lm, fresh_streams(steps), steps, every=every, between=lambda: None)
+    timed = [0, 1, 3, 4, 6]  # of the seven steps: two, a settling one, two, a settling one, one
+    for (seconds, experts), (_, experts_plain), ids in zip(together, plain, prompts):
+        assert len(seconds) == steps and all(s > 0 for s in seconds)
+        assert experts == [experts_plain[i] for i in timed]
         assert all(len(step) == moe_layers for step in experts)
         assert all(1 <= count <= config.num_experts_per_tok * ids.shape[0] for step in experts for count in step)
-    assert rounds_seen == [[2, 2], [4, 4]]  # steps 1, 2, then a settling step, then step 3
-    assert settling_rounds(3, every=2) == 1 and settling_rounds(64) == 15
+    assert settling == 2 and rounds_seen == [[2, 2], [5, 5], [7, 7]]
+    assert settling_rounds(64) == 15 and settling_rounds(1) == 0 and settling_rounds(0) == 0
 
 
 def test_profiler_leaves_paused_work_out_of_the_stage(tmp_path):

@@ -2,16 +2,16 @@
 
 A decode step streams every weight once. On the Intel benchmark guest (2026-12-04) the first step after a
 prefill took 1.9-2.7x the median step in every section of `bench_infer.py`, its first layers the slowest.
-This probe asks the same of plain memory, with no model: two float32 weights of 512 MiB are read in turn
-by the decode GEMV until warm, then after a few seconds of matmuls on other operands (the weights
-untouched) each is read twice more, in turn.
+This probe asks the same of plain memory, with no model: two float32 weights of 512 MiB are read by the
+decode GEMV until warm; then, in each round, ``--idle`` seconds of matmuls on other operands (the weights
+untouched) are followed by two reads of each weight, in turn, the weight read first alternating by round.
 
-    .venv/bin/python benchmarks/idle_memory_probe.py [--idle 1.5] [--rounds 3]
+    .venv/bin/python benchmarks/idle_memory_probe.py [--idle 1.5] [--rounds 4]
 
-It prints GiB/s per read and, per weight, its first read after the pause over its warm median. Well
-below 1 means the host penalises memory left idle (or the switch back to streaming it), and the model's
-first decode step pays it; warm rates that differ between the two weights mean they sit in memory of
-different speed.
+It prints GB/s per read (the unit of `bench_infer.py`) and, per weight, its reads after the pause over
+its warm median, as the first weight read and as the second. Well below 1 as the first read means the
+host penalises memory left idle (or the switch back to streaming it), and a decode step pays it; warm
+rates that differ between the two weights mean they sit in memory of different speed.
 """
 from __future__ import annotations
 
@@ -28,17 +28,16 @@ import paddle  # noqa: E402
 from paddlemix_vl2.models.deepseek_vl2 import native  # noqa: E402
 
 WEIGHT_SHAPE = (16384, 8192)  # [N, K] float32: 512 MiB, the roofline's decode GEMV
-GIB = 1 << 30
 
 
 def gemv_rate(x: paddle.Tensor, weight: paddle.Tensor) -> float:
-    """GiB/s of one decode GEMV over ``weight`` (the package's kernel where it runs, else Paddle's)."""
+    """GB/s of one decode GEMV over ``weight`` (the package's kernel where it runs, else Paddle's)."""
     start = time.perf_counter()
     if native.few_rows_applies(x, weight, 1):
         native.few_rows_linear(x, weight)
     else:
         paddle.matmul(x, weight, transpose_y=True).numpy()
-    return weight.numel().item() * 4 / GIB / (time.perf_counter() - start)
+    return weight.numel().item() * 4 / 1e9 / (time.perf_counter() - start)
 
 
 def busy_without(seconds: float, a: paddle.Tensor, b: paddle.Tensor) -> None:
@@ -50,33 +49,40 @@ def busy_without(seconds: float, a: paddle.Tensor, b: paddle.Tensor) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--idle", type=float, default=1.5, help="seconds of matmuls between the reads")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--idle", type=float, default=1.5, help="seconds of matmuls before each round of reads")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of reads (at least 2: each weight once first)")
     args = parser.parse_args()
+    if args.rounds < 2 or args.idle < 0:
+        parser.error("--rounds must be at least 2 and --idle at least 0")
     rng = np.random.default_rng(0)
-    first, second = (paddle.to_tensor(rng.standard_normal(WEIGHT_SHAPE, dtype=np.float32)) for _ in range(2))
+    weights = {name: paddle.to_tensor(rng.standard_normal(WEIGHT_SHAPE, dtype=np.float32)) for name in ("A", "B")}
     x = paddle.to_tensor(rng.standard_normal((1, WEIGHT_SHAPE[1]), dtype=np.float32))
     a = paddle.to_tensor(rng.standard_normal((512, 1024), dtype=np.float32))
     b = paddle.to_tensor(rng.standard_normal((1024, 1024), dtype=np.float32))
-    weights = {"first": first, "second": second}
     with paddle.no_grad():
+        kernel = "the package's GEMV" if native.few_rows_applies(x, weights["A"], 1) else "Paddle's matmul"
+        print(f"reads by {kernel}; GB/s")
+        for weight in weights.values():
+            gemv_rate(x, weight)  # untimed: the first call also starts the kernels' threads
         warm = {name: [] for name in weights}
         for _ in range(4):
             for name, weight in weights.items():
                 warm[name].append(gemv_rate(x, weight))
-        print("warm reads: " + "; ".join(f"{name} {' '.join(f'{r:.1f}' for r in rates)}" for name, rates in warm.items())
-              + " GiB/s")
-        after = {name: [] for name in weights}
-        for _ in range(args.rounds):
+        print("warm, in turn: " + "; ".join(f"{n} {' '.join(f'{r:.1f}' for r in rates)}" for n, rates in warm.items()))
+        first_read = {name: [] for name in weights}  # read first after the pause
+        second_read = {name: [] for name in weights}  # read right after the other weight
+        for round_ in range(args.rounds):
+            order = ["A", "B"] if round_ % 2 == 0 else ["B", "A"]
             busy_without(args.idle, a, b)
-            rates = [(name, gemv_rate(x, weight)) for _ in range(2) for name, weight in weights.items()]
-            for name, rate in rates[:2]:
-                after[name].append(rate)
-            print(f"after {args.idle:.1f} s of other work, in turn: " + ", ".join(f"{n} {r:.1f}" for n, r in rates)
-                  + " GiB/s")
+            reads = [(name, gemv_rate(x, weights[name])) for _ in range(2) for name in order]
+            first_read[reads[0][0]].append(reads[0][1])
+            second_read[reads[1][0]].append(reads[1][1])
+            print(f"after {args.idle:.2f} s of other work: " + ", ".join(f"{n} {r:.1f}" for n, r in reads))
         for name in weights:
-            print(f"{name}: warm median {np.median(warm[name]):.1f} GiB/s; first read after a pause "
-                  f"{np.median(after[name]) / np.median(warm[name]):.2f} of it")
+            base = np.median(warm[name])
+            print(f"{name}: warm median {base:.1f}; after a pause, read first {np.median(first_read[name]) / base:.2f} "
+                  f"of it, read second {np.median(second_read[name]) / base:.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -402,22 +402,25 @@ def prefilled(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new_toke
 
 def run_generation(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new_tokens: int,
                    profiler: Profiler, probe: LimitProbe, label: str, alongside: Optional[tuple] = None) -> dict:
-    """Prefill, first token, then ``new_tokens`` decode steps, each stage timed and bracketed by probes.
+    """Prefill, first token, then ``new_tokens`` decode steps, each stage timed. The probes bracket the
+    two stages together, so the first decode step follows the prefill as it does in use (a bandwidth probe
+    between them slowed that step on the Intel guest, whose memory is slow to read after sitting idle).
     ``alongside``: another prefilled stream, decoded in turn with this one (its step seconds returned as
     ``alongside_step_seconds``; the decode profile then covers both)."""
-    with probe.around(probe.lm_matmul_gflops) as prefill_limit, probe.around(probe.lm_gemm_gflops) as gemm_limit:
-        with profiler.stage(f"{label}_prefill"):
-            stream, prefill_seconds, first_token_seconds = prefilled(
-                lm, embeds, attention_mask, new_tokens + settling_rounds(new_tokens))
     in_turn = []
 
     def probe_between_steps() -> None:
         with profiler.paused():
             in_turn.append(probe.bandwidths_once())
 
-    with probe.around(probe.bandwidth_gbs) as bandwidth, profiler.stage(f"{label}_decode"):
-        decoded = decode_in_turn(lm, [stream] if alongside is None else [stream, alongside], new_tokens,
-                                 between=probe_between_steps)
+    with probe.around(probe.bandwidth_gbs) as bandwidth, probe.around(probe.lm_matmul_gflops) as prefill_limit, \
+            probe.around(probe.lm_gemm_gflops) as gemm_limit:
+        with profiler.stage(f"{label}_prefill"):
+            stream, prefill_seconds, first_token_seconds = prefilled(
+                lm, embeds, attention_mask, new_tokens + settling_rounds(new_tokens))
+        with profiler.stage(f"{label}_decode"):
+            decoded = decode_in_turn(lm, [stream] if alongside is None else [stream, alongside], new_tokens,
+                                     between=probe_between_steps)
     (seconds, experts), *others = decoded
     return {"prefill_seconds": prefill_seconds, "prefill_and_first_token_seconds": first_token_seconds,
             "prefill_limit_gflops": prefill_limit.value, "prefill_gemm_limit_gflops": gemm_limit.value,

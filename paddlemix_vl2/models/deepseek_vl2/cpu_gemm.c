@@ -40,6 +40,20 @@ static inline __m512 load_weights(const void *w, int bf16, long offset, __mmask1
     return _mm512_maskz_loadu_ps(m, (const float *)w + offset);
 }
 
+/* Columns 0 .. kc - 1 of 16 rows (row i from rows[i], float32 or with bf16 bfloat16; NULL reads as zeros)
+ * into dst[k * stride + i] for the lanes i in `lanes`, 16 columns at a time by a register transpose. */
+static void transpose_rows(const void *const rows[16], int bf16, long kc, float *dst, long stride, __mmask16 lanes) {
+    for (long kk = 0; kk < kc; kk += 16) {
+        const long left = kc - kk;
+        const __mmask16 m = tail_mask(left);
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = rows[i] ? load_weights(rows[i], bf16, kk, m) : _mm512_setzero_ps();
+        transpose16(r);
+        const long count = left >= 16 ? 16 : left;
+        for (long c = 0; c < count; ++c) _mm512_mask_storeu_ps(dst + (kk + c) * stride, lanes, r[c]);
+    }
+}
+
 /* W rows n0 .. n0 + 31 (zeros past n_dim), columns k0 .. k0 + kc - 1, into dst[k * NR + j]. */
 static void pack_w_panel(const gemm_weights *weights, long n_dim, long n0, long k0, long kc, float *dst) {
     if (weights->k_major) {
@@ -52,43 +66,29 @@ static void pack_w_panel(const gemm_weights *weights, long n_dim, long n0, long 
         }
         return;
     }
-    const void *w = weights->w;
+    const char *w = weights->w;
     if (weights->w2 && n0 >= weights->n1) w = weights->w2, n0 -= weights->n1, n_dim -= weights->n1;
-    const long ldw = weights->ldw;
+    const long row_bytes = weights->ldw * (weights->bf16 ? (long)sizeof(bf16_t) : (long)sizeof(float));
+    const long column_bytes = k0 * (weights->bf16 ? (long)sizeof(bf16_t) : (long)sizeof(float));
     for (int half = 0; half < (n_dim - n0 > 16 ? 2 : 1); ++half) {  /* a narrow micro tile reads one half */
-        const long first = n0 + 16 * half;
-        for (long kk = 0; kk < kc; kk += 16) {
-            const long left = kc - kk;
-            const __mmask16 m = tail_mask(left);
-            __m512 r[16];
-            for (int i = 0; i < 16; ++i)
-                r[i] = first + i < n_dim ? load_weights(w, weights->bf16, (first + i) * ldw + k0 + kk, m)
-                                         : _mm512_setzero_ps();
-            transpose16(r);
-            const long count = left >= 16 ? 16 : left;
-            for (long c = 0; c < count; ++c) _mm512_store_ps(dst + (kk + c) * NR + 16 * half, r[c]);
+        const void *rows[16];
+        for (int i = 0; i < 16; ++i) {
+            const long n = n0 + 16 * half + i;
+            rows[i] = n < n_dim ? w + n * row_bytes + column_bytes : NULL;
         }
+        transpose_rows(rows, weights->bf16, kc, dst + 16 * half, NR, 0xffff);
     }
 }
 
 /* A rows i0 .. i0 + MR - 1 (row ids through a_rows when not NULL; zeros past m), columns k0 .. k0 + kc - 1,
- * into dst[k * MR + i]: 16 columns at a time by a register transpose, whose 16 rows are the 12 of A and 4
- * of zeros (a scalar copy made packing A cost about half of attention's P V, where k is the 729 keys and
- * n only a head's 72 values). */
+ * into dst[k * MR + i], by the register transpose of W's panels (its 16 rows the 12 of A and 4 of zeros):
+ * a scalar copy made packing A cost about half of attention's P V, where k is the 729 keys and n only a
+ * head's 72 values. */
 static void pack_a_sliver(const float *a, long lda, const long *a_rows, long m, long i0, long k0, long kc,
                           float *dst) {
-    const float *rows[MR];
-    for (int i = 0; i < MR; ++i) rows[i] = i0 + i < m ? a + (a_rows ? a_rows[i0 + i] : i0 + i) * lda + k0 : NULL;
-    for (long kk = 0; kk < kc; kk += 16) {
-        const long left = kc - kk;
-        const __mmask16 m16 = tail_mask(left);
-        __m512 r[16];
-        for (int i = 0; i < 16; ++i)
-            r[i] = i < MR && rows[i] ? _mm512_maskz_loadu_ps(m16, rows[i] + kk) : _mm512_setzero_ps();
-        transpose16(r);
-        const long count = left >= 16 ? 16 : left;
-        for (long c = 0; c < count; ++c) _mm512_mask_storeu_ps(dst + (kk + c) * MR, (1u << MR) - 1, r[c]);
-    }
+    const void *rows[16] = {NULL};
+    for (int i = 0; i < MR && i0 + i < m; ++i) rows[i] = a + (a_rows ? a_rows[i0 + i] : i0 + i) * lda + k0;
+    transpose_rows(rows, 0, kc, dst, MR, (1u << MR) - 1);
 }
 
 /* One tile of `rows` x NR: output rows i0 .. i0 + rows - 1, columns n0 .. (masked). rows and `wide` are

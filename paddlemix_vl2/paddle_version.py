@@ -14,8 +14,10 @@ __all__ = ["MIN_PADDLE_VERSION", "PaddleVersionError", "paddle_release", "requir
 
 # Tested with 3.3.1; 3.2 is the oldest whose APIs the package uses (lazy parameters, C ops on the CPU).
 MIN_PADDLE_VERSION = (3, 2)
-_INSTALL = ("install PaddlePaddle 3.2 or later: 'bash build_paddle_env.sh' makes a .venv with it, or pip install "
-            "paddlepaddle (CPU), or paddlepaddle-gpu from Paddle's index (GPU; build_paddle_env.sh names the index)")
+_MINIMUM = ".".join(map(str, MIN_PADDLE_VERSION))
+_INSTALL = (f"install PaddlePaddle {_MINIMUM} or later: 'bash build_paddle_env.sh' makes a .venv with it, or pip "
+            "install paddlepaddle (CPU), or paddlepaddle-gpu from Paddle's index (GPU; build_paddle_env.sh names the "
+            "index)")
 
 
 class PaddleVersionError(ImportError):
@@ -40,5 +42,4 @@ def require_paddle() -> None:
         raise PaddleVersionError(f"PaddlePaddle cannot be imported ({type(err).__name__}: {err}); {_INSTALL}") from None
     release = paddle_release(getattr(paddle, "__version__", ""))
     if release is not None and release < MIN_PADDLE_VERSION:
-        minimum = ".".join(map(str, MIN_PADDLE_VERSION))
-        raise PaddleVersionError(f"paddlemix_vl2 needs PaddlePaddle >= {minimum}, found {paddle.__version__}; {_INSTALL}")
+        raise PaddleVersionError(f"paddlemix_vl2 needs PaddlePaddle >= {_MINIMUM}, found {paddle.__version__}; {_INSTALL}")

@@ -295,7 +295,7 @@ def test_decode_kernels_refuse_weights_that_changed(change):
     with paddle.no_grad():
         cache = lm.new_cache(1, 4)
         lm(input_ids=paddle.to_tensor([[5]]), cache=cache)
-        assert cache.memo((id(layer), "decode_layer"), lambda: None) is not None
+        assert cache.memo((id(lm.model), "decode_stack"), lambda: None) is not None
         change(layer.self_attn.o_proj)
         with pytest.raises(ValueError, match="start a new KVCache"):
             lm(input_ids=paddle.to_tensor([[6]]), cache=cache)
@@ -303,8 +303,8 @@ def test_decode_kernels_refuse_weights_that_changed(change):
 
 @pytest.mark.parametrize("source", ["micro-tiny", "micro-small"])
 def test_decode_structures_are_made_on_the_prompts_pass(source):
-    """The layers' decode-kernel descriptions are made while the prompt goes through, so the first decode
-    step makes none: MHA layers whole, MLA layers' MLP blocks."""
+    """The decode kernel's description of the layers is made while the prompt goes through, so the first
+    decode step makes none: MHA and MLA layers whole, with their MLP blocks."""
     from lm_golden import load_lm
     from paddlemix_vl2.generation import decode_one_token, prefill
     from paddlemix_vl2.models.deepseek_vl2.modeling_deepseek import DeepseekV2ForCausalLM
@@ -322,36 +322,51 @@ def test_decode_structures_are_made_on_the_prompts_pass(source):
         for layer in lm.model.layers:
             if isinstance(layer.mlp, DeepseekV2MoE):  # routed in the kernel at every decode step
                 assert made[(id(layer.mlp), "decode_block")] is not None
-            whole = made[(id(layer), "decode_layer")]
-            assert (whole is not None) == (source == "micro-tiny")
+        assert made[(id(lm.model), "decode_stack")] is not None
         decode_one_token(lm, token, cache, paddle.to_tensor([3, 3]))
     assert cache._memo.keys() == made.keys()
 
 
-@pytest.mark.parametrize("weight_dtype", ["auto", "float32"])
+def _with_q_lora(lm):
+    """A random-weight model of ``lm``'s config with a q_lora_rank (the full 27B's query path, q_a_proj,
+    its norm and q_b_proj; no micro checkpoint has one)."""
+    from paddlemix_vl2.models.deepseek_vl2 import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    paddle.seed(0)
+    model = DeepseekV2ForCausalLM(DeepseekV2Config.from_dict({**lm.config.to_dict(), "q_lora_rank": 24}))
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("source,weight_dtype", [
+    ("micro-tiny", "auto"), ("micro-tiny", "float32"), ("micro-small", "auto"), ("micro-full", "auto"),
+    ("micro-full", "float32"), ("micro-full q_lora", "float32"),
+])
 @pytest.mark.parametrize("batch", [1, 6])
-def test_mha_layer_decode_equals_the_layer_by_layer_path(monkeypatch, weight_dtype, batch):
-    """Decode steps of the MHA model with each decoder layer in one ``mha_layer_decode`` call against the
-    same steps through the layers' modules with every decode kernel off but the per-op ones (the gate
-    module routes): the same logits, routing and cache contents, dense and MoE layers, bf16-stored and
-    float32 weights, one and six sequences (left-padded)."""
+def test_decode_layers_equal_the_layer_by_layer_path(monkeypatch, source, weight_dtype, batch):
+    """Decode steps with every decoder layer in one ``decode_layers`` call (MHA or MLA layers, the query
+    through q_proj or q_a_proj/q_b_proj) against the same steps through the layers' modules with every
+    decode kernel off but the per-op ones (the gate module routes): the same logits, routing and cache
+    contents, dense and MoE layers, bf16-stored and float32 weights, one and six sequences (left-padded)."""
     from lm_golden import load_lm
     from paddlemix_vl2.generation import decode_one_token, prefill
     from paddlemix_vl2.models.deepseek_vl2 import modeling_deepseek
 
     if not _vector_kernels_built():
-        pytest.skip("no AVX-512 build of the CPU kernels here: MHA layers decode through their modules")
-    lm = load_lm("micro-tiny", weight_dtype)
+        pytest.skip("no AVX-512 build of the CPU kernels here: decoder layers run their modules")
+    lm = load_lm(source.split()[0], weight_dtype)
+    if source.endswith("q_lora"):
+        lm = _with_q_lora(lm)
     rng = np.random.default_rng(batch)
     ids = paddle.to_tensor(rng.integers(0, lm.config.vocab_size, size=(batch, 6)))
     mask = paddle.to_tensor(np.arange(6)[None, :] >= np.arange(batch)[:, None] % 3)  # left padding
-    real_apply, real_layer = native_decode.decode_rows_apply, native_decode.mha_layer_decode
+    real_apply, real_layers = native_decode.decode_rows_apply, native_decode.decode_layers
     runs = {}
     for fused in (True, False):
         calls = []
         for module in (modeling_deepseek, moe_module):
             monkeypatch.setattr(module, "decode_rows_apply", lambda x, fused=fused: fused and real_apply(x))
-        monkeypatch.setattr(modeling_deepseek, "mha_layer_decode", lambda *args: calls.append(1) or real_layer(*args))
+        monkeypatch.setattr(modeling_deepseek, "decode_layers", lambda *args: calls.append(1) or real_layers(*args))
         with paddle.no_grad():
             cache = lm.new_cache(batch, 10)
             cache.routing = []
@@ -361,7 +376,7 @@ def test_mha_layer_decode_equals_the_layer_by_layer_path(monkeypatch, weight_dty
                 token = paddle.argmax(logits[-1], axis=-1)
                 logits.append(decode_one_token(lm, token, cache, positions + step))
         runs[fused] = ([t.numpy() for t in logits], cache.routing, [b.numpy() for pair in cache.layers for b in pair])
-        assert len(calls) == (3 * lm.config.num_hidden_layers if fused else 0)
+        assert len(calls) == (3 if fused else 0)
     (fused_logits, fused_routing, fused_cache), (plain_logits, plain_routing, plain_cache) = runs[True], runs[False]
     for a, b in zip(fused_logits, plain_logits):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -456,7 +471,7 @@ def test_mla_decode_steps_with_the_kernel_equal_the_paddle_path(monkeypatch, nam
     theirs where Paddle's softmax averages the whole buffer (nothing reads those entries)."""
     from lm_golden import load_lm
     from paddlemix_vl2.generation import decode_one_token, prefill
-    from paddlemix_vl2.models.deepseek_vl2 import attention
+    from paddlemix_vl2.models.deepseek_vl2 import attention, modeling_deepseek
 
     if not _vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: MLA decode attention runs on Paddle's ops")
@@ -464,6 +479,8 @@ def test_mla_decode_steps_with_the_kernel_equal_the_paddle_path(monkeypatch, nam
     ids = paddle.to_tensor(np.random.default_rng(0).integers(0, lm.config.vocab_size, size=(3, 6)))
     mask = paddle.to_tensor(np.arange(6)[None, :] >= np.arange(3)[:, None])
     kernel, real_apply, real_prefill = attention.mla_decode_attention, attention.mha_kernels_apply, attention.attention_prefill
+    # The layers' modules, not the fused stack (test_decode_layers_equal_the_layer_by_layer_path checks that).
+    monkeypatch.setattr(modeling_deepseek, "decode_rows_apply", lambda x: False)
     runs = []
     for use_kernel in (True, False):
         calls, prefill_calls = [], []
@@ -643,7 +660,7 @@ def test_rope_store_prefill_equals_paddle_rope_and_the_cache_write():
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_mha_decode_step_equals_the_plain_path(monkeypatch, kv_heads):
-    """A prefill (``attention_prefill``) and a decode step (``mha_layer_decode``, whose ``mha_decode`` does
+    """A prefill (``attention_prefill``) and a decode step (``decode_layers``, whose ``mha_decode`` does
     RoPE, the cache write and attention over the written positions) of MHA through the kernels against the
     Paddle path: two sequences, one left-padded, heads of 18 (not a multiple of the vector width), and
     grouped keys/values; the logits and the cache must agree."""
@@ -670,8 +687,8 @@ def test_mha_decode_step_equals_the_plain_path(monkeypatch, kv_heads):
             monkeypatch.setenv(native.NATIVE_VARIABLE, native_setting)
         native.kernel_library.cache_clear()
         calls = []
-        kernel = native_decode.mha_layer_decode
-        monkeypatch.setattr("paddlemix_vl2.models.deepseek_vl2.modeling_deepseek.mha_layer_decode",
+        kernel = native_decode.decode_layers
+        monkeypatch.setattr("paddlemix_vl2.models.deepseek_vl2.modeling_deepseek.decode_layers",
                             lambda *args: calls.append(1) or kernel(*args))
         with paddle.no_grad():
             cache = lm.new_cache(2, 9)
@@ -681,7 +698,7 @@ def test_mha_decode_step_equals_the_plain_path(monkeypatch, kv_heads):
     monkeypatch.delenv(native.NATIVE_VARIABLE)
     native.kernel_library.cache_clear()
     (fast, fast_cache, fast_calls), (plain, plain_cache, plain_calls) = results
-    assert (fast_calls, plain_calls) == (lm.config.num_hidden_layers, 0)
+    assert (fast_calls, plain_calls) == (1, 0)
     np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-5)
     # Row 1's two padding positions are left out: no valid query reads them, and a padding query (all
     # keys masked) averages the values over the written positions in the kernel, over the whole buffer

@@ -45,13 +45,9 @@ class DeepseekV2MHAAttention(nn.Layer):
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias_attr=bias)
 
     def plain_projection_weights(self) -> Optional[Tuple[paddle.Tensor, ...]]:
-        """The q, k, v and o weights ([out, in]) when all four projections are plain ``Linear`` layers without
-        bias, as the decode kernel takes them (``native_decode.MHALayer``); None otherwise (LoRA wrappers,
-        ``attention_bias``)."""
-        projections = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
-        if any(type(p) is not Linear or p.bias is not None for p in projections):
-            return None
-        return tuple(p.weight for p in projections)
+        """The q, k, v and o weights as the decode kernel takes them (``native_decode.MHALayer``); see
+        ``plain_weights``."""
+        return plain_weights((self.q_proj, self.k_proj, self.v_proj, self.o_proj))
 
     def forward(
         self,
@@ -116,6 +112,14 @@ class DeepseekV2Attention(nn.Layer):
         if scaling.get("mscale_all_dim"):
             mscale = yarn_get_mscale(scaling["factor"], scaling["mscale_all_dim"])
             self.softmax_scale *= mscale * mscale
+
+    def plain_projection_weights(self) -> Optional[Tuple[Optional[paddle.Tensor], ...]]:
+        """The q_a (None without ``q_lora_rank``), q_b or q_proj, kv_a_proj_with_mqa, kv_b and o weights as the
+        decode kernel takes them (``native_decode.MLALayer``); see ``plain_weights``."""
+        if self.q_lora_rank is None:
+            weights = plain_weights((self.q_proj, self.kv_a_proj_with_mqa, self.kv_b_proj, self.o_proj))
+            return None if weights is None else (None, *weights)
+        return plain_weights((self.q_a_proj, self.q_b_proj, self.kv_a_proj_with_mqa, self.kv_b_proj, self.o_proj))
 
     def _kv_b_proj_halves(self):
         """W_UK^T [nh, C, Dn] and W_UV^T [nh, C, Dv] from ``kv_b_proj`` (stored [nh * (Dn + Dv), C]): the
@@ -226,6 +230,14 @@ class DeepseekV2Attention(nn.Layer):
             out = paddle.matmul(out_latent, w_uv_t)
             out = out.reshape([nh, bsz, q_len, self.v_head_dim]).transpose([1, 2, 0, 3])  # [B, T, nh, Dv]
         return self.o_proj(out.reshape([bsz, q_len, nh * self.v_head_dim]))
+
+
+def plain_weights(projections) -> Optional[Tuple[paddle.Tensor, ...]]:
+    """The weights ([out, in]) of the projections when all are plain ``Linear`` layers without bias, as the
+    decode kernels take them; None otherwise (LoRA wrappers, ``attention_bias``)."""
+    if any(type(p) is not Linear or p.bias is not None for p in projections):
+        return None
+    return tuple(p.weight for p in projections)
 
 
 def build_attention(config: DeepseekV2Config, layer_idx: int) -> nn.Layer:

@@ -1,11 +1,11 @@
-/* A decode step's layer blocks in one call each, one new token per sequence (the MLP block and the MHA
- * layer for one to eight sequences):
+/* A decode step's decoder layers in one call, one new token per sequence (one to eight sequences):
  * mlp_block_decode, a layer's MLP part (a MoE with its router: the logits, the choice of experts by the
- * rules of moe.route in route_rows, the chosen and shared experts through swiglu_mlps; or a dense MLP), and
+ * rules of moe.route in route_rows, the chosen and shared experts through swiglu_mlps; or a dense MLP);
  * mha_layer_decode, a whole decoder layer with multi-head attention (the tiny model's): RMSNorm, the q/k/v
- * projections, mha_decode, o_proj, the residual, RMSNorm, the MLP block, the residual; and
- * mla_decode_attention, the absorbed multi-head latent attention of the small and full models over the
- * compressed cache (its own notes below).
+ * projections, mha_decode, o_proj, the residual, RMSNorm, the MLP block, the residual; mla_layer_decode,
+ * the same with multi-head latent attention (the small and full models'), whose attention is
+ * mla_decode_attention, absorbed, over the compressed cache (its own notes below); and decode_layers, which
+ * runs a model's layers one after another.
  *
  * Why: per layer and step the Python path made about thirty Paddle and NumPy calls (predicates, norms,
  * projections, the gate's matmul, softmax and top-k, host copies, a sort, the expert lists, residual adds)
@@ -187,12 +187,24 @@ typedef struct {
 static _Thread_local float *layer_buf;
 static _Thread_local size_t layer_cap;
 
+/* A layer's second half: h [rows, H] (the attention's output) += x, then out = h + the MLP block on
+ * RMSNorm(h) (normed and mlp_out [rows, H] scratch; out may be x). */
+static int mlp_residuals(const mlp_block *mlp, const float *x, float *h, float *normed, float *mlp_out, long rows,
+                         long hidden, const float *post_norm, float eps, long *topk_idx, float *topk_weight,
+                         float *out) {
+    for (long i = 0; i < rows * hidden; ++i) h[i] += x[i];
+    rms_norm_rows(h, post_norm, normed, rows, hidden, eps);
+    if (mlp_block_decode(mlp, normed, rows, hidden, topk_idx, topk_weight, mlp_out)) return -1;
+    for (long i = 0; i < rows * hidden; ++i) out[i] = h[i] + mlp_out[i];
+    return 0;
+}
+
 /* out [rows, H] = the layer on x [rows, H], one new token per sequence at cache position pos: cos/sin
  * [rows, head_dim] its rotary table, mask [rows, max_len] additive. The new key and value are written into
  * the cache; a MoE's choices go to topk_idx and topk_weight [rows, K]. Returns 0, or -1 when scratch memory
  * ran out. */
-int mha_layer_decode(const mha_layer *layer, const float *x, long rows, const float *cos, const float *sin,
-                     const float *mask, long pos, long *topk_idx, float *topk_weight, float *out) {
+static int mha_layer_decode(const mha_layer *layer, const float *x, long rows, const float *cos, const float *sin,
+                            const float *mask, long pos, long *topk_idx, float *topk_weight, float *out) {
     const long hidden = layer->hidden, q_width = layer->heads * layer->head_dim;
     const long kv_width = layer->kv_heads * layer->head_dim;
     float *buf = grow(&layer_buf, &layer_cap, (size_t)(rows * (3 * hidden + 2 * q_width + 2 * kv_width)));
@@ -207,11 +219,8 @@ int mha_layer_decode(const mha_layer *layer, const float *x, long rows, const fl
                    layer->kv_heads, layer->head_dim, layer->max_len, pos, layer->scale))
         return -1;
     few_rows_linear(attn, layer->proj[O], layer->proj_bf16[O], h, rows, q_width, hidden);
-    for (long i = 0; i < rows * hidden; ++i) h[i] += x[i];
-    rms_norm_rows(h, layer->post_norm, normed, rows, hidden, layer->eps);
-    if (mlp_block_decode(layer->mlp, normed, rows, hidden, topk_idx, topk_weight, mlp_out)) return -1;
-    for (long i = 0; i < rows * hidden; ++i) out[i] = h[i] + mlp_out[i];
-    return 0;
+    return mlp_residuals(layer->mlp, x, h, normed, mlp_out, rows, hidden, layer->post_norm, layer->eps, topk_idx,
+                         topk_weight, out);
 }
 
 /* ---- mla_decode_attention: absorbed MLA over the compressed cache, one new token per sequence ----
@@ -458,6 +467,100 @@ int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_
                         dot_weights(merged, kv_b, bf16, (h * (nope + value) + nope + v) * latent, latent);
             }
         }
+    }
+    return 0;
+}
+enum { Q_A, Q_B, KV_A, KV_B, MLA_O };
+
+/* One MLA decoder layer as native_decode.MLALayer lays it out (the small and full models'): the projections'
+ * weights [out, in] (float32, or bfloat16 where proj_bf16; no biases): q_a_proj and q_b_proj, or (q_lora_rank
+ * 0, proj[Q_A] NULL) q_proj as proj[Q_B]; kv_a_proj_with_mqa, kv_b_proj, o_proj; the RMSNorms (q_a_norm
+ * NULL without q_lora_rank), the layer's cache k_pe [B, max_len, rope] and compressed_kv [B, max_len,
+ * latent], and its MLP block. */
+typedef struct {
+    long hidden, heads, q_lora_rank, latent, nope, rope, value, max_len;
+    float eps, scale;
+    const float *input_norm, *post_norm, *q_a_norm, *kv_a_norm;
+    const void *proj[5];
+    int proj_bf16[5];
+    float *cache_k_pe, *cache_ckv;
+    const mlp_block *mlp;
+} mla_layer;
+
+/* dst = rope(x) for the MLA layout: x [d] interleaved pairs, de-interleaved first ([x0, x2, ..., x1, x3,
+ * ...], the order the official cache holds) and then rotated as rope_neox. */
+static void rope_interleaved(const float *x, const float *cos, const float *sin, float *dst, long d) {
+    float split[MAX_HEAD_DIM];
+    for (long i = 0; i < d / 2; ++i) split[i] = x[2 * i], split[d / 2 + i] = x[2 * i + 1];
+    rope_neox(split, cos, sin, 1.0f, dst, d);
+}
+
+/* The MLA layer on x [rows, H] as mha_layer_decode (same arguments; cos/sin [rows, rope]): RMSNorm, the
+ * query (through q_a_proj, its RMSNorm and q_b_proj, or q_proj), kv_a_proj_with_mqa split into the latent
+ * (RMSNorm'd) and the rope key (rotated), both written into the cache at pos, the query's rope part rotated,
+ * mla_decode_attention over positions 0 .. pos, o_proj, then the MLP half. */
+static int mla_layer_decode(const mla_layer *layer, const float *x, long rows, const float *cos, const float *sin,
+                            const float *mask, long pos, long *topk_idx, float *topk_weight, float *out) {
+    const long hidden = layer->hidden, heads = layer->heads, nope = layer->nope, rope = layer->rope;
+    const long latent = layer->latent, q_head = nope + rope, q_low = layer->q_lora_rank, kv_width = latent + rope;
+    float *buf = grow(&layer_buf, &layer_cap, (size_t)(rows * (3 * hidden + q_low + heads * (2 * q_head + layer->value)
+                                                              + kv_width)));
+    if (!buf) return -1;
+    float *normed = buf, *h = normed + rows * hidden, *mlp_out = h + rows * hidden, *q_a = mlp_out + rows * hidden;
+    float *q = q_a + rows * q_low, *kv = q + rows * heads * q_head, *q_nope = kv + rows * kv_width;
+    float *q_pe = q_nope + rows * heads * nope, *attn = q_pe + rows * heads * rope;
+    rms_norm_rows(x, layer->input_norm, normed, rows, hidden, layer->eps);
+    if (layer->proj[Q_A]) {
+        few_rows_linear(normed, layer->proj[Q_A], layer->proj_bf16[Q_A], q_a, rows, hidden, q_low);
+        rms_norm_rows(q_a, layer->q_a_norm, q_a, rows, q_low, layer->eps);
+        few_rows_linear(q_a, layer->proj[Q_B], layer->proj_bf16[Q_B], q, rows, q_low, heads * q_head);
+    } else {
+        few_rows_linear(normed, layer->proj[Q_B], layer->proj_bf16[Q_B], q, rows, hidden, heads * q_head);
+    }
+    few_rows_linear(normed, layer->proj[KV_A], layer->proj_bf16[KV_A], kv, rows, hidden, kv_width);
+    for (long b = 0; b < rows; ++b) {
+        const float *cos_b = cos + b * rope, *sin_b = sin + b * rope, *kv_row = kv + b * kv_width;
+        const long slot = b * layer->max_len + pos;
+        rms_norm_rows(kv_row, layer->kv_a_norm, layer->cache_ckv + slot * latent, 1, latent, layer->eps);
+        rope_interleaved(kv_row + latent, cos_b, sin_b, layer->cache_k_pe + slot * rope, rope);
+        for (long head = 0; head < heads; ++head) {
+            const float *q_bh = q + (b * heads + head) * q_head;
+            memcpy(q_nope + (b * heads + head) * nope, q_bh, (size_t)nope * sizeof(float));
+            rope_interleaved(q_bh + nope, cos_b, sin_b, q_pe + (b * heads + head) * rope, rope);
+        }
+    }
+    if (mla_decode_attention(q_nope, q_pe, layer->cache_k_pe, layer->cache_ckv, layer->proj[KV_B],
+                             layer->proj_bf16[KV_B], mask, attn, rows, heads, nope, rope, latent, layer->value,
+                             layer->max_len, pos + 1, layer->scale))
+        return -1;
+    few_rows_linear(attn, layer->proj[MLA_O], layer->proj_bf16[MLA_O], h, rows, heads * layer->value, hidden);
+    return mlp_residuals(layer->mlp, x, h, normed, mlp_out, rows, hidden, layer->post_norm, layer->eps, topk_idx,
+                         topk_weight, out);
+}
+
+/* A decoder layer of the stack decode_layers runs: an mha_layer (mla 0) or an mla_layer, and the number of
+ * experts its MLP block chooses per row (0: dense). */
+typedef struct {
+    const void *layer;
+    int mla;
+    long top_k;
+} stack_layer;
+
+/* out [rows, H] = the decoder layers one after another on x [rows, H] (one new token per sequence, at cache
+ * position pos; cos/sin [rows, D] for the layers' rotary width, mask [rows, max_len] additive). Layer l's
+ * choice of experts goes to topk_idx / topk_weight at offset rows * (the top_k of the layers before it).
+ * Why one call: per layer the Python around a layer's call (checks, buffers, ctypes) took 0.2-0.3 ms, about
+ * a tenth of a tiny or small decode step. Returns 0, or -1 when scratch memory ran out. */
+int decode_layers(const stack_layer *layers, long n_layers, const float *x, long rows, const float *cos,
+                  const float *sin, const float *mask, long pos, long *topk_idx, float *topk_weight, float *out) {
+    const float *in = x;
+    for (long l = 0; l < n_layers; ++l) {
+        const stack_layer *layer = layers + l;
+        const int status = layer->mla
+            ? mla_layer_decode(layer->layer, in, rows, cos, sin, mask, pos, topk_idx, topk_weight, out)
+            : mha_layer_decode(layer->layer, in, rows, cos, sin, mask, pos, topk_idx, topk_weight, out);
+        if (status) return -1;
+        in = out, topk_idx += rows * layer->top_k, topk_weight += rows * layer->top_k;
     }
     return 0;
 }

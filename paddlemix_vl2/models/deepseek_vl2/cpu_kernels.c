@@ -279,20 +279,8 @@ void gelu_tanh_inplace(float *x, long n) {
  * max_len, D], then per query head softmax(scale * q.K^T + mask) @ V over positions 0 .. pos (later ones
  * are masked anyway: not written yet). In Paddle this is about fifteen ops per layer (RoPE, two cache
  * writes, transposes, two matmuls, softmax) whose dispatch cost more than the cache reads themselves. */
-#define MAX_HEAD_DIM 512
-
 static _Thread_local float *scores_buf;
 static _Thread_local size_t scores_cap;
-
-/* dst = rope(x) * factor: x [d], cos/sin [d] (each half repeated) */
-static void rope_neox(const float *x, const float *cos, const float *sin, float factor, float *dst, long d) {
-    const long half = d / 2;
-    for (long i = 0; i < half; ++i) {
-        const float x1 = x[i], x2 = x[i + half];
-        dst[i] = (x1 * cos[i] + -x2 * sin[i]) * factor;
-        dst[i + half] = (x2 * cos[i + half] + x1 * sin[i + half]) * factor;
-    }
-}
 
 /* One token's keys and values (k, v [kv_heads, D], cos/sin [D]) into the heads-first cache of sequence b at
  * position pos: the keys rotated. */

@@ -83,6 +83,19 @@ static inline float exp_shifted_sum(const float *in, float *out, long n, float t
 /* out = softmax(in + m) over one row of n (m NULL: no mask); out may be in. */
 void softmax_row(const float *in, const float *m, float *o, long n);
 
+/* The widest head (MHA) or rotary part (MLA) the decode kernels take: native.MAX_DECODE_HEAD_DIM. */
+#define MAX_HEAD_DIM 512
+
+/* dst = rope(x) * factor: x [d], cos/sin [d] (each half repeated), NeoX's rotate_half; dst may be x. */
+static inline void rope_neox(const float *x, const float *cos, const float *sin, float factor, float *dst, long d) {
+    const long half = d / 2;
+    for (long i = 0; i < half; ++i) {
+        const float x1 = x[i], x2 = x[i + half];
+        dst[i] = (x1 * cos[i] + -x2 * sin[i]) * factor;
+        dst[i + half] = (x2 * cos[i + half] + x1 * sin[i + half]) * factor;
+    }
+}
+
 /* One decode step of multi-head attention over the heads-first cache (cpu_kernels.c; native.mha_decode
  * documents the arguments). Returns 0, or -1 when scratch memory ran out. */
 int mha_decode(const float *q, const float *k_new, const float *v_new, const float *cos, const float *sin,

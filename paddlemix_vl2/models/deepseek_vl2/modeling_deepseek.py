@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import paddle
 import paddle.nn.functional as F
@@ -19,7 +19,7 @@ from .configuration_deepseek import ConfigError, DeepseekV2Config, read_config_j
 from .kv_cache import KVCache
 from .layers import DeepseekV2MLP, DeepseekV2RMSNorm, Linear, TokenEmbedding
 from .moe import DeepseekV2MoE
-from .native_decode import MHALayer, decode_rows_apply, mha_layer_decode
+from .native_decode import DecodeStack, MHALayer, MLALayer, decode_layers, decode_rows_apply
 from .rotary import DeepseekV2RotaryEmbedding
 
 __all__ = [
@@ -80,29 +80,17 @@ class DeepseekV2DecoderLayer(nn.Layer):
 
     def forward(self, x, position_embeddings, mask, cache=None, cache_start=0):
         """x [B, T, H], position_embeddings (cos, sin) -> [B, T, H]; the cache is updated in place."""
-        if cache is not None and decode_rows_apply(x):
-            # Looked up on the prompt's pass too, so it is built there: built at the first decode step, the
-            # tiny model's twelve layer descriptions took 15-20 ms of a 35-50 ms step.
-            layer = self.decode_layer(cache)
-            if layer is not None and x.shape[1] == 1:
-                out, topk_idx = mha_layer_decode(x, layer, *position_embeddings, mask, cache_start)
-                if isinstance(self.mlp, DeepseekV2MoE):
-                    cache.record_routing(topk_idx)
-                return out
         h = x + self.self_attn(self.input_layernorm(x), position_embeddings, mask, cache, cache_start)
         return h + self.mlp(self.post_attention_layernorm(h), cache)
 
-    def decode_layer(self, cache: KVCache) -> Optional[MHALayer]:
-        """This layer as one decode-step kernel call takes it (``native_decode.MHALayer``: MHA layers
-        whose parts the kernels serve), kept in the generation's cache; None otherwise."""
-
-        def build():
-            block = self.mlp.decode_block(cache)  # also the MLP part of layers the kernel does not take whole
-            if block is None or not isinstance(self.self_attn, DeepseekV2MHAAttention):
-                return None
-            return MHALayer.of(self.self_attn, self.input_layernorm, self.post_attention_layernorm, block, cache)
-
-        return cache.memo((id(self), "decode_layer"), build)
+    def decode_layer(self, cache: KVCache) -> Optional[Union[MHALayer, MLALayer]]:
+        """This layer as the decode kernel takes it (``native_decode.MHALayer`` or ``MLALayer``, pointing into
+        the generation's cache); None where the kernels do not serve its attention or MLP."""
+        block = self.mlp.decode_block(cache)  # also the MLP part of layers the kernel does not take whole
+        if block is None:
+            return None
+        kind = MHALayer if isinstance(self.self_attn, DeepseekV2MHAAttention) else MLALayer
+        return kind.of(self.self_attn, self.input_layernorm, self.post_attention_layernorm, block, cache)
 
 
 class DeepseekV2Model(nn.Layer):
@@ -152,12 +140,29 @@ class DeepseekV2Model(nn.Layer):
             position_ids = default_position_ids(key_valid, start, q_len)
         mask = build_attention_mask(key_valid, start, q_len, inputs_embeds.dtype)
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype, seq_len=start + q_len)
-        hidden = inputs_embeds
-        for layer in self.layers:
-            hidden = layer(hidden, position_embeddings, mask, cache, start)
+        # Looked up on the prompt's pass too, so that it is made there: made at the first decode step, the
+        # tiny model's layer descriptions took 15-20 ms of a 35-50 ms step.
+        stack = self.decode_stack(cache) if cache is not None and decode_rows_apply(inputs_embeds) else None
+        if stack is not None and q_len == 1:
+            hidden, routing = decode_layers(inputs_embeds, stack, *position_embeddings, mask, start)
+            for topk_idx in routing:
+                cache.record_routing(topk_idx)
+        else:
+            hidden = inputs_embeds
+            for layer in self.layers:
+                hidden = layer(hidden, position_embeddings, mask, cache, start)
         if cache is not None:
             cache.commit(q_len)
         return self.norm(hidden)
+
+    def decode_stack(self, cache: KVCache) -> Optional[DecodeStack]:
+        """Every decoder layer as one ``native_decode.decode_layers`` call takes them, kept in the generation's
+        cache; None where the kernels do not serve every layer (the layers then run their modules, whose
+        MLP parts still decode through the MLP kernels). The fused call skips the modules, so forward hooks
+        on them (the gate, projections, norms) do not see decode steps; ``KVCache.routing`` records the
+        routing."""
+        return cache.memo((id(self), "decode_stack"),
+                          lambda: DecodeStack.of(layer.decode_layer(cache) for layer in self.layers))
 
 
 class DeepseekV2ForCausalLM(nn.Layer):

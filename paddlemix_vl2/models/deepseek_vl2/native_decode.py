@@ -1,22 +1,24 @@
-"""A decode step's layer blocks in one kernel call each (``cpu_decode.c``), for one to ``MAX_FEW_ROWS``
-rows (one new token per sequence):
+"""A decode step's decoder layers in one kernel call (``cpu_decode.c``), for one to ``MAX_FEW_ROWS`` rows
+(one new token per sequence):
 
 * ``mlp_block_decode``: a layer's MLP part, a MoE with its router (logits, ``route_rows`` for the rules of
-  ``moe.route``, the expert lists) or a dense MLP;
-* ``mha_layer_decode`` (AVX-512 builds): a whole decoder layer with multi-head attention (the tiny model's):
-  norms, projections, ``native.mha_decode``, residuals and the MLP block;
-* ``mla_decode_attention`` (AVX-512 builds): the absorbed multi-head latent attention of the small and full
-  models over the compressed cache (a plain kernel call, no structure).
+  ``moe.route``, the expert lists) or a dense MLP; the MLP modules call it when the whole layers are not
+  fused;
+* ``decode_layers`` (AVX-512 builds): every decoder layer of the model, each an ``MHALayer`` (the tiny
+  model's multi-head attention) or an ``MLALayer`` (the small and full models' latent attention): norms,
+  projections, RoPE, the cache write, attention, residuals and the MLP block;
+* ``mla_decode_attention`` (AVX-512 builds): the absorbed multi-head latent attention over the compressed
+  cache (a plain kernel call, no structure), which ``decode_layers`` and the attention module both use.
 
 The layers describe themselves once per generation (``KVCache.memo``) as the structures below, which hold
-the tensors they point to; a step then costs one ctypes call per layer. The fused calls skip the modules
-they stand for, so forward hooks on those (the gate, the projections, the norms) do not see these steps;
-``KVCache.routing`` records the routing.
+the tensors they point to; a step then costs one ctypes call for all layers. The fused call skips the
+modules it stands for, so forward hooks on those (the gate, the projections, the norms) do not see these
+steps; ``KVCache.routing`` records the routing.
 """
 from __future__ import annotations
 
 import ctypes
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import paddle
@@ -26,8 +28,8 @@ from .native import (
     inference_kernels_apply, is_bf16, kernel_library, output_tensor, weights_readable,
 )
 
-__all__ = ["RouterConfig", "MLPBlock", "MHALayer", "route_rows", "mlp_block_decode", "mha_layer_decode",
-           "mla_decode_attention", "decode_rows_apply"]
+__all__ = ["RouterConfig", "MLPBlock", "MHALayer", "MLALayer", "DecodeStack", "route_rows", "mlp_block_decode",
+           "decode_layers", "mla_decode_attention", "decode_rows_apply"]
 
 _VOID_P4 = ctypes.c_void_p * 4
 
@@ -126,11 +128,10 @@ class MHALayer(ctypes.Structure):
         or norm not in float32 (or norms with different epsilons), heads wider than ``MAX_DECODE_HEAD_DIM``,
         projections that are not plain bias-free ``Linear`` layers (``plain_projection_weights``) with
         weights the kernels read."""
-        library = kernel_library()
         weights = attention.plain_projection_weights()
         norms = (input_norm, post_norm)
         if (
-            library is None or library.vector_lanes() != 16 or cache.dtype != paddle.float32 or weights is None
+            not _decode_layers_built() or cache.dtype != paddle.float32 or weights is None
             or attention.head_dim > MAX_DECODE_HEAD_DIM or not all(weights_readable(w) for w in weights)
             or any(norm.weight.dtype != paddle.float32 for norm in norms)
             or input_norm.variance_epsilon != post_norm.variance_epsilon
@@ -147,6 +148,120 @@ class MHALayer(ctypes.Structure):
         layer.pinned = PinnedTensors([input_norm.weight, post_norm.weight, keys, values, *weights]) + mlp_block.pinned
         layer.block = mlp_block
         return layer
+
+
+_MLA_PROJECTIONS = 5
+
+
+class MLALayer(ctypes.Structure):
+    """One MLA decoder layer (``mla_layer``): projections q_a, q_b (or q_proj in q_b's place, q_a NULL),
+    kv_a_proj_with_mqa, kv_b and o ([out, in] weights, float32 or bf16, no biases), the four RMSNorms, the
+    layer's cache (k_pe, compressed_kv) and its MLP block."""
+
+    _fields_ = [
+        ("hidden", ctypes.c_long), ("heads", ctypes.c_long), ("q_lora_rank", ctypes.c_long), ("latent", ctypes.c_long),
+        ("nope", ctypes.c_long), ("rope", ctypes.c_long), ("value", ctypes.c_long), ("max_len", ctypes.c_long),
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p), ("q_a_norm", ctypes.c_void_p), ("kv_a_norm", ctypes.c_void_p),
+        ("proj", ctypes.c_void_p * _MLA_PROJECTIONS), ("proj_bf16", ctypes.c_int * _MLA_PROJECTIONS),
+        ("cache_k_pe", ctypes.c_void_p), ("cache_ckv", ctypes.c_void_p), ("mlp", ctypes.POINTER(MLPBlock)),
+    ]
+
+    @classmethod
+    def of(cls, attention, input_norm, post_norm, mlp_block: MLPBlock, cache) -> Optional["MLALayer"]:
+        """From a ``DeepseekV2Attention``, the layer's two ``DeepseekV2RMSNorm``, its MLP block and the
+        generation's ``KVCache``; None where the kernel does not serve the layer, as ``MHALayer.of`` (the
+        rotary width at most ``MAX_DECODE_HEAD_DIM``, all four norms float32 with one epsilon)."""
+        weights = attention.plain_projection_weights()  # q_a (or None), q_b or q_proj, kv_a, kv_b, o
+        q_a_norm = getattr(attention, "q_a_layernorm", None)
+        norms = [n for n in (input_norm, post_norm, q_a_norm, attention.kv_a_layernorm) if n is not None]
+        if (
+            not _decode_layers_built() or cache.dtype != paddle.float32 or weights is None
+            or attention.qk_rope_head_dim > MAX_DECODE_HEAD_DIM
+            or not all(weights_readable(w) for w in weights if w is not None)
+            or any(n.weight.dtype != paddle.float32 or n.variance_epsilon != input_norm.variance_epsilon
+                   for n in norms)
+        ):
+            return None
+        k_pe, compressed_kv = cache.buffers(attention.layer_idx)
+        layer = cls(
+            input_norm.weight.shape[0], attention.num_heads, attention.q_lora_rank or 0, attention.kv_lora_rank,
+            attention.qk_nope_head_dim, attention.qk_rope_head_dim, attention.v_head_dim, k_pe.shape[1],
+            input_norm.variance_epsilon, attention.softmax_scale, input_norm.weight.data_ptr(),
+            post_norm.weight.data_ptr(), None if q_a_norm is None else q_a_norm.weight.data_ptr(),
+            attention.kv_a_layernorm.weight.data_ptr(),
+            (ctypes.c_void_p * _MLA_PROJECTIONS)(*(None if w is None else w.data_ptr() for w in weights)),
+            (ctypes.c_int * _MLA_PROJECTIONS)(*(0 if w is None else is_bf16(w) for w in weights)),
+            k_pe.data_ptr(), compressed_kv.data_ptr(), ctypes.pointer(mlp_block),
+        )
+        pinned = [n.weight for n in norms] + [k_pe, compressed_kv] + [w for w in weights if w is not None]
+        layer.pinned = PinnedTensors(pinned) + mlp_block.pinned
+        layer.block = mlp_block
+        return layer
+
+
+class StackLayer(ctypes.Structure):
+    """A layer of the stack ``decode_layers`` runs (``stack_layer``): an ``MHALayer`` or ``MLALayer`` and the
+    experts its MLP block chooses per row."""
+
+    _fields_ = [("layer", ctypes.c_void_p), ("mla", ctypes.c_int), ("top_k", ctypes.c_long)]
+
+
+class DecodeStack:
+    """A model's decoder layers as one ``decode_layers`` call takes them, made once per generation."""
+
+    def __init__(self, layers):
+        self.layers = tuple(layers)  # MHALayer / MLALayer, which keep what they point to
+        self.table = (StackLayer * len(self.layers))(*(
+            StackLayer(ctypes.addressof(layer), int(isinstance(layer, MLALayer)), layer.block.router.top_k)
+            for layer in self.layers
+        ))
+        self.pinned = sum((layer.pinned for layer in self.layers), PinnedTensors(()))
+        self.rotary_width = self.layers[0].rope if isinstance(self.layers[0], MLALayer) else self.layers[0].head_dim
+        self.max_len = self.layers[0].max_len
+
+    @classmethod
+    def of(cls, layers) -> Optional["DecodeStack"]:
+        """The stack of the given layer descriptions, or None when any is None (the kernels do not serve it)."""
+        layers = list(layers)
+        return cls(layers) if layers and all(layer is not None for layer in layers) else None
+
+
+def decode_layers(
+    x: paddle.Tensor, stack: DecodeStack, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor, position: int
+) -> Tuple[paddle.Tensor, List[np.ndarray]]:
+    """Every decoder layer on one new token per sequence (``decode_rows_apply``), in one kernel call.
+
+    Args:
+        x: [B, 1, H] float32; cos, sin: [B, 1, D], the rotary table at the new positions (D the head width
+            of MHA, the rope width of MLA).
+        mask: additive [B, 1, 1, max_len] float32; position: the new tokens' cache slot (written here).
+    Returns:
+        [B, 1, H] (before the final norm), and each MoE layer's topk_idx [B, K], in layer order.
+    """
+    batch = x.shape[0]
+    check_step_mask(mask, batch, stack.max_len)
+    width = stack.rotary_width
+    if list(cos.shape) != [batch, 1, width] or list(sin.shape) != [batch, 1, width]:
+        raise ValueError(f"cos/sin {list(cos.shape)} {list(sin.shape)} do not fit {batch} rows of a rotary width "
+                         f"of {width}")
+    stack.pinned.check()
+    x, cos, sin, mask = (t if t.is_contiguous() else t.contiguous() for t in (x, cos, sin, mask))
+    top_ks = [entry.top_k for entry in stack.table]
+    topk_idx, topk_weight = _choice_buffers(batch, sum(top_ks))
+    out = output_tensor(x.shape)
+    check_status(kernel_library().decode_layers(
+        stack.table, len(top_ks), x.data_ptr(), batch, cos.data_ptr(), sin.data_ptr(), mask.data_ptr(), position,
+        topk_idx.ctypes.data, topk_weight.ctypes.data, out.data_ptr(),
+    ))
+    chosen = topk_idx.reshape(-1)
+    offsets = np.cumsum([0] + [batch * k for k in top_ks])
+    return out, [chosen[a:b].reshape(batch, k) for a, b, k in zip(offsets[:-1], offsets[1:], top_ks) if k]
+
+
+def _decode_layers_built() -> bool:
+    library = kernel_library()
+    return library is not None and library.vector_lanes() == 16
 
 
 def decode_rows_apply(x: paddle.Tensor) -> bool:
@@ -180,33 +295,6 @@ def mlp_block_decode(x: paddle.Tensor, block: MLPBlock) -> Tuple[paddle.Tensor, 
         out.data_ptr(),
     ))
     return out, topk_idx, topk_weight
-
-
-def mha_layer_decode(
-    x: paddle.Tensor, layer: MHALayer, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor, position: int
-) -> Tuple[paddle.Tensor, np.ndarray]:
-    """The decoder layer on one new token per sequence (``decode_rows_apply``).
-
-    Args:
-        x: [B, 1, H] float32; cos, sin: [B, 1, head_dim], the rotary table at the new positions.
-        mask: additive [B, 1, 1, max_len] float32; position: the new tokens' cache slot (written here).
-    Returns:
-        [B, 1, H], and the MoE's topk_idx [B, K] (K = 0 for a dense layer).
-    """
-    batch = x.shape[0]
-    check_step_mask(mask, batch, layer.max_len)
-    if list(cos.shape) != [batch, 1, layer.head_dim] or list(sin.shape) != [batch, 1, layer.head_dim]:
-        raise ValueError(f"cos/sin {list(cos.shape)} {list(sin.shape)} do not fit {batch} rows of heads of "
-                         f"{layer.head_dim}")
-    layer.pinned.check()
-    x, cos, sin, mask = (t if t.is_contiguous() else t.contiguous() for t in (x, cos, sin, mask))
-    topk_idx, topk_weight = _choice_buffers(batch, layer.block.router.top_k)
-    out = output_tensor(x.shape)
-    check_status(kernel_library().mha_layer_decode(
-        ctypes.addressof(layer), x.data_ptr(), batch, cos.data_ptr(), sin.data_ptr(), mask.data_ptr(), position,
-        topk_idx.ctypes.data, topk_weight.ctypes.data, out.data_ptr(),
-    ))
-    return out, topk_idx
 
 
 def mla_decode_attention(

@@ -302,6 +302,36 @@ def test_decode_kernels_refuse_weights_that_changed(change):
 
 
 @pytest.mark.parametrize("source", ["micro-tiny", "micro-small"])
+def test_decode_layers_refuse_inputs_that_do_not_fit_the_stack(source):
+    """``decode_layers`` names what does not fit (rows, rotary width, key_valid, a position outside the
+    cache) instead of reading past a buffer."""
+    from lm_golden import load_lm
+
+    if not _vector_kernels_built():
+        pytest.skip("no AVX-512 build of the CPU kernels here: decoder layers run their modules")
+    lm = load_lm(source)
+    with paddle.no_grad():
+        cache = lm.new_cache(2, 8)
+        lm(input_ids=paddle.to_tensor([[5, 6], [7, 8]]), cache=cache)
+        stack = lm.model.decode_stack(cache)
+        width, hidden = stack.rotary_width, lm.config.hidden_size
+        x, rotary = paddle.zeros([2, 1, hidden]), paddle.zeros([2, 1, width])
+        valid = paddle.ones([2, 8], dtype=paddle.bool)
+        out, routing = native_decode.decode_layers(x, stack, rotary, rotary, valid, 2)
+        assert out.shape == [2, 1, hidden] and len(routing) == sum(map(bool, stack.top_ks))
+        bad = [
+            (paddle.zeros([2, 1, hidden + 1]), rotary, valid, 2, "do not fit one new token"),
+            (x, paddle.zeros([2, 1, width + 2]), valid, 2, "rotary width"),
+            (x, rotary, paddle.ones([2, 9], dtype=paddle.bool), 2, "do not fit one new token"),
+            (x, rotary, paddle.ones([2, 8]), 2, "must be bool"),
+            (x, rotary, valid, 8, "within the cache"),
+        ]
+        for tokens, table, key_valid, position, message in bad:
+            with pytest.raises(ValueError, match=message):
+                native_decode.decode_layers(tokens, stack, table, table, key_valid, position)
+
+
+@pytest.mark.parametrize("source", ["micro-tiny", "micro-small"])
 def test_decode_structures_are_made_on_the_prompts_pass(source):
     """The decode kernel's description of the layers is made while the prompt goes through, so the first
     decode step makes none: MHA and MLA layers whole, with their MLP blocks."""

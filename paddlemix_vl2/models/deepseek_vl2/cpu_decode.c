@@ -546,13 +546,25 @@ typedef struct {
     long top_k;
 } stack_layer;
 
-/* out [rows, H] = the decoder layers one after another on x [rows, H] (one new token per sequence, at cache
- * position pos; cos/sin [rows, D] for the layers' rotary width, mask [rows, max_len] additive). Layer l's
- * choice of experts goes to topk_idx / topk_weight at offset rows * (the top_k of the layers before it).
- * Why one call: per layer the Python around a layer's call (checks, buffers, ctypes) took 0.2-0.3 ms, about
- * a tenth of a tiny or small decode step. Returns 0, or -1 when scratch memory ran out. */
-int decode_layers(const stack_layer *layers, long n_layers, const float *x, long rows, const float *cos,
-                  const float *sin, const float *mask, long pos, long *topk_idx, float *topk_weight, float *out) {
+/* out [rows, H] = the final RMSNorm (final_norm [H], eps) of the decoder layers run one after another on x
+ * [rows, hidden]: one new token per sequence, at cache position pos, with cos/sin [rows, D] for the layers'
+ * rotary width. key_valid [rows, max_len] (bytes, 0 at padding) gives the attention mask: position s <= pos
+ * is attended where valid, with the additive mask build_attention_mask makes (0, or float32's lowest
+ * finite value). Layer l's choice of experts goes to topk_idx / topk_weight at offset rows * (the top_k of
+ * the layers before it). Why one call, mask and norm included: between a step's kernels the weights
+ * stream through every cache, so Python and Paddle run cold there; each Paddle op then took 0.1-1 ms (the
+ * mask alone 1 ms, the final norm's call 1 ms), and per layer the Python around a layer's call 0.2-0.3 ms,
+ * about a tenth of a tiny or small decode step in all. Returns 0, or -1 when scratch memory ran out. */
+static _Thread_local float *step_mask_buf;
+static _Thread_local size_t step_mask_cap;
+
+int decode_layers(const stack_layer *layers, long n_layers, const float *final_norm, float eps, const float *x,
+                  long rows, long hidden, const float *cos, const float *sin, const unsigned char *key_valid,
+                  long max_len, long pos, long *topk_idx, float *topk_weight, float *out) {
+    float *mask = grow(&step_mask_buf, &step_mask_cap, (size_t)(rows * max_len));
+    if (!mask) return -1;
+    for (long b = 0; b < rows; ++b)
+        for (long s = 0; s <= pos; ++s) mask[b * max_len + s] = key_valid[b * max_len + s] ? 0.0f : -FLT_MAX;
     const float *in = x;
     for (long l = 0; l < n_layers; ++l) {
         const stack_layer *layer = layers + l;
@@ -562,6 +574,7 @@ int decode_layers(const stack_layer *layers, long n_layers, const float *x, long
         if (status) return -1;
         in = out, topk_idx += rows * layer->top_k, topk_weight += rows * layer->top_k;
     }
+    rms_norm_rows(out, final_norm, out, rows, hidden, eps);
     return 0;
 }
 #endif

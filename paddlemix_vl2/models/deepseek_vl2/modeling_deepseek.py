@@ -138,31 +138,32 @@ class DeepseekV2Model(nn.Layer):
             key_valid = attention_mask if attention_mask is not None else paddle.ones([bsz, q_len], dtype=paddle.bool)
         if position_ids is None:
             position_ids = default_position_ids(key_valid, start, q_len)
-        mask = build_attention_mask(key_valid, start, q_len, inputs_embeds.dtype)
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype, seq_len=start + q_len)
         # Looked up on the prompt's pass too, so that it is made there: made at the first decode step, the
         # tiny model's layer descriptions took 15-20 ms of a 35-50 ms step.
         stack = self.decode_stack(cache) if cache is not None and decode_rows_apply(inputs_embeds) else None
-        if stack is not None and q_len == 1:
-            hidden, routing = decode_layers(inputs_embeds, stack, *position_embeddings, mask, start)
+        if stack is not None and q_len == 1:  # the kernel masks by key_valid and applies the final norm
+            hidden, routing = decode_layers(inputs_embeds, stack, *position_embeddings, key_valid, start)
             for topk_idx in routing:
                 cache.record_routing(topk_idx)
-        else:
-            hidden = inputs_embeds
-            for layer in self.layers:
-                hidden = layer(hidden, position_embeddings, mask, cache, start)
+            cache.commit(q_len)
+            return hidden
+        mask = build_attention_mask(key_valid, start, q_len, inputs_embeds.dtype)
+        hidden = inputs_embeds
+        for layer in self.layers:
+            hidden = layer(hidden, position_embeddings, mask, cache, start)
         if cache is not None:
             cache.commit(q_len)
         return self.norm(hidden)
 
     def decode_stack(self, cache: KVCache) -> Optional[DecodeStack]:
-        """Every decoder layer as one ``native_decode.decode_layers`` call takes them, kept in the generation's
-        cache; None where the kernels do not serve every layer (the layers then run their modules, whose
-        MLP parts still decode through the MLP kernels). The fused call skips the modules, so forward hooks
-        on them (the gate, projections, norms) do not see decode steps; ``KVCache.routing`` records the
-        routing."""
+        """Every decoder layer and the final norm as one ``native_decode.decode_layers`` call takes them, kept
+        in the generation's cache; None where the kernels do not serve every layer (the layers then run their
+        modules, whose MLP parts still decode through the MLP kernels). The fused call skips the modules, so
+        forward hooks on them (the gate, projections, norms) do not see decode steps; ``KVCache.routing``
+        records the routing."""
         return cache.memo((id(self), "decode_stack"),
-                          lambda: DecodeStack.of(layer.decode_layer(cache) for layer in self.layers))
+                          lambda: DecodeStack.of((layer.decode_layer(cache) for layer in self.layers), self.norm))
 
 
 class DeepseekV2ForCausalLM(nn.Layer):
@@ -194,9 +195,11 @@ class DeepseekV2ForCausalLM(nn.Layer):
         needs just the last one). Other arguments as ``DeepseekV2Model.forward``.
         """
         hidden = self.model(input_ids, inputs_embeds, attention_mask, position_ids, cache)
-        if logits_to_keep:
+        if logits_to_keep and logits_to_keep < hidden.shape[1]:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden).astype(paddle.float32)
+        logits = self.lm_head(hidden)
+        if logits.dtype != paddle.float32:  # a decode step runs cold, where even a no-op cast costs
+            logits = logits.astype(paddle.float32)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)

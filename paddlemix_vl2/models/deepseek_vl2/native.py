@@ -191,8 +191,8 @@ def kernel_library() -> Optional[ctypes.CDLL]:
         )
         library.attention_prefill.restype = ctypes.c_int
         library.decode_layers.argtypes = (
-            [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 3
-            + [ctypes.c_long] + [ctypes.c_void_p] * 3
+            [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p] + [ctypes.c_long] * 2
+            + [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 3
         )
         library.decode_layers.restype = ctypes.c_int
         library.mla_decode_attention.argtypes = (
@@ -331,19 +331,21 @@ class PinnedTensors:
     ``check`` runs before every call."""
 
     def __init__(self, tensors: Sequence[paddle.Tensor]):
-        self.pairs = tuple((t, (t.data_ptr(), t.dtype)) for t in tensors)
+        self.tensors = tuple(tensors)
+        self.addresses = [t.data_ptr() for t in self.tensors]
+        self.dtypes = [t.dtype for t in self.tensors]
 
     def __add__(self, other: "PinnedTensors") -> "PinnedTensors":
         joined = PinnedTensors(())
-        joined.pairs = self.pairs + other.pairs
+        joined.tensors = self.tensors + other.tensors
+        joined.addresses, joined.dtypes = self.addresses + other.addresses, self.dtypes + other.dtypes
         return joined
 
     def check(self) -> None:
         """Raise when a tensor no longer lives where it was pinned, or holds another dtype there."""
-        for tensor, (address, dtype) in self.pairs:
-            if tensor.data_ptr() != address or tensor.dtype != dtype:
-                raise ValueError("the CPU kernels' weight pointers are stale (a weight was cast or replaced since "
-                                 "they were set up); start a new KVCache after changing the model's weights")
+        if [t.data_ptr() for t in self.tensors] != self.addresses or [t.dtype for t in self.tensors] != self.dtypes:
+            raise ValueError("the CPU kernels' weight pointers are stale (a weight was cast or replaced since "
+                             "they were set up); start a new KVCache after changing the model's weights")
 
 
 class MLPTable:

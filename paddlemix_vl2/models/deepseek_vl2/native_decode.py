@@ -208,55 +208,74 @@ class StackLayer(ctypes.Structure):
 
 
 class DecodeStack:
-    """A model's decoder layers as one ``decode_layers`` call takes them, made once per generation."""
+    """A model's decoder layers and final norm as one ``decode_layers`` call takes them, made once per
+    generation."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, final_norm):
         self.layers = tuple(layers)  # MHALayer / MLALayer, which keep what they point to
         self.table = (StackLayer * len(self.layers))(*(
             StackLayer(ctypes.addressof(layer), int(isinstance(layer, MLALayer)), layer.block.router.top_k)
             for layer in self.layers
         ))
-        self.pinned = sum((layer.pinned for layer in self.layers), PinnedTensors(()))
-        self.rotary_width = self.layers[0].rope if isinstance(self.layers[0], MLALayer) else self.layers[0].head_dim
-        self.max_len = self.layers[0].max_len
+        self.top_ks = [entry.top_k for entry in self.table]
+        self.final_norm = final_norm
+        self.pinned = sum((layer.pinned for layer in self.layers), PinnedTensors([final_norm.weight]))
+        first = self.layers[0]
+        self.hidden, self.max_len = first.hidden, first.max_len
+        self.rotary_width = first.rope if isinstance(first, MLALayer) else first.head_dim
 
     @classmethod
-    def of(cls, layers) -> Optional["DecodeStack"]:
-        """The stack of the given layer descriptions, or None when any is None (the kernels do not serve it)."""
+    def of(cls, layers, final_norm) -> Optional["DecodeStack"]:
+        """The stack of the given layer descriptions and the model's final ``DeepseekV2RMSNorm``, or None when
+        any layer is None (the kernels do not serve it) or the norm is not float32."""
         layers = list(layers)
-        return cls(layers) if layers and all(layer is not None for layer in layers) else None
+        if not layers or any(layer is None for layer in layers) or final_norm.weight.dtype != paddle.float32:
+            return None
+        return cls(layers, final_norm)
 
 
 def decode_layers(
-    x: paddle.Tensor, stack: DecodeStack, cos: paddle.Tensor, sin: paddle.Tensor, mask: paddle.Tensor, position: int
+    x: paddle.Tensor, stack: DecodeStack, cos: paddle.Tensor, sin: paddle.Tensor, key_valid: paddle.Tensor,
+    position: int,
 ) -> Tuple[paddle.Tensor, List[np.ndarray]]:
-    """Every decoder layer on one new token per sequence (``decode_rows_apply``), in one kernel call.
+    """Every decoder layer and the final norm on one new token per sequence (``decode_rows_apply``), in one
+    kernel call.
 
     Args:
         x: [B, 1, H] float32; cos, sin: [B, 1, D], the rotary table at the new positions (D the head width
             of MHA, the rope width of MLA).
-        mask: additive [B, 1, 1, max_len] float32; position: the new tokens' cache slot (written here).
+        key_valid: the cache's [B, max_len] bool (False at padding), the new position included; position:
+            the new tokens' cache slot (written here). The kernel masks as ``build_attention_mask``.
     Returns:
-        [B, 1, H] (before the final norm), and each MoE layer's topk_idx [B, K], in layer order.
+        [B, 1, H] after the final norm, and each MoE layer's topk_idx [B, K], in layer order.
     """
     batch = x.shape[0]
-    check_step_mask(mask, batch, stack.max_len)
     width = stack.rotary_width
+    if list(x.shape) != [batch, 1, stack.hidden] or list(key_valid.shape) != [batch, stack.max_len]:
+        raise ValueError(f"x {list(x.shape)} and key_valid {list(key_valid.shape)} do not fit one new token per "
+                         f"sequence of width {stack.hidden} over a cache of {stack.max_len}")
     if list(cos.shape) != [batch, 1, width] or list(sin.shape) != [batch, 1, width]:
         raise ValueError(f"cos/sin {list(cos.shape)} {list(sin.shape)} do not fit {batch} rows of a rotary width "
                          f"of {width}")
+    if key_valid.dtype != paddle.bool or not 0 <= position < stack.max_len:
+        raise ValueError(f"key_valid must be bool ({key_valid.dtype}) and position {position} within the cache of "
+                         f"{stack.max_len}")
     stack.pinned.check()
-    x, cos, sin, mask = (t if t.is_contiguous() else t.contiguous() for t in (x, cos, sin, mask))
-    top_ks = [entry.top_k for entry in stack.table]
-    topk_idx, topk_weight = _choice_buffers(batch, sum(top_ks))
+    x, cos, sin, key_valid = (t if t.is_contiguous() else t.contiguous() for t in (x, cos, sin, key_valid))
+    topk_idx, topk_weight = _choice_buffers(batch, sum(stack.top_ks))
     out = output_tensor(x.shape)
+    norm = stack.final_norm
     check_status(kernel_library().decode_layers(
-        stack.table, len(top_ks), x.data_ptr(), batch, cos.data_ptr(), sin.data_ptr(), mask.data_ptr(), position,
+        stack.table, len(stack.top_ks), norm.weight.data_ptr(), norm.variance_epsilon, x.data_ptr(), batch,
+        stack.hidden, cos.data_ptr(), sin.data_ptr(), key_valid.data_ptr(), stack.max_len, position,
         topk_idx.ctypes.data, topk_weight.ctypes.data, out.data_ptr(),
     ))
-    chosen = topk_idx.reshape(-1)
-    offsets = np.cumsum([0] + [batch * k for k in top_ks])
-    return out, [chosen[a:b].reshape(batch, k) for a, b, k in zip(offsets[:-1], offsets[1:], top_ks) if k]
+    chosen, first, routing = topk_idx.reshape(-1), 0, []
+    for k in stack.top_ks:
+        if k:
+            routing.append(chosen[first:first + batch * k].reshape(batch, k))
+            first += batch * k
+    return out, routing
 
 
 def _decode_layers_built() -> bool:

@@ -297,38 +297,40 @@ def test_decode_kernels_refuse_weights_that_changed(change):
         lm(input_ids=paddle.to_tensor([[5]]), cache=cache)
         assert cache.memo((id(lm.model), "decode_stack"), lambda: None) is not None
         change(layer.self_attn.o_proj)
-        with pytest.raises(ValueError, match="start a new KVCache"):
-            lm(input_ids=paddle.to_tensor([[6]]), cache=cache)
+        with pytest.raises(ValueError, match="start a new KVCache"):  # a decode step as generation makes it
+            lm(input_ids=paddle.to_tensor([[6]]), position_ids=paddle.to_tensor([[1]]), cache=cache)
 
 
 @pytest.mark.parametrize("source", ["micro-tiny", "micro-small"])
-def test_decode_layers_refuse_inputs_that_do_not_fit_the_stack(source):
-    """``decode_layers`` names what does not fit (rows, rotary width, key_valid, a position outside the
-    cache) instead of reading past a buffer."""
+def test_decode_step_refuses_inputs_that_do_not_fit(source):
+    """``decode_step`` names what does not fit (the ids' or positions' shape or dtype, a position outside the
+    cache, a token id outside the vocabulary) instead of reading past a buffer, and writes nothing then."""
     from lm_golden import load_lm
 
     if not _vector_kernels_built():
-        pytest.skip("no AVX-512 build of the CPU kernels here: decoder layers run their modules")
+        pytest.skip("no AVX-512 build of the CPU kernels here: decode steps run the modules")
     lm = load_lm(source)
     with paddle.no_grad():
         cache = lm.new_cache(2, 8)
         lm(input_ids=paddle.to_tensor([[5, 6], [7, 8]]), cache=cache)
         stack = lm.model.decode_stack(cache)
-        width, hidden = stack.rotary_width, lm.config.hidden_size
-        x, rotary = paddle.zeros([2, 1, hidden]), paddle.zeros([2, 1, width])
-        valid = paddle.ones([2, 8], dtype=paddle.bool)
-        out, routing = native_decode.decode_layers(x, stack, rotary, rotary, valid, 2)
-        assert out.shape == [2, 1, hidden] and len(routing) == sum(map(bool, stack.top_ks))
+        ids, positions = paddle.to_tensor([[3], [4]]), paddle.to_tensor([[2], [2]])
+        before = [b.numpy() for pair in cache.layers for b in pair] + [cache.key_valid.numpy()]
         bad = [
-            (paddle.zeros([2, 1, hidden + 1]), rotary, valid, 2, "do not fit one new token"),
-            (x, paddle.zeros([2, 1, width + 2]), valid, 2, "rotary width"),
-            (x, rotary, paddle.ones([2, 9], dtype=paddle.bool), 2, "do not fit one new token"),
-            (x, rotary, paddle.ones([2, 8]), 2, "must be bool"),
-            (x, rotary, valid, 8, "within the cache"),
+            (paddle.to_tensor([[3, 4], [4, 5]]), positions, 2, "must be \\[2, 1\\] int64"),
+            (ids, positions.astype("int32"), 2, "must be \\[2, 1\\] int64"),
+            (ids, positions, 8, "outside the cache"),
+            (paddle.to_tensor([[3], [lm.config.vocab_size]]), positions, 2, "outside the vocabulary"),
+            (paddle.to_tensor([[-1], [4]]), positions, 2, "outside the vocabulary"),
         ]
-        for tokens, table, key_valid, position, message in bad:
+        for tokens, places, position, message in bad:
             with pytest.raises(ValueError, match=message):
-                native_decode.decode_layers(tokens, stack, table, table, key_valid, position)
+                native_decode.decode_step(tokens, places, stack, position)
+        after = [b.numpy() for pair in cache.layers for b in pair] + [cache.key_valid.numpy()]
+        for a, b in zip(before, after):
+            np.testing.assert_array_equal(a, b)
+        out, routing = native_decode.decode_step(ids, positions, stack, 2)
+        assert out.shape == [2, 1, lm.config.hidden_size] and len(routing) == sum(map(bool, stack.top_ks))
 
 
 @pytest.mark.parametrize("source", ["micro-tiny", "micro-small"])
@@ -357,46 +359,60 @@ def test_decode_structures_are_made_on_the_prompts_pass(source):
     assert cache._memo.keys() == made.keys()
 
 
-def _with_q_lora(lm):
-    """A random-weight model of ``lm``'s config with a q_lora_rank (the full 27B's query path, q_a_proj,
-    its norm and q_b_proj; no micro checkpoint has one)."""
+VARIANTS = {
+    # the full 27B's query path (q_a_proj, its norm, q_b_proj); no micro checkpoint has one
+    "q_lora": {"q_lora_rank": 24},
+    "yarn": {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                              "beta_fast": 32, "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 0.6}},
+    "linear": {"rope_scaling": {"type": "linear", "factor": 3.0}},
+}
+
+
+def _variant(lm, name):
+    """A random-weight model of ``lm``'s config with the changes of ``VARIANTS[name]``."""
     from paddlemix_vl2.models.deepseek_vl2 import DeepseekV2Config, DeepseekV2ForCausalLM
 
     paddle.seed(0)
-    model = DeepseekV2ForCausalLM(DeepseekV2Config.from_dict({**lm.config.to_dict(), "q_lora_rank": 24}))
+    model = DeepseekV2ForCausalLM(DeepseekV2Config.from_dict({**lm.config.to_dict(), **VARIANTS[name]}))
     model.eval()
     return model
 
 
 @pytest.mark.parametrize("source,weight_dtype", [
     ("micro-tiny", "auto"), ("micro-tiny", "float32"), ("micro-small", "auto"), ("micro-full", "auto"),
-    ("micro-full", "float32"), ("micro-full q_lora", "float32"),
+    ("micro-full", "float32"), ("micro-full q_lora", "float32"), ("micro-full yarn", "float32"),
+    ("micro-tiny linear", "float32"),
 ])
 @pytest.mark.parametrize("batch", [1, 6])
 def test_decode_layers_equal_the_layer_by_layer_path(monkeypatch, source, weight_dtype, batch):
-    """Decode steps with every decoder layer in one ``decode_layers`` call (MHA or MLA layers, the query
-    through q_proj or q_a_proj/q_b_proj) against the same steps through the layers' modules with every
-    decode kernel off but the per-op ones (the gate module routes): the same logits, routing and cache
-    contents, dense and MoE layers, bf16-stored and float32 weights, one and six sequences (left-padded)."""
+    """Decode steps in one ``decode_step`` call (embedding, rotary table with and without scaling, mask, MHA
+    or MLA layers with the query through q_proj or q_a_proj/q_b_proj, final norm) against the same steps
+    through the modules with every decode kernel off but the per-op ones (the gate module routes): the same
+    logits, routing and cache contents, dense and MoE layers, bf16-stored and float32 weights, one and six
+    sequences (left-padded)."""
     from lm_golden import load_lm
     from paddlemix_vl2.generation import decode_one_token, prefill
     from paddlemix_vl2.models.deepseek_vl2 import modeling_deepseek
 
     if not _vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: decoder layers run their modules")
-    lm = load_lm(source.split()[0], weight_dtype)
-    if source.endswith("q_lora"):
-        lm = _with_q_lora(lm)
+    name, *variant = source.split()
+    lm = load_lm(name, weight_dtype)
+    if variant:
+        lm = _variant(lm, variant[0])
     rng = np.random.default_rng(batch)
     ids = paddle.to_tensor(rng.integers(0, lm.config.vocab_size, size=(batch, 6)))
     mask = paddle.to_tensor(np.arange(6)[None, :] >= np.arange(batch)[:, None] % 3)  # left padding
-    real_apply, real_layers = native_decode.decode_rows_apply, native_decode.decode_layers
+    real_apply, real_step = native_decode.decode_rows_apply, native_decode.decode_step
+    real_step_applies = native_decode.decode_step_applies
     runs = {}
     for fused in (True, False):
         calls = []
         for module in (modeling_deepseek, moe_module):
             monkeypatch.setattr(module, "decode_rows_apply", lambda x, fused=fused: fused and real_apply(x))
-        monkeypatch.setattr(modeling_deepseek, "decode_layers", lambda *args: calls.append(1) or real_layers(*args))
+        monkeypatch.setattr(modeling_deepseek, "decode_step_applies",
+                            lambda ids, fused=fused: fused and real_step_applies(ids))
+        monkeypatch.setattr(modeling_deepseek, "decode_step", lambda *args: calls.append(1) or real_step(*args))
         with paddle.no_grad():
             cache = lm.new_cache(batch, 10)
             cache.routing = []
@@ -509,8 +525,8 @@ def test_mla_decode_steps_with_the_kernel_equal_the_paddle_path(monkeypatch, nam
     ids = paddle.to_tensor(np.random.default_rng(0).integers(0, lm.config.vocab_size, size=(3, 6)))
     mask = paddle.to_tensor(np.arange(6)[None, :] >= np.arange(3)[:, None])
     kernel, real_apply, real_prefill = attention.mla_decode_attention, attention.mha_kernels_apply, attention.attention_prefill
-    # The layers' modules, not the fused stack (test_decode_layers_equal_the_layer_by_layer_path checks that).
-    monkeypatch.setattr(modeling_deepseek, "decode_rows_apply", lambda x: False)
+    # The layers' modules, not the fused step (test_decode_layers_equal_the_layer_by_layer_path checks that).
+    monkeypatch.setattr(modeling_deepseek, "decode_step_applies", lambda ids: False)
     runs = []
     for use_kernel in (True, False):
         calls, prefill_calls = [], []
@@ -690,7 +706,7 @@ def test_rope_store_prefill_equals_paddle_rope_and_the_cache_write():
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_mha_decode_step_equals_the_plain_path(monkeypatch, kv_heads):
-    """A prefill (``attention_prefill``) and a decode step (``decode_layers``, whose ``mha_decode`` does
+    """A prefill (``attention_prefill``) and a decode step (``decode_step``, whose ``mha_decode`` does
     RoPE, the cache write and attention over the written positions) of MHA through the kernels against the
     Paddle path: two sequences, one left-padded, heads of 18 (not a multiple of the vector width), and
     grouped keys/values; the logits and the cache must agree."""
@@ -717,13 +733,13 @@ def test_mha_decode_step_equals_the_plain_path(monkeypatch, kv_heads):
             monkeypatch.setenv(native.NATIVE_VARIABLE, native_setting)
         native.kernel_library.cache_clear()
         calls = []
-        kernel = native_decode.decode_layers
-        monkeypatch.setattr("paddlemix_vl2.models.deepseek_vl2.modeling_deepseek.decode_layers",
+        kernel = native_decode.decode_step
+        monkeypatch.setattr("paddlemix_vl2.models.deepseek_vl2.modeling_deepseek.decode_step",
                             lambda *args: calls.append(1) or kernel(*args))
         with paddle.no_grad():
             cache = lm.new_cache(2, 9)
             lm(input_ids=prompt, attention_mask=valid, cache=cache)
-            logits = lm(input_ids=token, cache=cache).logits
+            logits = lm(input_ids=token, position_ids=paddle.to_tensor([[6], [4]]), cache=cache).logits
         results.append((logits.numpy(), [b.numpy() for pair in cache.layers for b in pair], len(calls)))
     monkeypatch.delenv(native.NATIVE_VARIABLE)
     native.kernel_library.cache_clear()

@@ -4,8 +4,8 @@
  * mha_layer_decode, a whole decoder layer with multi-head attention (the tiny model's): RMSNorm, the q/k/v
  * projections, mha_decode, o_proj, the residual, RMSNorm, the MLP block, the residual; mla_layer_decode,
  * the same with multi-head latent attention (the small and full models'), whose attention is
- * mla_decode_attention, absorbed, over the compressed cache (its own notes below); and decode_layers, which
- * runs a model's layers one after another.
+ * mla_decode_attention, absorbed, over the compressed cache (its own notes below); and decode_step, which
+ * runs a model's whole step from the token ids to the final norm.
  *
  * Why: per layer and step the Python path made about thirty Paddle and NumPy calls (predicates, norms,
  * projections, the gate's matmul, softmax and top-k, host copies, a sort, the expert lists, residual adds)
@@ -538,7 +538,7 @@ static int mla_layer_decode(const mla_layer *layer, const float *x, long rows, c
                          topk_weight, out);
 }
 
-/* A decoder layer of the stack decode_layers runs: an mha_layer (mla 0) or an mla_layer, and the number of
+/* A decoder layer of the stack decode_step runs: an mha_layer (mla 0) or an mla_layer, and the number of
  * experts its MLP block chooses per row (0: dense). */
 typedef struct {
     const void *layer;
@@ -546,35 +546,69 @@ typedef struct {
     long top_k;
 } stack_layer;
 
-/* out [rows, H] = the final RMSNorm (final_norm [H], eps) of the decoder layers run one after another on x
- * [rows, hidden]: one new token per sequence, at cache position pos, with cos/sin [rows, D] for the layers'
- * rotary width. key_valid [rows, max_len] (bytes, 0 at padding) gives the attention mask: position s <= pos
- * is attended where valid, with the additive mask build_attention_mask makes (0, or float32's lowest
- * finite value). Layer l's choice of experts goes to topk_idx / topk_weight at offset rows * (the top_k of
- * the layers before it). Why one call, mask and norm included: between a step's kernels the weights
- * stream through every cache, so Python and Paddle run cold there; each Paddle op then took 0.1-1 ms (the
- * mask alone 1 ms, the final norm's call 1 ms), and per layer the Python around a layer's call 0.2-0.3 ms,
- * about a tenth of a tiny or small decode step in all. Returns 0, or -1 when scratch memory ran out. */
-static _Thread_local float *step_mask_buf;
-static _Thread_local size_t step_mask_cap;
+/* A model's decode step as native_decode.DecodeStack lays it out: its decoder layers; the token embedding
+ * table [vocab, hidden] (float32, or bfloat16 where embed_bf16); the rotary inverse frequencies [rotary_dim / 2]
+ * with the position divisor (rope_scaling "linear": its factor, else 1) and mscale (yarn's, else 1); the
+ * final RMSNorm; the cache's key_valid [rows, max_len] (bytes, 0 at padding and unwritten positions). */
+typedef struct {
+    const stack_layer *layers;
+    long n_layers, hidden, vocab, rotary_dim, max_len;
+    const void *embed;
+    int embed_bf16;
+    const float *inv_freq;
+    float position_divisor, mscale;
+    const float *final_norm;
+    float eps;
+    unsigned char *key_valid;
+} decode_stack;
 
-int decode_layers(const stack_layer *layers, long n_layers, const float *final_norm, float eps, const float *x,
-                  long rows, long hidden, const float *cos, const float *sin, const unsigned char *key_valid,
-                  long max_len, long pos, long *topk_idx, float *topk_weight, float *out) {
-    float *mask = grow(&step_mask_buf, &step_mask_cap, (size_t)(rows * max_len));
-    if (!mask) return -1;
+static _Thread_local float *step_buf;
+static _Thread_local size_t step_cap;
+
+/* out [rows, hidden] = one decode step of the model up to the final RMSNorm, for token ids [rows] at rotary
+ * positions [rows], written at cache position pos (key_valid's column pos set): the embedding rows, the
+ * rotary table (cos/sin as DeepseekV2RotaryEmbedding computes them in float32), the attention mask
+ * (build_attention_mask's: 0 where s <= pos is valid, float32's lowest finite value elsewhere), the layers
+ * one after another, the final norm. Layer l's choice of experts goes to topk_idx / topk_weight at offset
+ * rows * (the top_k of the layers before it). Why one call: between a step's kernels the weights stream
+ * through every cache, so Python and Paddle run cold there: each Paddle op took 0.2-1.3 ms (the embedding,
+ * the rotary table, the mask, the final norm's call, the cache bookkeeping about 1 ms each), and the
+ * Python around each layer's call 0.2-0.3 ms, a tenth or more of a tiny or small decode step in all.
+ * Returns 0, -1 when scratch memory ran out, or -2 for a token id outside the vocabulary (nothing is
+ * written then). */
+int decode_step(const decode_stack *stack, const long *ids, const long *positions, long rows, long pos,
+                long *topk_idx, float *topk_weight, float *out) {
+    const long hidden = stack->hidden, dim = stack->rotary_dim, max_len = stack->max_len;
     for (long b = 0; b < rows; ++b)
-        for (long s = 0; s <= pos; ++s) mask[b * max_len + s] = key_valid[b * max_len + s] ? 0.0f : -FLT_MAX;
+        if (ids[b] < 0 || ids[b] >= stack->vocab) return -2;
+    float *buf = grow(&step_buf, &step_cap, (size_t)(rows * (hidden + 2 * dim + max_len)));
+    if (!buf) return -1;
+    float *x = buf, *cos = x + rows * hidden, *sin = cos + rows * dim, *mask = sin + rows * dim;
+    for (long b = 0; b < rows; ++b) {
+        for (long i = 0; i < hidden; ++i)
+            x[b * hidden + i] = stack->embed_bf16 ? bf16_to_float(((const bf16_t *)stack->embed)[ids[b] * hidden + i])
+                                                  : ((const float *)stack->embed)[ids[b] * hidden + i];
+        const float position = (float)positions[b] / stack->position_divisor;
+        for (long i = 0; i < dim / 2; ++i) {
+            const float angle = position * stack->inv_freq[i];
+            float c = cosf(angle), s = sinf(angle);
+            if (stack->mscale != 1.0f) c *= stack->mscale, s *= stack->mscale;
+            cos[b * dim + i] = cos[b * dim + dim / 2 + i] = c;
+            sin[b * dim + i] = sin[b * dim + dim / 2 + i] = s;
+        }
+        stack->key_valid[b * max_len + pos] = 1;
+        for (long s = 0; s <= pos; ++s) mask[b * max_len + s] = stack->key_valid[b * max_len + s] ? 0.0f : -FLT_MAX;
+    }
     const float *in = x;
-    for (long l = 0; l < n_layers; ++l) {
-        const stack_layer *layer = layers + l;
+    for (long l = 0; l < stack->n_layers; ++l) {
+        const stack_layer *layer = stack->layers + l;
         const int status = layer->mla
             ? mla_layer_decode(layer->layer, in, rows, cos, sin, mask, pos, topk_idx, topk_weight, out)
             : mha_layer_decode(layer->layer, in, rows, cos, sin, mask, pos, topk_idx, topk_weight, out);
         if (status) return -1;
         in = out, topk_idx += rows * layer->top_k, topk_weight += rows * layer->top_k;
     }
-    rms_norm_rows(out, final_norm, out, rows, hidden, eps);
+    rms_norm_rows(out, stack->final_norm, out, rows, hidden, stack->eps);
     return 0;
 }
 #endif

@@ -66,17 +66,23 @@ class KVCache:
 
         attention_mask: [B, num_new] for the new tokens (False = padding), or None for all valid.
         """
+        start = self.reserve(num_new)
+        valid = (
+            paddle.ones([self.batch_size, num_new], dtype=paddle.bool)
+            if attention_mask is None else attention_mask.astype(paddle.bool)
+        )
+        self.key_valid[:, start:start + num_new] = valid
+        return start
+
+    def reserve(self, num_new: int) -> int:
+        """The start of ``num_new`` free positions (``begin`` without marking them valid: a fused decode step
+        marks its own); raises when the cache has no room."""
         start = self.length
         if start + num_new > self.max_length:
             raise ValueError(
                 f"KV cache is full: {start} + {num_new} tokens > max_length {self.max_length}; "
                 "allocate a longer cache"
             )
-        valid = (
-            paddle.ones([self.batch_size, num_new], dtype=paddle.bool)
-            if attention_mask is None else attention_mask.astype(paddle.bool)
-        )
-        self.key_valid[:, start:start + num_new] = valid
         return start
 
     def commit(self, num_new: int) -> None:

@@ -19,7 +19,7 @@ from .configuration_deepseek import ConfigError, DeepseekV2Config, read_config_j
 from .kv_cache import KVCache
 from .layers import DeepseekV2MLP, DeepseekV2RMSNorm, Linear, TokenEmbedding
 from .moe import DeepseekV2MoE
-from .native_decode import DecodeStack, MHALayer, MLALayer, decode_layers, decode_rows_apply
+from .native_decode import DecodeStack, MHALayer, MLALayer, decode_rows_apply, decode_step, decode_step_applies
 from .rotary import DeepseekV2RotaryEmbedding
 
 __all__ = [
@@ -123,6 +123,18 @@ class DeepseekV2Model(nn.Layer):
             position_ids: [B, T]; by default ``cumsum(mask) - 1`` over the cache, padding at 1.
             cache: a ``KVCache``; the new tokens are appended to it.
         """
+        if (
+            cache is not None and inputs_embeds is None and input_ids is not None and input_ids.shape[1] == 1
+            and position_ids is not None and attention_mask is None and decode_step_applies(input_ids)
+        ):
+            stack = self.decode_stack(cache)
+            if stack is not None:
+                start = cache.reserve(1)
+                hidden, routing = decode_step(input_ids, position_ids, stack, start)
+                for topk_idx in routing:
+                    cache.record_routing(topk_idx)
+                cache.commit(1)
+                return hidden
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
@@ -133,21 +145,16 @@ class DeepseekV2Model(nn.Layer):
         if cache is not None:
             start = cache.begin(q_len, attention_mask)
             key_valid = cache.key_valid  # attention reads the whole cache; see kv_cache.py
+            if decode_rows_apply(inputs_embeds):
+                # Made on the prompt's pass, so that the first decode step does not: made there, the tiny
+                # model's layer descriptions took 15-20 ms of a 35-50 ms step.
+                self.decode_stack(cache)
         else:
             start = 0
             key_valid = attention_mask if attention_mask is not None else paddle.ones([bsz, q_len], dtype=paddle.bool)
         if position_ids is None:
             position_ids = default_position_ids(key_valid, start, q_len)
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype, seq_len=start + q_len)
-        # Looked up on the prompt's pass too, so that it is made there: made at the first decode step, the
-        # tiny model's layer descriptions took 15-20 ms of a 35-50 ms step.
-        stack = self.decode_stack(cache) if cache is not None and decode_rows_apply(inputs_embeds) else None
-        if stack is not None and q_len == 1:  # the kernel masks by key_valid and applies the final norm
-            hidden, routing = decode_layers(inputs_embeds, stack, *position_embeddings, key_valid, start)
-            for topk_idx in routing:
-                cache.record_routing(topk_idx)
-            cache.commit(q_len)
-            return hidden
         mask = build_attention_mask(key_valid, start, q_len, inputs_embeds.dtype)
         hidden = inputs_embeds
         for layer in self.layers:
@@ -157,13 +164,15 @@ class DeepseekV2Model(nn.Layer):
         return self.norm(hidden)
 
     def decode_stack(self, cache: KVCache) -> Optional[DecodeStack]:
-        """Every decoder layer and the final norm as one ``native_decode.decode_layers`` call takes them, kept
-        in the generation's cache; None where the kernels do not serve every layer (the layers then run their
-        modules, whose MLP parts still decode through the MLP kernels). The fused call skips the modules, so
-        forward hooks on them (the gate, projections, norms) do not see decode steps; ``KVCache.routing``
-        records the routing."""
-        return cache.memo((id(self), "decode_stack"),
-                          lambda: DecodeStack.of((layer.decode_layer(cache) for layer in self.layers), self.norm))
+        """The model's decode step as one ``native_decode.decode_step`` call takes it (token ids in, hidden
+        states after the final norm out), kept in the generation's cache; None where the kernels do not
+        serve every part (the step then runs the modules, whose MLP parts still decode through the MLP
+        kernels). A forward takes it for one token per sequence given as ``input_ids`` with
+        ``position_ids`` and no ``attention_mask`` (what ``generation`` passes). The fused call skips the
+        modules, so forward hooks on them do not see decode steps; ``KVCache.routing`` records the routing."""
+        return cache.memo((id(self), "decode_stack"), lambda: DecodeStack.of(
+            (layer.decode_layer(cache) for layer in self.layers), self.embed_tokens, self.rotary_emb, self.norm, cache
+        ))
 
 
 class DeepseekV2ForCausalLM(nn.Layer):

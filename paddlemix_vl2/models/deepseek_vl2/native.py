@@ -190,11 +190,8 @@ def kernel_library() -> Optional[ctypes.CDLL]:
             [ctypes.c_void_p] * 5 + [ctypes.c_long] * 9 + [ctypes.c_int, ctypes.c_float]
         )
         library.attention_prefill.restype = ctypes.c_int
-        library.decode_layers.argtypes = (
-            [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p] + [ctypes.c_long] * 2
-            + [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 3
-        )
-        library.decode_layers.restype = ctypes.c_int
+        library.decode_step.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 3
+        library.decode_step.restype = ctypes.c_int
         library.mla_decode_attention.argtypes = (
             [ctypes.c_void_p] * 5 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 8 + [ctypes.c_float]
         )

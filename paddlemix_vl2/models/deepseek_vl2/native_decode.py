@@ -1,19 +1,19 @@
-"""A decode step's decoder layers in one kernel call (``cpu_decode.c``), for one to ``MAX_FEW_ROWS`` rows
-(one new token per sequence):
+"""A decode step in one kernel call (``cpu_decode.c``), for one to ``MAX_FEW_ROWS`` rows (one new token per
+sequence):
 
 * ``mlp_block_decode``: a layer's MLP part, a MoE with its router (logits, ``route_rows`` for the rules of
-  ``moe.route``, the expert lists) or a dense MLP; the MLP modules call it when the whole layers are not
-  fused;
-* ``decode_layers`` (AVX-512 builds): every decoder layer of the model, each an ``MHALayer`` (the tiny
-  model's multi-head attention) or an ``MLALayer`` (the small and full models' latent attention): norms,
+  ``moe.route``, the expert lists) or a dense MLP; the MLP modules call it when the step is not fused;
+* ``decode_step`` (AVX-512 builds): the whole step up to the final norm, from the token ids: the embedding
+  rows, the rotary table, the mask, then every decoder layer, each an ``MHALayer`` (the tiny model's
+  multi-head attention) or an ``MLALayer`` (the small and full models' latent attention): norms,
   projections, RoPE, the cache write, attention, residuals and the MLP block;
 * ``mla_decode_attention`` (AVX-512 builds): the absorbed multi-head latent attention over the compressed
-  cache (a plain kernel call, no structure), which ``decode_layers`` and the attention module both use.
+  cache (a plain kernel call, no structure), which ``decode_step`` and the attention module both use.
 
-The layers describe themselves once per generation (``KVCache.memo``) as the structures below, which hold
-the tensors they point to; a step then costs one ctypes call for all layers. The fused call skips the
-modules it stands for, so forward hooks on those (the gate, the projections, the norms) do not see these
-steps; ``KVCache.routing`` records the routing.
+The model describes itself once per generation (``KVCache.memo``) as the structures below, which hold the
+tensors they point to; a step then costs one ctypes call. The fused call skips the modules it stands for,
+so forward hooks on those (the embedding, the gate, the projections, the norms) do not see these steps;
+``KVCache.routing`` records the routing.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from .native import (
 )
 
 __all__ = ["RouterConfig", "MLPBlock", "MHALayer", "MLALayer", "DecodeStack", "route_rows", "mlp_block_decode",
-           "decode_layers", "mla_decode_attention", "decode_rows_apply"]
+           "decode_step", "mla_decode_attention", "decode_rows_apply",
+           "decode_step_applies"]
 
 _VOID_P4 = ctypes.c_void_p * 4
 
@@ -201,81 +202,99 @@ class MLALayer(ctypes.Structure):
 
 
 class StackLayer(ctypes.Structure):
-    """A layer of the stack ``decode_layers`` runs (``stack_layer``): an ``MHALayer`` or ``MLALayer`` and the
+    """A layer of the stack ``decode_step`` runs (``stack_layer``): an ``MHALayer`` or ``MLALayer`` and the
     experts its MLP block chooses per row."""
 
     _fields_ = [("layer", ctypes.c_void_p), ("mla", ctypes.c_int), ("top_k", ctypes.c_long)]
 
 
-class DecodeStack:
-    """A model's decoder layers and final norm as one ``decode_layers`` call takes them, made once per
+class DecodeStack(ctypes.Structure):
+    """A model's decode step as ``decode_step`` takes it (``decode_stack``): the decoder layers, the token
+    embedding table, the rotary frequencies, the final norm and the cache's ``key_valid``; made once per
     generation."""
 
-    def __init__(self, layers, final_norm):
-        self.layers = tuple(layers)  # MHALayer / MLALayer, which keep what they point to
-        self.table = (StackLayer * len(self.layers))(*(
-            StackLayer(ctypes.addressof(layer), int(isinstance(layer, MLALayer)), layer.block.router.top_k)
-            for layer in self.layers
-        ))
-        self.top_ks = [entry.top_k for entry in self.table]
-        self.final_norm = final_norm
-        self.pinned = sum((layer.pinned for layer in self.layers), PinnedTensors([final_norm.weight]))
-        first = self.layers[0]
-        self.hidden, self.max_len = first.hidden, first.max_len
-        self.rotary_width = first.rope if isinstance(first, MLALayer) else first.head_dim
+    _fields_ = [
+        ("layers", ctypes.POINTER(StackLayer)), ("n_layers", ctypes.c_long), ("hidden", ctypes.c_long),
+        ("vocab", ctypes.c_long), ("rotary_dim", ctypes.c_long), ("max_len", ctypes.c_long),
+        ("embed", ctypes.c_void_p), ("embed_bf16", ctypes.c_int), ("inv_freq", ctypes.c_void_p),
+        ("position_divisor", ctypes.c_float), ("mscale", ctypes.c_float), ("final_norm", ctypes.c_void_p),
+        ("eps", ctypes.c_float), ("key_valid", ctypes.c_void_p),
+    ]
 
     @classmethod
-    def of(cls, layers, final_norm) -> Optional["DecodeStack"]:
-        """The stack of the given layer descriptions and the model's final ``DeepseekV2RMSNorm``, or None when
-        any layer is None (the kernels do not serve it) or the norm is not float32."""
+    def of(cls, layers, embedding, rotary, final_norm, cache) -> Optional["DecodeStack"]:
+        """From the layers' descriptions (``MHALayer`` / ``MLALayer``), the model's ``TokenEmbedding``,
+        ``DeepseekV2RotaryEmbedding`` and final ``DeepseekV2RMSNorm``, and the generation's ``KVCache``; None
+        when any layer is None (the kernels do not serve it), the table is neither float32 nor readable bf16,
+        the norm is not float32, or the rotary scaling is "dynamic" (its frequencies change with the length)."""
         layers = list(layers)
-        if not layers or any(layer is None for layer in layers) or final_norm.weight.dtype != paddle.float32:
+        table = embedding.weight
+        if (
+            not layers or any(layer is None for layer in layers) or final_norm.weight.dtype != paddle.float32
+            or not weights_readable(table) or rotary.kind == "dynamic" or rotary.inv_freq.dtype != paddle.float32
+        ):
             return None
-        return cls(layers, final_norm)
+        entries = (StackLayer * len(layers))(*(
+            StackLayer(ctypes.addressof(layer), int(isinstance(layer, MLALayer)), layer.block.router.top_k)
+            for layer in layers
+        ))
+        first = layers[0]
+        stack = cls(
+            entries, len(layers), first.hidden, table.shape[0], rotary.dim, first.max_len, table.data_ptr(),
+            is_bf16(table), rotary.inv_freq.data_ptr(), rotary.factor if rotary.kind == "linear" else 1.0,
+            rotary.mscale, final_norm.weight.data_ptr(), final_norm.variance_epsilon, cache.key_valid.data_ptr(),
+        )
+        stack.entries, stack.layer_list = entries, layers  # what the structure points to
+        stack.top_ks = [layer.block.router.top_k for layer in layers]
+        stack.pinned = sum((layer.pinned for layer in layers),
+                           PinnedTensors([table, rotary.inv_freq, final_norm.weight, cache.key_valid]))
+        return stack
 
 
-def decode_layers(
-    x: paddle.Tensor, stack: DecodeStack, cos: paddle.Tensor, sin: paddle.Tensor, key_valid: paddle.Tensor,
-    position: int,
+def decode_step(
+    input_ids: paddle.Tensor, position_ids: paddle.Tensor, stack: DecodeStack, position: int
 ) -> Tuple[paddle.Tensor, List[np.ndarray]]:
-    """Every decoder layer and the final norm on one new token per sequence (``decode_rows_apply``), in one
-    kernel call.
+    """One decode step of the model up to its final norm, in one kernel call (``decode_rows_apply``).
 
     Args:
-        x: [B, 1, H] float32; cos, sin: [B, 1, D], the rotary table at the new positions (D the head width
-            of MHA, the rope width of MLA).
-        key_valid: the cache's [B, max_len] bool (False at padding), the new position included; position:
-            the new tokens' cache slot (written here). The kernel masks as ``build_attention_mask``.
+        input_ids: [B, 1] int64, one new token per sequence; position_ids: [B, 1] int64, its rotary position.
+        position: the cache slot the step writes (its ``key_valid`` column is set there; the caller commits).
     Returns:
-        [B, 1, H] after the final norm, and each MoE layer's topk_idx [B, K], in layer order.
+        hidden [B, 1, H] after the final norm, and each MoE layer's topk_idx [B, K], in layer order.
     """
-    batch = x.shape[0]
-    width = stack.rotary_width
-    if list(x.shape) != [batch, 1, stack.hidden] or list(key_valid.shape) != [batch, stack.max_len]:
-        raise ValueError(f"x {list(x.shape)} and key_valid {list(key_valid.shape)} do not fit one new token per "
-                         f"sequence of width {stack.hidden} over a cache of {stack.max_len}")
-    if list(cos.shape) != [batch, 1, width] or list(sin.shape) != [batch, 1, width]:
-        raise ValueError(f"cos/sin {list(cos.shape)} {list(sin.shape)} do not fit {batch} rows of a rotary width "
-                         f"of {width}")
-    if key_valid.dtype != paddle.bool or not 0 <= position < stack.max_len:
-        raise ValueError(f"key_valid must be bool ({key_valid.dtype}) and position {position} within the cache of "
-                         f"{stack.max_len}")
+    batch = input_ids.shape[0]
+    for name, ids in (("input_ids", input_ids), ("position_ids", position_ids)):
+        if list(ids.shape) != [batch, 1] or ids.dtype != paddle.int64:
+            raise ValueError(f"{name} {list(ids.shape)} {ids.dtype} must be [{batch}, 1] int64 for a decode step")
+    if not 0 <= position < stack.max_len:
+        raise ValueError(f"position {position} is outside the cache of {stack.max_len}")
     stack.pinned.check()
-    x, cos, sin, key_valid = (t if t.is_contiguous() else t.contiguous() for t in (x, cos, sin, key_valid))
+    input_ids, position_ids = (t if t.is_contiguous() else t.contiguous() for t in (input_ids, position_ids))
     topk_idx, topk_weight = _choice_buffers(batch, sum(stack.top_ks))
-    out = output_tensor(x.shape)
-    norm = stack.final_norm
-    check_status(kernel_library().decode_layers(
-        stack.table, len(stack.top_ks), norm.weight.data_ptr(), norm.variance_epsilon, x.data_ptr(), batch,
-        stack.hidden, cos.data_ptr(), sin.data_ptr(), key_valid.data_ptr(), stack.max_len, position,
+    out = output_tensor([batch, 1, stack.hidden])
+    status = kernel_library().decode_step(
+        ctypes.addressof(stack), input_ids.data_ptr(), position_ids.data_ptr(), batch, position,
         topk_idx.ctypes.data, topk_weight.ctypes.data, out.data_ptr(),
-    ))
+    )
+    if status == -2:
+        raise ValueError(f"a token id of {input_ids.numpy().reshape(-1).tolist()} is outside the vocabulary of "
+                         f"{stack.vocab}")
+    check_status(status)
     chosen, first, routing = topk_idx.reshape(-1), 0, []
     for k in stack.top_ks:
         if k:
             routing.append(chosen[first:first + batch * k].reshape(batch, k))
             first += batch * k
     return out, routing
+
+
+def decode_step_applies(input_ids: paddle.Tensor) -> bool:
+    """Whether ``decode_step`` may serve token ids [B, 1]: at most ``MAX_FEW_ROWS`` rows, inference (no
+    gradient) on the CPU, and an AVX-512 build of the kernels."""
+    return (
+        input_ids.shape[0] <= MAX_FEW_ROWS and not paddle.is_grad_enabled() and input_ids.place.is_cpu_place()
+        and _decode_layers_built()
+    )
 
 
 def _decode_layers_built() -> bool:

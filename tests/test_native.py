@@ -304,7 +304,8 @@ def test_decode_kernels_refuse_weights_that_changed(change):
 @pytest.mark.parametrize("source", ["micro-tiny", "micro-small"])
 def test_decode_step_refuses_inputs_that_do_not_fit(source):
     """``decode_step`` names what does not fit (the ids' or positions' shape or dtype, a position outside the
-    cache, a token id outside the vocabulary) instead of reading past a buffer, and writes nothing then."""
+    cache, more sequences than the cache holds, a token id outside the vocabulary) instead of reading past a
+    buffer, and writes nothing then."""
     from lm_golden import load_lm
 
     if not _vector_kernels_built():
@@ -320,6 +321,7 @@ def test_decode_step_refuses_inputs_that_do_not_fit(source):
             (paddle.to_tensor([[3, 4], [4, 5]]), positions, 2, "must be \\[2, 1\\] int64"),
             (ids, positions.astype("int32"), 2, "must be \\[2, 1\\] int64"),
             (ids, positions, 8, "outside the cache"),
+            (paddle.to_tensor([[3], [4], [5]]), paddle.to_tensor([[2], [2], [2]]), 2, "made for 2"),
             (paddle.to_tensor([[3], [lm.config.vocab_size]]), positions, 2, "outside the vocabulary"),
             (paddle.to_tensor([[-1], [4]]), positions, 2, "outside the vocabulary"),
         ]

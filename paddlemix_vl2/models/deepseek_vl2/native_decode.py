@@ -132,7 +132,7 @@ class MHALayer(ctypes.Structure):
         weights = attention.plain_projection_weights()
         norms = (input_norm, post_norm)
         if (
-            not _decode_layers_built() or cache.dtype != paddle.float32 or weights is None
+            not _decode_step_built() or cache.dtype != paddle.float32 or weights is None
             or attention.head_dim > MAX_DECODE_HEAD_DIM or not all(weights_readable(w) for w in weights)
             or any(norm.weight.dtype != paddle.float32 for norm in norms)
             or input_norm.variance_epsilon != post_norm.variance_epsilon
@@ -177,7 +177,7 @@ class MLALayer(ctypes.Structure):
         q_a_norm = getattr(attention, "q_a_layernorm", None)
         norms = [n for n in (input_norm, post_norm, q_a_norm, attention.kv_a_layernorm) if n is not None]
         if (
-            not _decode_layers_built() or cache.dtype != paddle.float32 or weights is None
+            not _decode_step_built() or cache.dtype != paddle.float32 or weights is None
             or attention.qk_rope_head_dim > MAX_DECODE_HEAD_DIM
             or not all(weights_readable(w) for w in weights if w is not None)
             or any(n.weight.dtype != paddle.float32 or n.variance_epsilon != input_norm.variance_epsilon
@@ -246,6 +246,7 @@ class DecodeStack(ctypes.Structure):
         )
         stack.entries, stack.layer_list = entries, layers  # what the structure points to
         stack.top_ks = [layer.block.router.top_k for layer in layers]
+        stack.batch = cache.batch_size
         stack.pinned = sum((layer.pinned for layer in layers),
                            PinnedTensors([table, rotary.inv_freq, final_norm.weight, cache.key_valid]))
         return stack
@@ -263,6 +264,8 @@ def decode_step(
         hidden [B, 1, H] after the final norm, and each MoE layer's topk_idx [B, K], in layer order.
     """
     batch = input_ids.shape[0]
+    if batch != stack.batch:
+        raise ValueError(f"{batch} sequences do not fit a cache made for {stack.batch}")
     for name, ids in (("input_ids", input_ids), ("position_ids", position_ids)):
         if list(ids.shape) != [batch, 1] or ids.dtype != paddle.int64:
             raise ValueError(f"{name} {list(ids.shape)} {ids.dtype} must be [{batch}, 1] int64 for a decode step")
@@ -293,11 +296,11 @@ def decode_step_applies(input_ids: paddle.Tensor) -> bool:
     gradient) on the CPU, and an AVX-512 build of the kernels."""
     return (
         input_ids.shape[0] <= MAX_FEW_ROWS and not paddle.is_grad_enabled() and input_ids.place.is_cpu_place()
-        and _decode_layers_built()
+        and _decode_step_built()
     )
 
 
-def _decode_layers_built() -> bool:
+def _decode_step_built() -> bool:
     library = kernel_library()
     return library is not None and library.vector_lanes() == 16
 

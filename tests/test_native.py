@@ -386,7 +386,7 @@ def _variant(lm, name):
     ("micro-tiny linear", "float32"),
 ])
 @pytest.mark.parametrize("batch", [1, 6])
-def test_decode_layers_equal_the_layer_by_layer_path(monkeypatch, source, weight_dtype, batch):
+def test_decode_step_equals_the_module_path(monkeypatch, source, weight_dtype, batch):
     """Decode steps in one ``decode_step`` call (embedding, rotary table with and without scaling, mask, MHA
     or MLA layers with the query through q_proj or q_a_proj/q_b_proj, final norm) against the same steps
     through the modules with every decode kernel off but the per-op ones (the gate module routes): the same
@@ -527,7 +527,7 @@ def test_mla_decode_steps_with_the_kernel_equal_the_paddle_path(monkeypatch, nam
     ids = paddle.to_tensor(np.random.default_rng(0).integers(0, lm.config.vocab_size, size=(3, 6)))
     mask = paddle.to_tensor(np.arange(6)[None, :] >= np.arange(3)[:, None])
     kernel, real_apply, real_prefill = attention.mla_decode_attention, attention.mha_kernels_apply, attention.attention_prefill
-    # The layers' modules, not the fused step (test_decode_layers_equal_the_layer_by_layer_path checks that).
+    # The layers' modules, not the fused step (test_decode_step_equals_the_module_path checks that).
     monkeypatch.setattr(modeling_deepseek, "decode_step_applies", lambda ids: False)
     runs = []
     for use_kernel in (True, False):

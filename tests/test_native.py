@@ -269,36 +269,70 @@ def test_moe_decode_block_routes_and_computes_as_the_module_path(monkeypatch, so
                                np.take_along_axis(topk_weight.numpy(), order, 1), rtol=1e-5, atol=1e-7)
 
 
-def _cast_moving_the_memory(o_proj):
-    o_proj.to(dtype="float64")  # a cast in place moves the weight's memory
+def _cast_moving_the_memory(lm):
+    lm.model.layers[0].self_attn.o_proj.to(dtype="float64")  # a cast in place moves the weight's memory
 
 
-def _recast_at_the_old_address(o_proj):
+def _recast_at_the_old_address(lm):
     # A cast whose new buffer landed where the old one was: another dtype at the same address.
-    weight, address = o_proj.weight, o_proj.weight.data_ptr()
+    weight = lm.model.layers[0].self_attn.o_proj.weight
+    address = weight.data_ptr()
     weight.detach().view(paddle.int32)._share_buffer_to(weight)
     assert weight.data_ptr() == address and weight.dtype == paddle.int32
 
 
-@pytest.mark.parametrize("change", [_cast_moving_the_memory, _recast_at_the_old_address])
-def test_decode_kernels_refuse_weights_that_changed(change):
-    """A generation's kernel structures point at the weights; a weight whose memory moved meanwhile, or that
-    holds another dtype where it was, is refused, not read from freed memory or as the old dtype."""
+def _replace_a_parameter(lm):
+    # The old parameter stays alive (the structure holds it) where the kernel would still read it.
+    norm = lm.model.norm
+    replacement = norm.create_parameter(norm.weight.shape, default_initializer=paddle.nn.initializer.Constant(2.0))
+    norm.weight = replacement
+
+
+def _wrap_a_projection(lm):
+    # As a LoRA wrapper does: the layer's projection attribute now holds another module.
+    attention = lm.model.layers[-1].self_attn
+    old = attention.o_proj
+    attention.o_proj = paddle.nn.Sequential(old)
+
+
+@pytest.mark.parametrize("source", ["micro-tiny", "micro-small"])
+@pytest.mark.parametrize("change", [_cast_moving_the_memory, _recast_at_the_old_address, _replace_a_parameter,
+                                    _wrap_a_projection])
+def test_decode_kernels_refuse_weights_that_changed(change, source):
+    """A generation's kernel structures point at the weights; a weight whose memory moved meanwhile, that
+    holds another dtype where it was, or a parameter or module put in another's place, is refused, not read
+    from freed memory, as the old dtype or as the old weights."""
     from lm_golden import load_lm
     from paddlemix_vl2.models.deepseek_vl2.modeling_deepseek import DeepseekV2ForCausalLM
 
     if not _vector_kernels_built():
-        pytest.skip("no AVX-512 build of the CPU kernels here: MHA layers decode through their modules")
-    lm = DeepseekV2ForCausalLM(load_lm("micro-tiny").config)
+        pytest.skip("no AVX-512 build of the CPU kernels here: decode steps run the modules")
+    lm = DeepseekV2ForCausalLM(load_lm(source).config)
     lm.eval()
-    layer = lm.model.layers[0]
     with paddle.no_grad():
         cache = lm.new_cache(1, 4)
         lm(input_ids=paddle.to_tensor([[5]]), cache=cache)
         assert cache.memo((id(lm.model), "decode_stack"), lambda: None) is not None
-        change(layer.self_attn.o_proj)
+        change(lm)
         with pytest.raises(ValueError, match="start a new KVCache"):  # a decode step as generation makes it
             lm(input_ids=paddle.to_tensor([[6]]), position_ids=paddle.to_tensor([[1]]), cache=cache)
+
+
+def test_a_decode_step_with_int32_ids_runs_the_modules():
+    """Token ids the kernel does not take (int32) decode through the modules, as before it, to the logits
+    of the same step with int64 ids (through the kernel)."""
+    from lm_golden import load_lm
+
+    lm = load_lm("micro-small")
+    logits = []
+    with paddle.no_grad():
+        for dtype in ("int64", "int32"):
+            cache = lm.new_cache(1, 4)
+            lm(input_ids=paddle.to_tensor([[5, 6]]), cache=cache)
+            step = lm(input_ids=paddle.to_tensor([[7]], dtype=dtype), position_ids=paddle.to_tensor([[2]]),
+                      cache=cache)
+            logits.append(step.logits.numpy())
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("source", ["micro-tiny", "micro-small"])

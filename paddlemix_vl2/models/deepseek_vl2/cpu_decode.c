@@ -574,8 +574,9 @@ static _Thread_local size_t step_cap;
  * through every cache, so Python and Paddle run cold there: each Paddle op took 0.2-1.3 ms (the embedding,
  * the rotary table, the mask, the final norm's call, the cache bookkeeping about 1 ms each), and the
  * Python around each layer's call 0.2-0.3 ms, a tenth or more of a tiny or small decode step in all.
- * Returns 0, -1 when scratch memory ran out, or -2 for a token id outside the vocabulary (nothing is
- * written then). */
+ * Returns 0; -2 for a token id outside the vocabulary (nothing is written then); or -1 when scratch memory
+ * ran out, after key_valid's column pos and some layers' cache slots at pos were written (the caller has
+ * not committed pos, so the next step writes them again). */
 int decode_step(const decode_stack *stack, const long *ids, const long *positions, long rows, long pos,
                 long *topk_idx, float *topk_weight, float *out) {
     const long hidden = stack->hidden, dim = stack->rotary_dim, max_len = stack->max_len;

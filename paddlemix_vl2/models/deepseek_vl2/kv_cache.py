@@ -86,7 +86,8 @@ class KVCache:
         return start
 
     def commit(self, num_new: int) -> None:
-        """Mark the positions reserved by ``begin`` as written (called once per forward, after all layers)."""
+        """Mark the positions reserved by ``begin`` or ``reserve`` as written (called once per forward, after all
+        layers)."""
         self.length += num_new
 
     def store(self, layer_idx: int, start: int, first: paddle.Tensor, second: paddle.Tensor):

@@ -86,7 +86,7 @@ class DeepseekV2DecoderLayer(nn.Layer):
     def decode_layer(self, cache: KVCache) -> Optional[Union[MHALayer, MLALayer]]:
         """This layer as the decode kernel takes it (``native_decode.MHALayer`` or ``MLALayer``, pointing into
         the generation's cache); None where the kernels do not serve its attention or MLP."""
-        block = self.mlp.decode_block(cache)  # also the MLP part of layers the kernel does not take whole
+        block = self.mlp.decode_block(cache)  # also the MLP kernels' table when the step is not fused
         if block is None:
             return None
         kind = MHALayer if isinstance(self.self_attn, DeepseekV2MHAAttention) else MLALayer
@@ -170,8 +170,12 @@ class DeepseekV2Model(nn.Layer):
         kernels). A forward takes it for one token per sequence given as ``input_ids`` with
         ``position_ids`` and no ``attention_mask`` (what ``generation`` passes). The fused call skips the
         modules, so forward hooks on them do not see decode steps; ``KVCache.routing`` records the routing."""
+        parts = ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp")
+        owners = [(layer, name) for layer in self.layers for name in parts]
+        owners += [(self, name) for name in ("embed_tokens", "rotary_emb", "norm")]
         return cache.memo((id(self), "decode_stack"), lambda: DecodeStack.of(
-            (layer.decode_layer(cache) for layer in self.layers), self.embed_tokens, self.rotary_emb, self.norm, cache
+            (layer.decode_layer(cache) for layer in self.layers), self.embed_tokens, self.rotary_emb, self.norm, cache,
+            owners,
         ))
 
 

@@ -321,28 +321,42 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor
 
 
 class PinnedTensors:
-    """Tensors a kernel structure points to, with the addresses and dtypes it took. In-place updates
-    (``set_value``, an optimizer step) keep a tensor's memory, but a cast or a replaced parameter (a LoRA
-    merge into bf16 storage) moves it, and a kernel would then read freed memory; a cast can also land on
-    the old address (the heap keeps freed memory, see ``_env``) and would be read as the old dtype.
-    ``check`` runs before every call."""
+    """Tensors a kernel structure points to, with the addresses and dtypes it took, and optionally the module
+    attributes they were found under. In-place updates (``set_value``, an optimizer step) keep a tensor's
+    memory, but a cast or a replaced parameter (a LoRA merge into bf16 storage) moves it, and a kernel would
+    then read freed memory; a cast can also land on the old address (the heap keeps freed memory, see
+    ``_env``) and would be read as the old dtype; and a parameter or module put in another's place (a LoRA
+    wrapper around a projection) leaves the old tensor alive where the kernel still reads it. ``check``
+    runs before every call."""
 
-    def __init__(self, tensors: Sequence[paddle.Tensor]):
+    def __init__(self, tensors: Sequence[paddle.Tensor], owners: Sequence[Tuple[object, str]] = ()):
         self.tensors = tuple(tensors)
         self.addresses = [t.data_ptr() for t in self.tensors]
         self.dtypes = [t.dtype for t in self.tensors]
+        self.owners = [(owner, name, getattr(owner, name)) for owner, name in owners]
 
     def __add__(self, other: "PinnedTensors") -> "PinnedTensors":
         joined = PinnedTensors(())
         joined.tensors = self.tensors + other.tensors
         joined.addresses, joined.dtypes = self.addresses + other.addresses, self.dtypes + other.dtypes
+        joined.owners = self.owners + other.owners
         return joined
 
     def check(self) -> None:
-        """Raise when a tensor no longer lives where it was pinned, or holds another dtype there."""
-        if [t.data_ptr() for t in self.tensors] != self.addresses or [t.dtype for t in self.tensors] != self.dtypes:
+        """Raise when a tensor no longer lives where it was pinned, holds another dtype there, or an owner's
+        attribute holds another object."""
+        if (
+            [t.data_ptr() for t in self.tensors] != self.addresses or [t.dtype for t in self.tensors] != self.dtypes
+            or any(getattr(owner, name) is not value for owner, name, value in self.owners)
+        ):
             raise ValueError("the CPU kernels' weight pointers are stale (a weight was cast or replaced since "
                              "they were set up); start a new KVCache after changing the model's weights")
+
+
+def module_owners(modules: Sequence[Tuple[object, str]]) -> List[Tuple[object, str]]:
+    """(parent, name) of each module and (module, "weight") of its weight: what a kernel structure that
+    reads ``getattr(parent, name).weight`` pins, so that replacing either is refused."""
+    return [pair for parent, name in modules for pair in ((parent, name), (getattr(parent, name), "weight"))]
 
 
 class MLPTable:
@@ -422,7 +436,7 @@ def swiglu_mlps(
     return out
 
 
-MAX_DECODE_HEAD_DIM = 512  # the kernel's per-head buffers (MAX_HEAD_DIM in cpu_kernels.c)
+MAX_DECODE_HEAD_DIM = 512  # the kernels' per-head buffers (MAX_HEAD_DIM in cpu_kernels.h)
 
 
 def mha_kernels_apply(x: paddle.Tensor, cache_dtype) -> bool:

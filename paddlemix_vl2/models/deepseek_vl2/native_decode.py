@@ -24,7 +24,7 @@ import numpy as np
 import paddle
 
 from .native import (
-    C_LONG, MAX_DECODE_HEAD_DIM, MAX_FEW_ROWS, MLPTable, PinnedTensors, check_status, check_step_mask,
+    C_LONG, MAX_DECODE_HEAD_DIM, MAX_FEW_ROWS, MLPTable, PinnedTensors, check_status, check_step_mask, module_owners,
     inference_kernels_apply, is_bf16, kernel_library, output_tensor, weights_readable,
 )
 
@@ -146,7 +146,10 @@ class MHALayer(ctypes.Structure):
             (ctypes.c_int * 4)(*(is_bf16(w) for w in weights)), keys.data_ptr(), values.data_ptr(),
             ctypes.pointer(mlp_block),
         )
-        layer.pinned = PinnedTensors([input_norm.weight, post_norm.weight, keys, values, *weights]) + mlp_block.pinned
+        owners = module_owners([(attention, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")])
+        owners += [(input_norm, "weight"), (post_norm, "weight")]
+        layer.pinned = PinnedTensors([input_norm.weight, post_norm.weight, keys, values, *weights], owners)
+        layer.pinned += mlp_block.pinned
         layer.block = mlp_block
         return layer
 
@@ -196,7 +199,10 @@ class MLALayer(ctypes.Structure):
             k_pe.data_ptr(), compressed_kv.data_ptr(), ctypes.pointer(mlp_block),
         )
         pinned = [n.weight for n in norms] + [k_pe, compressed_kv] + [w for w in weights if w is not None]
-        layer.pinned = PinnedTensors(pinned) + mlp_block.pinned
+        projections = ("q_a_proj", "q_b_proj") if attention.q_lora_rank else ("q_proj",)
+        owners = module_owners([(attention, n) for n in (*projections, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")])
+        owners += [(n, "weight") for n in norms]
+        layer.pinned = PinnedTensors(pinned, owners) + mlp_block.pinned
         layer.block = mlp_block
         return layer
 
@@ -222,17 +228,24 @@ class DecodeStack(ctypes.Structure):
     ]
 
     @classmethod
-    def of(cls, layers, embedding, rotary, final_norm, cache) -> Optional["DecodeStack"]:
+    def of(cls, layers, embedding, rotary, final_norm, cache, owners=()) -> Optional["DecodeStack"]:
         """From the layers' descriptions (``MHALayer`` / ``MLALayer``), the model's ``TokenEmbedding``,
-        ``DeepseekV2RotaryEmbedding`` and final ``DeepseekV2RMSNorm``, and the generation's ``KVCache``; None
-        when any layer is None (the kernels do not serve it), the table is neither float32 nor readable bf16,
-        the norm is not float32, or the rotary scaling is "dynamic" (its frequencies change with the length)."""
+        ``DeepseekV2RotaryEmbedding`` and final ``DeepseekV2RMSNorm``, the generation's ``KVCache``, and the
+        (module, attribute) pairs that hold the model's parts (pinned: replacing one is refused); None when
+        any layer is None (the kernels do not serve it), the table is neither float32 nor readable bf16, the
+        norm is not float32, the rotary scaling is other than default, linear or yarn ("dynamic": its
+        frequencies change with the length), or the widths do not agree."""
         layers = list(layers)
         table = embedding.weight
         if (
             not layers or any(layer is None for layer in layers) or final_norm.weight.dtype != paddle.float32
-            or not weights_readable(table) or rotary.kind == "dynamic" or rotary.inv_freq.dtype != paddle.float32
+            or not weights_readable(table) or rotary.kind not in ("default", "linear", "yarn")
+            or rotary.inv_freq.dtype != paddle.float32
         ):
+            return None
+        widths = {(layer.hidden, layer.max_len, layer.rope if isinstance(layer, MLALayer) else layer.head_dim)
+                  for layer in layers}
+        if widths != {(table.shape[1], layers[0].max_len, rotary.dim)}:
             return None
         entries = (StackLayer * len(layers))(*(
             StackLayer(ctypes.addressof(layer), int(isinstance(layer, MLALayer)), layer.block.router.top_k)
@@ -247,15 +260,17 @@ class DecodeStack(ctypes.Structure):
         stack.entries, stack.layer_list = entries, layers  # what the structure points to
         stack.top_ks = [layer.block.router.top_k for layer in layers]
         stack.batch = cache.batch_size
-        stack.pinned = sum((layer.pinned for layer in layers),
-                           PinnedTensors([table, rotary.inv_freq, final_norm.weight, cache.key_valid]))
+        stack.pinned = sum((layer.pinned for layer in layers), PinnedTensors(
+            [table, rotary.inv_freq, final_norm.weight, cache.key_valid],
+            [*owners, (embedding, "weight"), (final_norm, "weight"), (rotary, "inv_freq")],
+        ))
         return stack
 
 
 def decode_step(
     input_ids: paddle.Tensor, position_ids: paddle.Tensor, stack: DecodeStack, position: int
 ) -> Tuple[paddle.Tensor, List[np.ndarray]]:
-    """One decode step of the model up to its final norm, in one kernel call (``decode_rows_apply``).
+    """One decode step of the model up to its final norm, in one kernel call (``decode_step_applies``).
 
     Args:
         input_ids: [B, 1] int64, one new token per sequence; position_ids: [B, 1] int64, its rotary position.
@@ -292,11 +307,11 @@ def decode_step(
 
 
 def decode_step_applies(input_ids: paddle.Tensor) -> bool:
-    """Whether ``decode_step`` may serve token ids [B, 1]: at most ``MAX_FEW_ROWS`` rows, inference (no
-    gradient) on the CPU, and an AVX-512 build of the kernels."""
+    """Whether ``decode_step`` may serve token ids: [B, 1] int64 with at most ``MAX_FEW_ROWS`` rows,
+    inference (no gradient) on the CPU, and an AVX-512 build of the kernels."""
     return (
-        input_ids.shape[0] <= MAX_FEW_ROWS and not paddle.is_grad_enabled() and input_ids.place.is_cpu_place()
-        and _decode_step_built()
+        input_ids.ndim == 2 and input_ids.shape[0] <= MAX_FEW_ROWS and input_ids.dtype == paddle.int64
+        and not paddle.is_grad_enabled() and input_ids.place.is_cpu_place() and _decode_step_built()
     )
 
 

@@ -44,10 +44,12 @@ class DeepseekV2MHAAttention(nn.Layer):
         self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias_attr=bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias_attr=bias)
 
+    decode_projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+
     def plain_projection_weights(self) -> Optional[Tuple[paddle.Tensor, ...]]:
-        """The q, k, v and o weights as the decode kernel takes them (``native_decode.MHALayer``); see
-        ``plain_weights``."""
-        return plain_weights((self.q_proj, self.k_proj, self.v_proj, self.o_proj))
+        """The weights of ``decode_projections`` as the decode kernel takes them (``native_decode.MHALayer``);
+        see ``plain_weights``."""
+        return plain_weights([getattr(self, name) for name in self.decode_projections])
 
     def forward(
         self,
@@ -113,13 +115,18 @@ class DeepseekV2Attention(nn.Layer):
             mscale = yarn_get_mscale(scaling["factor"], scaling["mscale_all_dim"])
             self.softmax_scale *= mscale * mscale
 
+    @property
+    def decode_projections(self) -> Tuple[str, ...]:
+        """The projections the decode kernel reads: q_a_proj and q_b_proj (or q_proj), kv_a_proj_with_mqa,
+        kv_b_proj, o_proj."""
+        query = ("q_proj",) if self.q_lora_rank is None else ("q_a_proj", "q_b_proj")
+        return (*query, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
     def plain_projection_weights(self) -> Optional[Tuple[Optional[paddle.Tensor], ...]]:
         """The q_a (None without ``q_lora_rank``), q_b or q_proj, kv_a_proj_with_mqa, kv_b and o weights as the
         decode kernel takes them (``native_decode.MLALayer``); see ``plain_weights``."""
-        if self.q_lora_rank is None:
-            weights = plain_weights((self.q_proj, self.kv_a_proj_with_mqa, self.kv_b_proj, self.o_proj))
-            return None if weights is None else (None, *weights)
-        return plain_weights((self.q_a_proj, self.q_b_proj, self.kv_a_proj_with_mqa, self.kv_b_proj, self.o_proj))
+        weights = plain_weights([getattr(self, name) for name in self.decode_projections])
+        return (None, *weights) if weights is not None and self.q_lora_rank is None else weights
 
     def _kv_b_proj_halves(self):
         """W_UK^T [nh, C, Dn] and W_UV^T [nh, C, Dv] from ``kv_b_proj`` (stored [nh * (Dn + Dv), C]): the

@@ -124,8 +124,8 @@ class DeepseekV2Model(nn.Layer):
             cache: a ``KVCache``; the new tokens are appended to it.
         """
         if (
-            cache is not None and inputs_embeds is None and input_ids is not None and input_ids.shape[1] == 1
-            and position_ids is not None and attention_mask is None and decode_step_applies(input_ids)
+            cache is not None and inputs_embeds is None and input_ids is not None and position_ids is not None
+            and attention_mask is None and decode_step_applies(input_ids)
         ):
             stack = self.decode_stack(cache)
             if stack is not None:

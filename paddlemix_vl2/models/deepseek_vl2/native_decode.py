@@ -129,16 +129,10 @@ class MHALayer(ctypes.Structure):
         or norm not in float32 (or norms with different epsilons), heads wider than ``MAX_DECODE_HEAD_DIM``,
         projections that are not plain bias-free ``Linear`` layers (``plain_projection_weights``) with
         weights the kernels read."""
-        weights = attention.plain_projection_weights()
-        norms = (input_norm, post_norm)
-        if (
-            not _decode_step_built() or cache.dtype != paddle.float32 or weights is None
-            or attention.head_dim > MAX_DECODE_HEAD_DIM or not all(weights_readable(w) for w in weights)
-            or any(norm.weight.dtype != paddle.float32 for norm in norms)
-            or input_norm.variance_epsilon != post_norm.variance_epsilon
-        ):
+        parts = _served_layer_parts(attention, (input_norm, post_norm), cache, attention.head_dim)
+        if parts is None:
             return None
-        keys, values = cache.buffers(attention.layer_idx)
+        weights, (keys, values), pinned = parts
         layer = cls(
             input_norm.weight.shape[0], attention.num_heads, attention.num_kv_heads, attention.head_dim,
             keys.shape[2], input_norm.variance_epsilon, attention.head_dim ** -0.5,
@@ -146,10 +140,7 @@ class MHALayer(ctypes.Structure):
             (ctypes.c_int * 4)(*(is_bf16(w) for w in weights)), keys.data_ptr(), values.data_ptr(),
             ctypes.pointer(mlp_block),
         )
-        owners = module_owners([(attention, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")])
-        owners += [(input_norm, "weight"), (post_norm, "weight")]
-        layer.pinned = PinnedTensors([input_norm.weight, post_norm.weight, keys, values, *weights], owners)
-        layer.pinned += mlp_block.pinned
+        layer.pinned = pinned + mlp_block.pinned
         layer.block = mlp_block
         return layer
 
@@ -176,18 +167,12 @@ class MLALayer(ctypes.Structure):
         """From a ``DeepseekV2Attention``, the layer's two ``DeepseekV2RMSNorm``, its MLP block and the
         generation's ``KVCache``; None where the kernel does not serve the layer, as ``MHALayer.of`` (the
         rotary width at most ``MAX_DECODE_HEAD_DIM``, all four norms float32 with one epsilon)."""
-        weights = attention.plain_projection_weights()  # q_a (or None), q_b or q_proj, kv_a, kv_b, o
         q_a_norm = getattr(attention, "q_a_layernorm", None)
         norms = [n for n in (input_norm, post_norm, q_a_norm, attention.kv_a_layernorm) if n is not None]
-        if (
-            not _decode_step_built() or cache.dtype != paddle.float32 or weights is None
-            or attention.qk_rope_head_dim > MAX_DECODE_HEAD_DIM
-            or not all(weights_readable(w) for w in weights if w is not None)
-            or any(n.weight.dtype != paddle.float32 or n.variance_epsilon != input_norm.variance_epsilon
-                   for n in norms)
-        ):
+        parts = _served_layer_parts(attention, norms, cache, attention.qk_rope_head_dim)
+        if parts is None:
             return None
-        k_pe, compressed_kv = cache.buffers(attention.layer_idx)
+        weights, (k_pe, compressed_kv), pinned = parts  # weights: q_a (or None), q_b or q_proj, kv_a, kv_b, o
         layer = cls(
             input_norm.weight.shape[0], attention.num_heads, attention.q_lora_rank or 0, attention.kv_lora_rank,
             attention.qk_nope_head_dim, attention.qk_rope_head_dim, attention.v_head_dim, k_pe.shape[1],
@@ -198,13 +183,28 @@ class MLALayer(ctypes.Structure):
             (ctypes.c_int * _MLA_PROJECTIONS)(*(0 if w is None else is_bf16(w) for w in weights)),
             k_pe.data_ptr(), compressed_kv.data_ptr(), ctypes.pointer(mlp_block),
         )
-        pinned = [n.weight for n in norms] + [k_pe, compressed_kv] + [w for w in weights if w is not None]
-        projections = ("q_a_proj", "q_b_proj") if attention.q_lora_rank else ("q_proj",)
-        owners = module_owners([(attention, n) for n in (*projections, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")])
-        owners += [(n, "weight") for n in norms]
-        layer.pinned = PinnedTensors(pinned, owners) + mlp_block.pinned
+        layer.pinned = pinned + mlp_block.pinned
         layer.block = mlp_block
         return layer
+
+
+def _served_layer_parts(attention, norms, cache, rotary_width: int):
+    """(the attention's ``plain_projection_weights``, its two cache buffers, the pins of both and of the
+    norms) when the decode kernel serves the layer: an AVX-512 build, a float32 cache, plain bias-free
+    projections whose weights the kernels read, a rotary width of at most ``MAX_DECODE_HEAD_DIM``, float32
+    norms with one epsilon; None otherwise."""
+    weights = attention.plain_projection_weights()
+    present = [w for w in weights or () if w is not None]
+    if (
+        not _decode_step_built() or cache.dtype != paddle.float32 or weights is None
+        or rotary_width > MAX_DECODE_HEAD_DIM or not all(weights_readable(w) for w in present)
+        or any(n.weight.dtype != paddle.float32 or n.variance_epsilon != norms[0].variance_epsilon for n in norms)
+    ):
+        return None
+    buffers = cache.buffers(attention.layer_idx)
+    owners = module_owners([(attention, name) for name in attention.decode_projections])
+    owners += [(norm, "weight") for norm in norms]
+    return weights, buffers, PinnedTensors([n.weight for n in norms] + list(buffers) + present, owners)
 
 
 class StackLayer(ctypes.Structure):
@@ -310,7 +310,8 @@ def decode_step_applies(input_ids: paddle.Tensor) -> bool:
     """Whether ``decode_step`` may serve token ids: [B, 1] int64 with at most ``MAX_FEW_ROWS`` rows,
     inference (no gradient) on the CPU, and an AVX-512 build of the kernels."""
     return (
-        input_ids.ndim == 2 and input_ids.shape[0] <= MAX_FEW_ROWS and input_ids.dtype == paddle.int64
+        input_ids.ndim == 2 and input_ids.shape[1] == 1 and input_ids.shape[0] <= MAX_FEW_ROWS
+        and input_ids.dtype == paddle.int64
         and not paddle.is_grad_enabled() and input_ids.place.is_cpu_place() and _decode_step_built()
     )
 

@@ -18,7 +18,8 @@ peak RSS is not inflated by the roofline's buffers), and each stage is also brac
 the same measurements (``LimitProbe``): on a shared machine a stage's ratio is taken against the capacity
 the machine had around it. Decode steps are also interleaved with single bandwidth probes (every
 ``IN_TURN_PROBE_EVERY`` rounds of steps, untimed), since this host's bandwidth drifts by a third within
-seconds: the decode ratios are also given over the medians of those, Paddle's and the package GEMV's.
+seconds: the decode ratios are also given over the medians of those, Paddle's and the package GEMV's,
+and over the rate of the last step's own matrices streamed where they are stored (``step_weights``).
 Each of those probes is one timed run after an untimed one, and the round of steps after it is untimed
 too: this host reads memory left idle for a moment at a quarter to a half of its warm rate, so a cold
 probe understated the bandwidth and the steps after a probe (1.4-1.6x the median) measured the probe.
@@ -55,6 +56,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 # roofline sets the thread and MKL variables before Paddle is imported.
 import roofline  # noqa: I001
 import model_costs
+import step_weights
 
 import numpy as np
 import paddle
@@ -348,12 +350,15 @@ def decode_in_turn(lm, streams: Sequence[tuple], steps: int, between: Optional[C
     return list(zip(seconds, experts))
 
 
-def decode_report(lm, seconds: Sequence[float], experts: Sequence[Sequence[int]], batch: int,
-                  context: int, bandwidth_gbs: float, in_turn: Sequence[Tuple[float, float]]) -> dict:
-    """Decode rates and the bandwidth ratio: weight bytes per step × steps/s over ``bandwidth_gbs``, the
-    best of Paddle's probes around the stage. Then the same over the medians of the single probes taken in
-    turn with the steps (``in_turn``: (Paddle's limit, the package GEMV's rate) each), the bandwidth of the
-    moments the steps ran in: over Paddle's (the issue's limit), and over the better of the two."""
+def decode_report(lm, generation: dict, batch: int, context: int) -> dict:
+    """Decode rates of ``run_generation``'s timed steps and the bandwidth ratio: weight bytes per step ×
+    steps/s over its ``bandwidth_gbs``, the best of Paddle's probes around the stage. Then the same over the
+    medians of the single probes taken in turn with the steps (``in_turn_probes``: (Paddle's limit, the
+    package GEMV's rate) each), the bandwidth of the moments the steps ran in: over Paddle's (the issue's
+    limit), and over the better of the two. Last over the best rate of the last step's matrices streamed
+    where they are stored (``step_weights``; NaN where the kernel does not run)."""
+    seconds, experts, in_turn = generation["step_seconds"], generation["experts"], generation["in_turn_probes"]
+    bandwidth_gbs, in_place = generation["bandwidth_gbs"], generation["step_matrices_rate"]
     config = lm.config
     matrix_bytes = lm.lm_head.weight.element_size()
     weight_bytes = statistics.mean(
@@ -363,6 +368,7 @@ def decode_report(lm, seconds: Sequence[float], experts: Sequence[Sequence[int]]
     achieved_gbs = weight_bytes * len(seconds) / total / 1e9
     paddle_in_turn = statistics.median(limit for limit, _ in in_turn)
     best_in_turn = statistics.median(max(limit, np.nan_to_num(package)) for limit, package in in_turn)
+    in_place_gbs = _best_or_nan(in_place)
     return {
         "steps": len(seconds),
         "batch": batch,
@@ -382,6 +388,8 @@ def decode_report(lm, seconds: Sequence[float], experts: Sequence[Sequence[int]]
         "bandwidth_in_turn_probes": [list(probe) for probe in in_turn],
         "bandwidth_ratio_in_turn": achieved_gbs / paddle_in_turn,
         "best_bandwidth_ratio_in_turn": achieved_gbs / best_in_turn,
+        "step_matrices_gbs": in_place_gbs,
+        "step_matrices_ratio": achieved_gbs / in_place_gbs,
         "tokens_per_second_limit": batch * bandwidth_gbs * 1e9 / weight_bytes,
     }
 
@@ -422,7 +430,9 @@ def run_generation(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new
             decoded = decode_in_turn(lm, [stream] if alongside is None else [stream, alongside], new_tokens,
                                      between=probe_between_steps)
     (seconds, experts), *others = decoded
-    return {"prefill_seconds": prefill_seconds, "prefill_and_first_token_seconds": first_token_seconds,
+    routing = stream[1].routing
+    matrices = step_weights.step_matrices(lm, routing[len(routing) - step_weights.moe_layer_count(lm.config):])
+    return {"step_matrices_rate": step_weights.stream_gbs(matrices),"prefill_seconds": prefill_seconds, "prefill_and_first_token_seconds": first_token_seconds,
             "prefill_limit_gflops": prefill_limit.value, "prefill_gemm_limit_gflops": gemm_limit.value,
             "step_seconds": seconds, "experts": experts, "bandwidth_gbs": bandwidth.value,
             "in_turn_probes": in_turn, "alongside_step_seconds": [other[0] for other in others]}
@@ -481,10 +491,7 @@ def bench_prompt(model, processor, images, question, settings: BenchSettings, pr
     for stage in ("vision", "prefill"):
         best = max(section[f"{stage}_matmul_limit_gflops"], np.nan_to_num(section[f"{stage}_gemm_limit_gflops"]))
         section[f"{stage}_best_matmul_ratio"] = section[f"{stage}_gflops"] / best
-    section["decode"] = decode_report(
-        lm, generation["step_seconds"], generation["experts"], 1,
-        mean_context(prompt_len, settings.decode_tokens), generation["bandwidth_gbs"], generation["in_turn_probes"],
-    )
+    section["decode"] = decode_report(lm, generation, 1, mean_context(prompt_len, settings.decode_tokens))
     return section, embeds, inputs
 
 
@@ -513,11 +520,8 @@ def bench_batch(model, processor, image, one_image: tuple, settings: BenchSettin
             lm, embeds, batch.attention_mask, settings.decode_tokens, profiler, probe, "batch", alongside=single
         )
     section["prefill_seconds"] = generation["prefill_seconds"]
-    section["decode"] = decode_report(
-        lm, generation["step_seconds"], generation["experts"], len(samples),
-        mean_context(max(batch.seq_lens), settings.decode_tokens), generation["bandwidth_gbs"],
-        generation["in_turn_probes"],
-    )
+    section["decode"] = decode_report(lm, generation, len(samples),
+                                      mean_context(max(batch.seq_lens), settings.decode_tokens))
     (single_seconds,) = generation["alongside_step_seconds"]
     section["speedup_over_single_in_turn"] = len(samples) * sum(single_seconds) / sum(generation["step_seconds"])
     return section
@@ -643,6 +647,8 @@ def _decode_rows(title: str, decode: dict) -> List[tuple]:
         (f"{title}: decode, probes in turn", f"{decode['achieved_weight_gbs']:.1f} GB/s",
          f"{decode['bandwidth_in_turn_gbs']:.1f} (Paddle) / {decode['best_bandwidth_in_turn_gbs']:.1f} (best) GB/s",
          f"{decode['bandwidth_ratio_in_turn']:.2f} / {decode['best_bandwidth_ratio_in_turn']:.2f}"),
+        (f"{title}: decode, its matrices in place", f"{decode['achieved_weight_gbs']:.1f} GB/s",
+         f"{decode['step_matrices_gbs']:.1f} GB/s (the GEMV alone)", f"{decode['step_matrices_ratio']:.2f}"),
         (f"{title}: decode, max step / median", f"{decode['max_over_median']:.2f}", "< 2", ""),
     ]
 

@@ -75,7 +75,7 @@ class Rate:
     median: float
 
 
-def _run_times(run: Callable[[], object], repeats: int, warmup: int) -> list[float]:
+def run_times(run: Callable[[], object], repeats: int, warmup: int) -> list[float]:
     """Wall seconds of each timed call. Paddle's CPU kernels are synchronous, so no device sync is needed."""
     for _ in range(warmup):
         run()
@@ -87,7 +87,7 @@ def _run_times(run: Callable[[], object], repeats: int, warmup: int) -> list[flo
     return times
 
 
-def _rate(work: float, times: Sequence[float]) -> Rate:
+def rate(work: float, times: Sequence[float]) -> Rate:
     """work / time for the fastest and the median run."""
     return Rate(best=work / min(times), median=work / statistics.median(times))
 
@@ -132,8 +132,8 @@ def matmul_gflops(shape: tuple[int, int, int], repeats: int, warmup: int,
     operands = operands or Operands()
     m, k, n = shape
     left, right = operands.get([m, k], _normal), operands.get([k, n], _normal)
-    times = _run_times(lambda: paddle.matmul(left, right), repeats, warmup)
-    return _rate(2.0 * m * k * n / 1e9, times)
+    times = run_times(lambda: paddle.matmul(left, right), repeats, warmup)
+    return rate(2.0 * m * k * n / 1e9, times)
 
 
 def package_gemm_gflops(shape: tuple[int, int, int], repeats: int, warmup: int,
@@ -148,15 +148,15 @@ def package_gemm_gflops(shape: tuple[int, int, int], repeats: int, warmup: int,
     with paddle.no_grad():
         if not native.gemm_applies(left, weight, m):
             return None
-        times = _run_times(lambda: native.linear(left, weight, None), repeats, warmup)
-    return _rate(2.0 * m * k * n / 1e9, times)
+        times = run_times(lambda: native.linear(left, weight, None), repeats, warmup)
+    return rate(2.0 * m * k * n / 1e9, times)
 
 
 def read_bandwidth_gbs(nbytes: int, repeats: int, warmup: int, operands: Optional[Operands] = None) -> Rate:
     """GB/s of ``paddle.sum`` over an fp32 tensor of ``nbytes``: a pure streaming read."""
     values = (operands or Operands()).get([nbytes // FP32_BYTES], _half)
-    times = _run_times(lambda: paddle.sum(values), repeats, warmup)
-    return _rate(nbytes / 1e9, times)
+    times = run_times(lambda: paddle.sum(values), repeats, warmup)
+    return rate(nbytes / 1e9, times)
 
 
 def gemv_bandwidth_gbs(k_n: tuple[int, int], repeats: int, warmup: int,
@@ -165,8 +165,8 @@ def gemv_bandwidth_gbs(k_n: tuple[int, int], repeats: int, warmup: int,
     operands = operands or Operands()
     k, n = k_n
     weight, activation = operands.get([k, n], _half), operands.get([1, k], _normal)
-    times = _run_times(lambda: paddle.matmul(activation, weight), repeats, warmup)
-    return _rate(k * n * FP32_BYTES / 1e9, times)
+    times = run_times(lambda: paddle.matmul(activation, weight), repeats, warmup)
+    return rate(k * n * FP32_BYTES / 1e9, times)
 
 
 def package_gemv_bandwidth_gbs(k_n: tuple[int, int], repeats: int, warmup: int,
@@ -182,8 +182,8 @@ def package_gemv_bandwidth_gbs(k_n: tuple[int, int], repeats: int, warmup: int,
     with paddle.no_grad():
         if not native.few_rows_applies(activation, weight, 1):
             return None
-        times = _run_times(lambda: native.few_rows_linear(activation, weight), repeats, warmup)
-    return _rate(k * n * FP32_BYTES / 1e9, times)
+        times = run_times(lambda: native.few_rows_linear(activation, weight), repeats, warmup)
+    return rate(k * n * FP32_BYTES / 1e9, times)
 
 
 def cpu_info() -> tuple[str, bool]:

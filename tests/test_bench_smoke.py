@@ -37,7 +37,7 @@ DECODE_FIELDS = {
     "tokens_per_second_median_step", "tokens_per_second_all_steps", "weight_bytes_per_step", "kv_cache_bytes_read_per_step", "achieved_weight_gbs",
     "bandwidth_gbs", "bandwidth_ratio", "tokens_per_second_limit", "bandwidth_in_turn_gbs",
     "bandwidth_in_turn_probes", "bandwidth_ratio_in_turn", "best_bandwidth_in_turn_gbs",
-    "best_bandwidth_ratio_in_turn",
+    "best_bandwidth_ratio_in_turn", "step_matrices_gbs", "step_matrices_ratio",
 }
 BATCH_FIELDS = {
     "load_average_1min", "batch", "prompt_tokens", "prefill_seconds", "decode", "speedup_over_single",
@@ -85,6 +85,17 @@ def check_in_turn_bandwidth(decode):
     assert decode["best_bandwidth_ratio_in_turn"] == pytest.approx(decode["achieved_weight_gbs"] / best_median)
 
 
+def check_step_matrices(decode):
+    """The step's matrices streamed in place: a rate wherever the CPU kernels run, and the ratio over it."""
+    from paddlemix_vl2.models.deepseek_vl2 import native
+
+    if native.kernel_library() is None:
+        assert np.isnan(decode["step_matrices_gbs"])
+        return
+    assert decode["step_matrices_gbs"] > 0
+    assert decode["step_matrices_ratio"] == pytest.approx(decode["achieved_weight_gbs"] / decode["step_matrices_gbs"])
+
+
 def check_common(report, config):
     assert set(report) == TOP_FIELDS
     assert set(report["load"]) == LOAD_FIELDS
@@ -104,12 +115,14 @@ def check_common(report, config):
         assert set(section["decode"]) == DECODE_FIELDS
         assert section["decode"]["steps"] == report["settings"]["decode_tokens"]
         check_in_turn_bandwidth(section["decode"])
+        check_step_matrices(section["decode"])
         assert_positive_numbers(section, {"vision_seconds", "vision_gflops", "prefill_seconds", "prefill_gflops"})
     assert set(report["batch"]) == BATCH_FIELDS
     assert set(report["batch"]["decode"]) == DECODE_FIELDS
     assert report["batch"]["decode"]["batch"] == 4 and len(report["batch"]["prompt_tokens"]) == 4
     assert_positive_numbers(report["batch"], {"speedup_over_single", "speedup_over_single_in_turn"})
     check_in_turn_bandwidth(report["batch"]["decode"])
+    check_step_matrices(report["batch"]["decode"])
     lm = config["language_config"]
     # fp32 bytes of every parameter the port builds, counted independently from the checkpoint's headers.
     assert report["load"]["fp32_weight_bytes"] == 2 * bf16_bytes_in_checkpoint(report["checkpoint"])
@@ -180,6 +193,33 @@ def test_decode_weight_bytes_equal_the_parameters_a_step_touches():
             touched -= sum(config.n_routed_experts - a for a in active) * expert_bytes
             matrix_bytes = lm.lm_head.weight.element_size()
             assert model_costs.decode_weight_bytes(config, active, matrix_bytes) == touched, (name, matrix_bytes)
+
+
+def test_step_matrices_are_the_bytes_a_step_reads_but_the_norms():
+    """step_weights.step_matrices for a step's routing: model_costs' bytes for those expert counts, less the
+    vectors (the RMSNorm weights and noaux_tc's score bias, counted from the model's parameters), on MHA, MLA
+    and noaux_tc checkpoints."""
+    import model_costs
+    import step_weights
+    from lm_golden import load_lm
+
+    rng = np.random.default_rng(0)
+    for name in ("micro-tiny", "micro-small", "micro-full"):
+        lm = load_lm(name, "auto")
+        config = lm.config
+        routing = [
+            rng.integers(0, config.n_routed_experts, size=(2, config.num_experts_per_tok))
+            for _ in range(step_weights.moe_layer_count(config))
+        ]
+        matrices = step_weights.step_matrices(lm, routing)
+        vector_bytes = sum(int(p.size) * p.element_size() for p in lm.parameters() if len(p.shape) == 1)
+        expected = model_costs.decode_weight_bytes(
+            config, [len(np.unique(r)) for r in routing], lm.lm_head.weight.element_size()
+        )
+        assert step_weights.matrix_bytes(matrices) == expected - vector_bytes, name
+        assert matrices[-1] is lm.lm_head.weight
+        with pytest.raises(ValueError, match="MoE layers"):
+            step_weights.step_matrices(lm, routing[1:])
 
 
 class LinearFlops:

@@ -57,8 +57,9 @@ def stream_gbs(matrices: Sequence[paddle.Tensor], repeats: int = 5, warmup: int 
     """GB/s at which ``native.few_rows_linear`` reads ``matrices`` for one row, one pass over all of them a
     run; None where the kernel does not serve them (no CPU kernels built, weights off the host). The
     kernel is called directly, on one activation and output buffer, so a pass is the weights' reading and
-    a call per matrix (ctypes and a thread barrier: 6.4 µs for an empty one on the Intel guest, about 2 ms
-    of a tiny step's 294 matrices, which the decode step's one kernel call does not pay)."""
+    a call per matrix, which the decode step's one kernel call does not pay (ctypes and a thread barrier:
+    6.4 µs warm for an empty one on the Intel guest; an empty call added after each of a tiny step's 294
+    changed a 79-85 ms pass by -4 to +7 ms, within its run-to-run spread)."""
     widest_in, widest_out = max(int(w.shape[1]) for w in matrices), max(int(w.shape[0]) for w in matrices)
     activation, out = paddle.ones([1, widest_in]), paddle.empty([1, widest_out])
     if not all(native.few_rows_applies(activation, w, 1) for w in matrices):

@@ -736,8 +736,20 @@ def test_rope_store_prefill_equals_paddle_rope_and_the_cache_write():
     np.testing.assert_allclose(rotated.numpy(), expected_q, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(keys.numpy(), expected_keys, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(values.numpy(), expected_values)
-    with pytest.raises(ValueError, match="do not fit a cache"):
-        native.rope_store_prefill(q, k, v, cos, sin, keys, values, max_len - tokens + 1)
+    before = keys.numpy().copy(), values.numpy().copy()
+    misfits = [
+        (q, k, v, cos, sin, keys, values, max_len - tokens + 1),  # past the end
+        (q, k, v, cos, sin, keys, values, -1),
+        (q, k, v[:, :-1], cos, sin, keys, values, start),  # values of fewer tokens
+        (q, k, v, cos, sin[:1], keys, values, start),  # a sine table of one sequence
+        (q[:, :, :-1], k, v, cos, sin, keys, values, start),  # q not whole heads
+        (q, k, v, cos, sin, keys, values[:, :, :-1], start),  # a shorter value cache
+    ]
+    for args in misfits:
+        with pytest.raises(ValueError, match="do not fit a cache"):
+            native.rope_store_prefill(*args)
+    np.testing.assert_array_equal(keys.numpy(), before[0])
+    np.testing.assert_array_equal(values.numpy(), before[1])
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])

@@ -492,10 +492,17 @@ def rope_store_prefill(
     """
     batch, kv_heads, max_len, head_dim = cache_keys.shape
     tokens, heads = q.shape[1], q.shape[-1] // head_dim
-    if start + tokens > max_len or list(k.shape) != [batch, tokens, kv_heads * head_dim] or list(
-            cos.shape) != [batch, tokens, head_dim]:
-        raise ValueError(f"rope_store_prefill: {tokens} tokens at {start} with k {list(k.shape)}, cos "
-                         f"{list(cos.shape)} do not fit a cache of {list(cache_keys.shape)}")
+    kv_shape, table_shape = [batch, tokens, kv_heads * head_dim], [batch, tokens, head_dim]
+    if (
+        not 0 <= start <= max_len - tokens or list(q.shape[:2]) != [batch, tokens] or q.shape[-1] % head_dim
+        or list(k.shape) != kv_shape or list(v.shape) != kv_shape or list(cos.shape) != table_shape
+        or list(sin.shape) != table_shape or list(cache_values.shape) != list(cache_keys.shape)
+    ):
+        raise ValueError(
+            f"rope_store_prefill: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}, cos {list(cos.shape)}, "
+            f"sin {list(sin.shape)} at {start} do not fit a cache of {list(cache_keys.shape)} and "
+            f"{list(cache_values.shape)}"
+        )
     q, k, v, cos, sin = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v, cos, sin))
     kernel_library().rope_store_prefill(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), cache_keys.data_ptr(),

@@ -258,7 +258,7 @@ class DecodeStack(ctypes.Structure):
             rotary.mscale, final_norm.weight.data_ptr(), final_norm.variance_epsilon, cache.key_valid.data_ptr(),
         )
         stack.entries, stack.layer_list = entries, layers  # what the structure points to
-        stack.top_ks = [layer.block.router.top_k for layer in layers]
+        stack.top_ks = [entry.top_k for entry in entries]
         stack.batch = cache.batch_size
         stack.pinned = sum((layer.pinned for layer in layers), PinnedTensors(
             [table, rotary.inv_freq, final_norm.weight, cache.key_valid],

@@ -431,8 +431,9 @@ def run_generation(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new
                                      between=probe_between_steps)
     (seconds, experts), *others = decoded
     routing = stream[1].routing
-    matrices = step_weights.step_matrices(lm, routing[len(routing) - step_weights.moe_layer_count(lm.config):])
-    return {"step_matrices_rate": step_weights.stream_gbs(matrices),"prefill_seconds": prefill_seconds, "prefill_and_first_token_seconds": first_token_seconds,
+    parts = step_weights.step_parts(lm, routing[len(routing) - step_weights.moe_layer_count(lm.config):])
+    return {"step_matrices_rate": step_weights.stream_gbs(parts),
+            "prefill_seconds": prefill_seconds, "prefill_and_first_token_seconds": first_token_seconds,
             "prefill_limit_gflops": prefill_limit.value, "prefill_gemm_limit_gflops": gemm_limit.value,
             "step_seconds": seconds, "experts": experts, "bandwidth_gbs": bandwidth.value,
             "in_turn_probes": in_turn, "alongside_step_seconds": [other[0] for other in others]}

@@ -196,7 +196,7 @@ def test_decode_weight_bytes_equal_the_parameters_a_step_touches():
 
 
 def test_step_matrices_are_the_bytes_a_step_reads_but_the_norms():
-    """step_weights.step_matrices for a step's routing: model_costs' bytes for those expert counts, less the
+    """step_weights.step_parts for a step's routing: model_costs' bytes for those expert counts, less the
     vectors (the RMSNorm weights and noaux_tc's score bias, counted from the model's parameters), on MHA, MLA
     and noaux_tc checkpoints."""
     import model_costs
@@ -211,7 +211,7 @@ def test_step_matrices_are_the_bytes_a_step_reads_but_the_norms():
             rng.integers(0, config.n_routed_experts, size=(2, config.num_experts_per_tok))
             for _ in range(step_weights.moe_layer_count(config))
         ]
-        matrices = step_weights.step_matrices(lm, routing)
+        matrices = step_weights.step_matrices(step_weights.step_parts(lm, routing))
         vector_bytes = sum(int(p.size) * p.element_size() for p in lm.parameters() if len(p.shape) == 1)
         expected = model_costs.decode_weight_bytes(
             config, [len(np.unique(r)) for r in routing], lm.lm_head.weight.element_size()
@@ -219,7 +219,7 @@ def test_step_matrices_are_the_bytes_a_step_reads_but_the_norms():
         assert step_weights.matrix_bytes(matrices) == expected - vector_bytes, name
         assert matrices[-1] is lm.lm_head.weight
         with pytest.raises(ValueError, match="MoE layers"):
-            step_weights.step_matrices(lm, routing[1:])
+            step_weights.step_parts(lm, routing[1:])
 
 
 class LinearFlops:

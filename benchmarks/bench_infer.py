@@ -83,9 +83,14 @@ def settling_rounds(steps: int, every: int = IN_TURN_PROBE_EVERY) -> int:
     return max(0, (steps - 1) // every)
 
 
+def rounds_with_settling(steps: int, every: int = IN_TURN_PROBE_EVERY) -> int:
+    """Steps ``decode_in_turn`` takes per stream for ``steps`` timed ones with probes: the room a cache needs."""
+    return steps + settling_rounds(steps, every)
+
+
 def mean_context(prompt_len: int, steps: int) -> int:
     """The mean number of cached positions over a section's timed steps (settling ones among them)."""
-    return prompt_len + (steps + settling_rounds(steps)) // 2
+    return prompt_len + rounds_with_settling(steps) // 2
 
 
 # With the real 129k tokenizer these give the issue's prompt lengths: 1037 tokens for one image
@@ -318,11 +323,11 @@ def decode_in_turn(lm, streams: Sequence[tuple], steps: int, between: Optional[C
     Returns per stream (seconds per timed step, distinct experts per timed step and MoE layer).
     """
     streams = list(streams)
-    needed = steps + (settling_rounds(steps, every) if between is not None else 0)
+    needed = rounds_with_settling(steps, every) if between is not None else steps
     for _, cache, _ in streams:
         if cache.max_length - cache.length < needed:
             raise ValueError(f"a cache with room for {cache.max_length - cache.length} new tokens cannot take {needed} "
-                             "steps (timed and settling): prefill with room for steps + settling_rounds(steps)")
+                             "steps (timed and settling): prefill with room for rounds_with_settling(steps)")
     seconds = [[] for _ in streams]
     spans = [[] for _ in streams]  # per timed step, its entries of the stream's routing record
     for _, cache, _ in streams:
@@ -425,7 +430,7 @@ def run_generation(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new
             probe.around(probe.lm_gemm_gflops) as gemm_limit:
         with profiler.stage(f"{label}_prefill"):
             stream, prefill_seconds, first_token_seconds = prefilled(
-                lm, embeds, attention_mask, new_tokens + settling_rounds(new_tokens))
+                lm, embeds, attention_mask, rounds_with_settling(new_tokens))
         with profiler.stage(f"{label}_decode"):
             decoded = decode_in_turn(lm, [stream] if alongside is None else [stream, alongside], new_tokens,
                                      between=probe_between_steps)
@@ -516,7 +521,7 @@ def bench_batch(model, processor, image, one_image: tuple, settings: BenchSettin
         image_mask = batch.images_seq_mask.astype(paddle.bool).unsqueeze(-1).expand_as(text)
         embeds = paddle.masked_scatter(text, image_mask, paddle.concat([image_embeds] * len(samples)))
         single, _, _ = prefilled(lm, single_embeds, single_inputs.attention_mask,
-                                 settings.decode_tokens + settling_rounds(settings.decode_tokens))
+                                 rounds_with_settling(settings.decode_tokens))
         generation = run_generation(
             lm, embeds, batch.attention_mask, settings.decode_tokens, profiler, probe, "batch", alongside=single
         )

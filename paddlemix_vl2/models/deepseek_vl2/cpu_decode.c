@@ -247,6 +247,22 @@ static _Thread_local size_t mla_cap;
 /* Rows ahead of the scoring loop that are prefetched: the next block, about 150 KB, in flight. */
 #define LATENT_PREFETCH_ROWS 64
 
+/* CALL for the heads 0 .. heads - 1 in groups, the heads `first` .. `first` + count - 1: eight at a time
+ * (the kernels below keep eight heads' sums in registers), then one at a time; count is a constant in each
+ * loop, so the always-inline kernels are specialised for it. */
+#define IN_HEAD_GROUPS(heads, first, count, CALL)                                         \
+    do {                                                                                  \
+        long first = 0;                                                                   \
+        for (; first + 8 <= (heads); first += 8) {                                        \
+            const int count = 8;                                                          \
+            CALL;                                                                         \
+        }                                                                                 \
+        for (; first < (heads); ++first) {                                                \
+            const int count = 1;                                                          \
+            CALL;                                                                         \
+        }                                                                                 \
+    } while (0)
+
 /* acc[h][t] += q[h0 + h] . rows[s + t] (vectors of `width` floats, rows one after another) for the count
  * heads from h0 and the `tokens` rows from s (count and tokens compile-time constants after inlining): a
  * row is loaded once for all heads and each query vector once for both rows. */
@@ -431,21 +447,14 @@ int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_
                     for (long c = 0; c < latent; c += 16) __builtin_prefetch(ckv_b + s * latent + c, 0, 3);
                     for (long r = 0; r < rope; r += 16) __builtin_prefetch(k_pe_b + s * rope + r, 0, 3);
                 }
-                long h0 = 0;
-                for (; h0 + 8 <= heads; h0 += 8)
-                    latent_scores_span(q_latent, q_pe_b, ckv_b, k_pe_b, own.block, h0, 8, latent, rope, sb, se, scale);
-                for (; h0 < heads; ++h0)
-                    latent_scores_span(q_latent, q_pe_b, ckv_b, k_pe_b, own.block, h0, 1, latent, rope, sb, se, scale);
+                IN_HEAD_GROUPS(heads, h0, count, latent_scores_span(q_latent, q_pe_b, ckv_b, k_pe_b, own.block, h0,
+                                                                    count, latent, rope, sb, se, scale));
                 for (long h = 0; h < heads; ++h)
                     running_softmax_block(own.block + h * LATENT_BLOCK, mask_b + sb, se - sb, own.top + h,
                                           own.total + h, own.partial + h * latent, latent);
-                for (long c = 0; c < latent; c += 32) {
-                    long first = 0;
-                    for (; first + 8 <= heads; first += 8)
-                        latent_outputs(own.block, ckv_b + sb * latent, own.partial, first, 8, latent, se - sb, c);
-                    for (; first < heads; ++first)
-                        latent_outputs(own.block, ckv_b + sb * latent, own.partial, first, 1, latent, se - sb, c);
-                }
+                for (long c = 0; c < latent; c += 32)
+                    IN_HEAD_GROUPS(heads, h0, count, latent_outputs(own.block, ckv_b + sb * latent, own.partial, h0,
+                                                                    count, latent, se - sb, c));
             }
 #pragma omp barrier
             /* Merge the threads' running softmaxes head by head, then apply W_UV. */

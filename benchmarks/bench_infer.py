@@ -435,8 +435,7 @@ def run_generation(lm, embeds: paddle.Tensor, attention_mask: paddle.Tensor, new
             decoded = decode_in_turn(lm, [stream] if alongside is None else [stream, alongside], new_tokens,
                                      between=probe_between_steps)
     (seconds, experts), *others = decoded
-    routing = stream[1].routing
-    parts = step_weights.step_parts(lm, routing[len(routing) - step_weights.moe_layer_count(lm.config):])
+    parts = step_weights.step_parts(lm, step_weights.last_step_routing(lm.config, stream[1].routing))
     return {"step_matrices_rate": step_weights.stream_gbs(parts),
             "prefill_seconds": prefill_seconds, "prefill_and_first_token_seconds": first_token_seconds,
             "prefill_limit_gflops": prefill_limit.value, "prefill_gemm_limit_gflops": gemm_limit.value,

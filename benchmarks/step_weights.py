@@ -19,12 +19,18 @@ import paddle
 import roofline
 from paddlemix_vl2.models.deepseek_vl2 import native
 
+Part = Tuple[List[paddle.Tensor], List[Tuple[paddle.Tensor, ...]]]  # (matrices, MLPs' (gate, up, down))
+
 
 def moe_layer_count(config) -> int:
+    """How many decoder layers of ``config`` have a MoE (each records one routing entry per step)."""
     return sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
 
 
-Part = Tuple[List[paddle.Tensor], List[Tuple[paddle.Tensor, ...]]]  # (matrices, MLPs' (gate, up, down))
+def last_step_routing(config, routing: Sequence[np.ndarray]) -> List[np.ndarray]:
+    """The last step's entries of a cache's routing record (``KVCache.routing``: one topk_idx per MoE layer
+    and step, in order)."""
+    return list(routing[len(routing) - moe_layer_count(config):])
 
 
 def step_parts(lm, routing: Sequence[np.ndarray]) -> List[Part]:
@@ -67,30 +73,32 @@ def stream_gbs(parts: Sequence[Part], repeats: int = 5, warmup: int = 1) -> Opti
     each matrix split between the threads by ``few_rows_linear``, each layer's MLPs dealt out whole to the
     threads by one ``swiglu_mlps`` call. None where they do not serve these weights (no CPU kernels built,
     weights off the host). The kernels are called with one activation and output buffer, so a pass is the
-    weights' reading and a call per matrix or MLP group (73 for tiny), which the step's one kernel call does
+    weights' reading and a call per matrix or MLP group (72 for tiny), which the step's one kernel call does
     not pay: on tiny, every matrix in its own call (294) streamed within 3% of this, mapped and in fresh
-    memory, so those calls cost little beside the reading."""
+    memory, so those calls cost little beside the reading. (The MLP groups go through the ``swiglu_mlps``
+    wrapper, which checks the table's pins and allocates its output each call.) MLA's ``kv_b_proj`` is read
+    once here, as ``model_costs`` counts it, where the absorbed attention reads it once per sequence: a
+    batch of MLA sequences reads more than this streams."""
     with paddle.no_grad():  # the kernels serve inference only
         return _stream_gbs(parts, repeats, warmup)
 
 
 def _stream_gbs(parts: Sequence[Part], repeats: int, warmup: int) -> Optional[roofline.Rate]:
     matrices = step_matrices(parts)
-    hidden = int(parts[-1][0][0].shape[1])
     activation = paddle.ones([1, max(int(w.shape[1]) for w in matrices)])
     out = paddle.empty([1, max(int(w.shape[0]) for w in matrices)])
     if not all(native.few_rows_applies(activation, w, 1) for w in matrices):
         return None
     kernel, x, y = native.kernel_library().few_rows_linear, activation.data_ptr(), out.data_ptr()
-    rows = paddle.ones([1, hidden])  # the MLPs' input row
     passes = []
     for layer_matrices, mlps in parts:
         passes += [(kernel, (x, w.data_ptr(), int(native.is_bf16(w)), y, 1, int(w.shape[1]), int(w.shape[0])))
                    for w in layer_matrices]
         if mlps:
-            ids = np.arange(len(mlps))
-            passes.append((native.swiglu_mlps, (rows, native.MLPTable(mlps), ids, [1] * len(mlps),
-                                                 np.zeros(len(mlps), np.int64), np.ones(len(mlps), np.float32))))
+            mlp_input = paddle.ones([1, int(mlps[0][0].shape[1])])  # one row of the gates' input width
+            passes.append((native.swiglu_mlps, (mlp_input, native.MLPTable(mlps), np.arange(len(mlps)),
+                                                 [1] * len(mlps), np.zeros(len(mlps), np.int64),
+                                                 np.ones(len(mlps), np.float32))))
 
     def one_pass() -> None:
         for call, args in passes:

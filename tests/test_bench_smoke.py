@@ -222,6 +222,27 @@ def test_step_matrices_are_the_bytes_a_step_reads_but_the_norms():
             step_weights.step_parts(lm, routing[1:])
 
 
+def test_step_weights_stream_at_a_rate_where_the_kernels_run(monkeypatch):
+    """stream_gbs over a micro checkpoint's step gives a best and a median rate when the CPU kernels run,
+    and None without them."""
+    import step_weights
+    from lm_golden import load_lm
+    from paddlemix_vl2.models.deepseek_vl2 import native
+
+    for name in ("micro-tiny", "micro-small"):
+        lm = load_lm(name, "auto")
+        config = lm.config
+        chosen = np.arange(config.num_experts_per_tok).reshape(1, -1)
+        parts = step_weights.step_parts(lm, [chosen] * step_weights.moe_layer_count(config))
+        rate = step_weights.stream_gbs(parts, repeats=2)
+        if native.kernel_library() is None:
+            assert rate is None
+        else:
+            assert rate.best >= rate.median > 0, name
+    monkeypatch.setattr(native, "kernel_library", lambda: None)
+    assert step_weights.stream_gbs(parts, repeats=2) is None
+
+
 class LinearFlops:
     """Sums 2 · rows · in · out over every Linear call inside ``layer`` while active."""
 

@@ -743,6 +743,7 @@ def test_rope_store_prefill_equals_paddle_rope_and_the_cache_write():
         (q, k, v[:, :-1], cos, sin, keys, values, start),  # values of fewer tokens
         (q, k, v, cos, sin[:1], keys, values, start),  # a sine table of one sequence
         (q[:, :, :-1], k, v, cos, sin, keys, values, start),  # q not whole heads
+        (q.reshape([batch, tokens, heads, head_dim]), k, v, cos, sin, keys, values, start),  # q split in heads
         (q, k, v, cos, sin, keys, values[:, :, :-1], start),  # a shorter value cache
     ]
     for args in misfits:

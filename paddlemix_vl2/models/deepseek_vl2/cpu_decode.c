@@ -247,17 +247,17 @@ static _Thread_local size_t mla_cap;
 /* Rows ahead of the scoring loop that are prefetched: the next block, about 150 KB, in flight. */
 #define LATENT_PREFETCH_ROWS 64
 
-/* CALL for the heads 0 .. heads - 1 in groups, the heads `first` .. `first` + count - 1: eight at a time
+/* CALL for the heads 0 .. heads - 1 in groups, the heads `head` .. `head` + count - 1: eight at a time
  * (the kernels below keep eight heads' sums in registers), then one at a time; count is a constant in each
  * loop, so the always-inline kernels are specialised for it. */
-#define IN_HEAD_GROUPS(heads, first, count, CALL)                                         \
+#define IN_HEAD_GROUPS(heads, head, count, CALL)                                          \
     do {                                                                                  \
-        long first = 0;                                                                   \
-        for (; first + 8 <= (heads); first += 8) {                                        \
+        long head = 0;                                                                    \
+        for (; head + 8 <= (heads); head += 8) {                                          \
             const int count = 8;                                                          \
             CALL;                                                                         \
         }                                                                                 \
-        for (; first < (heads); ++first) {                                                \
+        for (; head < (heads); ++head) {                                                  \
             const int count = 1;                                                          \
             CALL;                                                                         \
         }                                                                                 \

@@ -494,7 +494,8 @@ def rope_store_prefill(
     tokens, heads = q.shape[1], q.shape[-1] // head_dim
     kv_shape, table_shape = [batch, tokens, kv_heads * head_dim], [batch, tokens, head_dim]
     if (
-        not 0 <= start <= max_len - tokens or list(q.shape[:2]) != [batch, tokens] or q.shape[-1] % head_dim
+        not 0 <= start <= max_len - tokens or len(q.shape) != 3 or list(q.shape[:2]) != [batch, tokens]
+        or q.shape[-1] % head_dim
         or list(k.shape) != kv_shape or list(v.shape) != kv_shape or list(cos.shape) != table_shape
         or list(sin.shape) != table_shape or list(cache_values.shape) != list(cache_keys.shape)
     ):

@@ -389,21 +389,19 @@ static inline float dot_weights(const float *x, const void *w, int bf16, long of
 }
 
 /* A thread's part of mla_decode_attention's scratch (mla_thread_floats floats each, one after another):
- * its latent sums [heads, latent], running max and sum [heads], a block of scores [heads, LATENT_BLOCK]
- * and a merged latent row [latent]. */
+ * its latent sums [heads, latent], running max and sum [heads] and a block of scores [heads, LATENT_BLOCK]. */
 typedef struct {
-    float *partial, *top, *total, *block, *merged;
+    float *partial, *top, *total, *block;
 } mla_thread_state;
 
 static inline long mla_thread_floats(long heads, long latent) {
-    return heads * latent + 2 * heads + heads * LATENT_BLOCK + latent;
+    return heads * latent + 2 * heads + heads * LATENT_BLOCK;
 }
 
 static inline mla_thread_state mla_state_of(float *state, long thread, long heads, long latent) {
     float *partial = state + thread * mla_thread_floats(heads, latent), *top = partial + heads * latent;
     float *total = top + heads;
-    float *block = total + heads;
-    return (mla_thread_state){partial, top, total, block, block + heads * LATENT_BLOCK};
+    return (mla_thread_state){partial, top, total, total + heads};
 }
 
 /* q_nope [B, heads, nope], q_pe [B, heads, rope] (rotated), k_pe [B, max_len, rope], ckv [B, max_len, latent]
@@ -413,32 +411,38 @@ static inline mla_thread_state mla_state_of(float *state, long thread, long head
  * position); positions 0 .. keys - 1 (1 <= keys <= max_len) are read; a row whose mask hides them all
  * averages them evenly (Paddle's softmax averages the whole buffer there: only padding queries, whose
  * outputs nothing reads); positions masked with -inf are skipped, and a row hidden by -inf everywhere
- * gives zeros. out [B, heads, value]. Returns 0, or -1 when scratch memory ran out. */
+ * gives zeros. out [B, heads, value]. Returns 0, or -1 when scratch memory ran out.
+ *
+ * kv_b is read twice a call whatever B (W_UK to absorb every sequence's query, W_UV to expand every
+ * sequence's latent sums: each weight row serves all B rows while it is in L1), the cache of each sequence
+ * once. */
 int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_pe, const float *ckv,
                          const void *kv_b, int bf16, const float *mask, float *out, long batch,
                          long heads, long nope, long rope, long latent, long value, long max_len, long keys,
                          float scale) {
-    const long max_threads = omp_get_max_threads();
-    /* q_latent [heads, latent], then each thread's mla_thread_state. */
-    float *buf = grow(&mla_buf, &mla_cap, (size_t)(heads * latent + max_threads * mla_thread_floats(heads, latent)));
+    const long max_threads = omp_get_max_threads(), rows = batch * heads;
+    /* q_latent and merged [B, heads, latent], then each thread's mla_thread_state. */
+    float *buf = grow(&mla_buf, &mla_cap, (size_t)(2 * rows * latent + max_threads * mla_thread_floats(heads, latent)));
     if (!buf) return -1;
-    float *q_latent = buf, *state = buf + heads * latent;
-    for (long b = 0; b < batch; ++b) {
-        const float *k_pe_b = k_pe + b * max_len * rope, *ckv_b = ckv + b * max_len * latent;
-        const float *q_pe_b = q_pe + b * heads * rope, *mask_b = mask + b * max_len;
+    float *q_latent = buf, *merged = buf + rows * latent, *state = merged + rows * latent;
 #pragma omp parallel
-        {
+    {
 #pragma omp for schedule(static)
-            for (long h = 0; h < heads; ++h) {
-                float *row = q_latent + h * latent;
-                for (long c = 0; c < latent; ++c) row[c] = 0.0f;
-                for (long d = 0; d < nope; ++d)
-                    add_scaled_weights(row, q_nope[(b * heads + h) * nope + d], kv_b, bf16,
-                                       (h * (nope + value) + d) * latent, latent);
-            }
-            const long thread = omp_get_thread_num(), threads = omp_get_num_threads();
-            const long s0 = keys * thread / threads, s1 = keys * (thread + 1) / threads;
-            const mla_thread_state own = mla_state_of(state, thread, heads, latent);
+        for (long h = 0; h < heads; ++h) {
+            for (long b = 0; b < batch; ++b)
+                for (long c = 0; c < latent; ++c) q_latent[(b * heads + h) * latent + c] = 0.0f;
+            for (long d = 0; d < nope; ++d)
+                for (long b = 0; b < batch; ++b)
+                    add_scaled_weights(q_latent + (b * heads + h) * latent, q_nope[(b * heads + h) * nope + d], kv_b,
+                                       bf16, (h * (nope + value) + d) * latent, latent);
+        }
+        const long thread = omp_get_thread_num(), threads = omp_get_num_threads();
+        const long s0 = keys * thread / threads, s1 = keys * (thread + 1) / threads;
+        const mla_thread_state own = mla_state_of(state, thread, heads, latent);
+        for (long b = 0; b < batch; ++b) {
+            const float *k_pe_b = k_pe + b * max_len * rope, *ckv_b = ckv + b * max_len * latent;
+            const float *q_pe_b = q_pe + b * heads * rope, *mask_b = mask + b * max_len;
+            const float *q_latent_b = q_latent + b * heads * latent;
             for (long i = 0; i < heads * latent; ++i) own.partial[i] = 0.0f;
             for (long h = 0; h < heads; ++h) own.top[h] = -INFINITY, own.total[h] = 0.0f;
             for (long sb = s0; sb < s1; sb += LATENT_BLOCK) {
@@ -447,7 +451,7 @@ int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_
                     for (long c = 0; c < latent; c += 16) __builtin_prefetch(ckv_b + s * latent + c, 0, 3);
                     for (long r = 0; r < rope; r += 16) __builtin_prefetch(k_pe_b + s * rope + r, 0, 3);
                 }
-                IN_HEAD_GROUPS(heads, h0, count, latent_scores_span(q_latent, q_pe_b, ckv_b, k_pe_b, own.block, h0,
+                IN_HEAD_GROUPS(heads, h0, count, latent_scores_span(q_latent_b, q_pe_b, ckv_b, k_pe_b, own.block, h0,
                                                                     count, latent, rope, sb, se, scale));
                 for (long h = 0; h < heads; ++h)
                     running_softmax_block(own.block + h * LATENT_BLOCK, mask_b + sb, se - sb, own.top + h,
@@ -457,25 +461,29 @@ int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_
                                                                     count, latent, se - sb, c));
             }
 #pragma omp barrier
-            /* Merge the threads' running softmaxes head by head, then apply W_UV. */
+            /* Merge the threads' running softmaxes head by head; the loop's closing barrier frees the threads'
+             * states for the next sequence. */
 #pragma omp for schedule(static)
             for (long h = 0; h < heads; ++h) {
-                float best = -INFINITY, sum = 0.0f, *merged = own.merged;
+                float best = -INFINITY, sum = 0.0f, *row = merged + (b * heads + h) * latent;
                 for (long t = 0; t < threads; ++t) best = fmaxf(best, mla_state_of(state, t, heads, latent).top[h]);
-                for (long c = 0; c < latent; ++c) merged[c] = 0.0f;
+                for (long c = 0; c < latent; ++c) row[c] = 0.0f;
                 for (long t = 0; t < threads; ++t) {
                     const mla_thread_state part = mla_state_of(state, t, heads, latent);
                     const float weight = part.top[h] == -INFINITY ? 0.0f : expf(part.top[h] - best);
                     sum += weight * part.total[h];
-                    for (long c = 0; c < latent; ++c) merged[c] += weight * part.partial[h * latent + c];
+                    for (long c = 0; c < latent; ++c) row[c] += weight * part.partial[h * latent + c];
                 }
                 const float norm = sum > 0.0f ? 1.0f / sum : 0.0f; /* 0: hidden by -inf everywhere */
-                for (long c = 0; c < latent; ++c) merged[c] *= norm;
-                for (long v = 0; v < value; ++v)
-                    out[(b * heads + h) * value + v] =
-                        dot_weights(merged, kv_b, bf16, (h * (nope + value) + nope + v) * latent, latent);
+                for (long c = 0; c < latent; ++c) row[c] *= norm;
             }
         }
+#pragma omp for schedule(static)
+        for (long h = 0; h < heads; ++h)
+            for (long v = 0; v < value; ++v)
+                for (long b = 0; b < batch; ++b)
+                    out[(b * heads + h) * value + v] = dot_weights(merged + (b * heads + h) * latent, kv_b, bf16,
+                                                                   (h * (nope + value) + nope + v) * latent, latent);
     }
     return 0;
 }

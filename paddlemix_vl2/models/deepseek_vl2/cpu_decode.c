@@ -373,21 +373,6 @@ static inline void add_scaled_weights(float *acc, float a, const void *w, int bf
     }
 }
 
-/* x[0 .. n - 1] . w[offset .. offset + n - 1], w float32 or (bf16) bfloat16. */
-static inline float dot_weights(const float *x, const void *w, int bf16, long offset, long n) {
-    float sum = 0.0f;
-    if (bf16) {
-        const bf16_t *row = (const bf16_t *)w + offset;
-#pragma omp simd reduction(+ : sum)
-        for (long i = 0; i < n; ++i) sum += x[i] * bf16_to_float(row[i]);
-    } else {
-        const float *row = (const float *)w + offset;
-#pragma omp simd reduction(+ : sum)
-        for (long i = 0; i < n; ++i) sum += x[i] * row[i];
-    }
-    return sum;
-}
-
 /* A thread's part of mla_decode_attention's scratch (mla_thread_floats floats each, one after another):
  * its latent sums [heads, latent], running max and sum [heads] and a block of scores [heads, LATENT_BLOCK]. */
 typedef struct {
@@ -413,18 +398,21 @@ static inline mla_thread_state mla_state_of(float *state, long thread, long head
  * outputs nothing reads); positions masked with -inf are skipped, and a row hidden by -inf everywhere
  * gives zeros. out [B, heads, value]. Returns 0, or -1 when scratch memory ran out.
  *
- * kv_b is read twice a call whatever B (W_UK to absorb every sequence's query, W_UV to expand every
- * sequence's latent sums: each weight row serves all B rows while it is in L1), the cache of each sequence
- * once. */
+ * W_UK is read once a call whatever B (each row absorbs every sequence's query while it is in L1), W_UV
+ * once per four sequences (few_rows_serial expands four sequences' latent sums a pass), the cache of each
+ * sequence once. */
 int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_pe, const float *ckv,
                          const void *kv_b, int bf16, const float *mask, float *out, long batch,
                          long heads, long nope, long rope, long latent, long value, long max_len, long keys,
                          float scale) {
     const long max_threads = omp_get_max_threads(), rows = batch * heads;
-    /* q_latent and merged [B, heads, latent], then each thread's mla_thread_state. */
-    float *buf = grow(&mla_buf, &mla_cap, (size_t)(2 * rows * latent + max_threads * mla_thread_floats(heads, latent)));
+    /* q_latent [B, heads, latent], merged [heads, B, latent] (a head's rows together, as few_rows_serial
+     * takes them), each thread's expanded rows [4, value], then each thread's mla_thread_state. */
+    const long per_thread = 4 * value + mla_thread_floats(heads, latent);
+    float *buf = grow(&mla_buf, &mla_cap, (size_t)(2 * rows * latent + max_threads * per_thread));
     if (!buf) return -1;
-    float *q_latent = buf, *merged = buf + rows * latent, *state = merged + rows * latent;
+    float *q_latent = buf, *merged = buf + rows * latent, *expanded = merged + rows * latent;
+    float *state = expanded + max_threads * 4 * value;
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
@@ -465,7 +453,7 @@ int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_
              * states for the next sequence. */
 #pragma omp for schedule(static)
             for (long h = 0; h < heads; ++h) {
-                float best = -INFINITY, sum = 0.0f, *row = merged + (b * heads + h) * latent;
+                float best = -INFINITY, sum = 0.0f, *row = merged + (h * batch + b) * latent;
                 for (long t = 0; t < threads; ++t) best = fmaxf(best, mla_state_of(state, t, heads, latent).top[h]);
                 for (long c = 0; c < latent; ++c) row[c] = 0.0f;
                 for (long t = 0; t < threads; ++t) {
@@ -478,12 +466,19 @@ int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_
                 for (long c = 0; c < latent; ++c) row[c] *= norm;
             }
         }
+        /* out[b, h] = W_UV[h] merged[h, b], four sequences per pass over the weight rows. */
+        float *own_expanded = expanded + thread * 4 * value;
+        const size_t element = bf16 ? sizeof(bf16_t) : sizeof(float);
 #pragma omp for schedule(static)
         for (long h = 0; h < heads; ++h)
-            for (long v = 0; v < value; ++v)
-                for (long b = 0; b < batch; ++b)
-                    out[(b * heads + h) * value + v] = dot_weights(merged + (b * heads + h) * latent, kv_b, bf16,
-                                                                   (h * (nope + value) + nope + v) * latent, latent);
+            for (long b0 = 0; b0 < batch; b0 += 4) {
+                const long count = batch - b0 < 4 ? batch - b0 : 4;
+                few_rows_serial(merged + (h * batch + b0) * latent,
+                                (const char *)kv_b + (size_t)(h * (nope + value) + nope) * latent * element, bf16,
+                                own_expanded, count, latent, value);
+                for (long b = 0; b < count; ++b)
+                    memcpy(out + ((b0 + b) * heads + h) * value, own_expanded + b * value, value * sizeof(float));
+            }
     }
     return 0;
 }

@@ -400,7 +400,7 @@ static int swiglu_gemm(const float *x, long hidden, const void *gate, const void
 }
 #endif
 
-static void few_rows_serial(const float *x, const void *w, int bf16, float *y, long rows, long k_dim, long n_dim) {
+void few_rows_serial(const float *x, const void *w, int bf16, float *y, long rows, long k_dim, long n_dim) {
     few_rows_span(x, w, bf16, y, rows, k_dim, n_dim, 0, n_dim);
 }
 

@@ -27,6 +27,9 @@ float *grow(float **buf, size_t *cap, size_t floats);
 /* y [rows, n_dim] = x [rows, k_dim] @ w [n_dim, k_dim]^T, w float32 or (bf16) bfloat16 (cpu_kernels.c). */
 void few_rows_linear(const float *x, const void *w, int bf16, float *y, long rows, long k_dim, long n_dim);
 
+/* few_rows_linear for rows <= MAX_ROWS (4) on the calling thread (cpu_kernels.c). */
+void few_rows_serial(const float *x, const void *w, int bf16, float *y, long rows, long k_dim, long n_dim);
+
 /* y = weight * x / sqrt(mean(x^2) + eps) per row of n (y may be x) (cpu_kernels.c). */
 void rms_norm_rows(const float *x, const float *weight, float *y, long rows, long n, float eps);
 

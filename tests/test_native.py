@@ -472,20 +472,20 @@ def test_decode_step_equals_the_module_path(monkeypatch, source, weight_dtype, b
 
 
 @pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("heads,latent,rope,keys,spare,hidden", [
-    (16, 512, 64, 300, 5, 3), (3, 40, 8, 17, 5, 3), (11, 56, 24, 130, 0, 3), (11, 56, 24, 1, 3, 0),
-    (5, 40, 8, 400, 2, 260),
+@pytest.mark.parametrize("heads,latent,rope,keys,spare,hidden,batch", [
+    (16, 512, 64, 300, 5, 3, 2), (3, 40, 8, 17, 5, 3, 2), (11, 56, 24, 130, 0, 3, 2), (11, 56, 24, 1, 3, 0, 2),
+    (5, 40, 8, 400, 2, 260, 2), (16, 512, 64, 300, 5, 3, 6),
 ])
-def test_mla_decode_attention_matches_numpy(heads, latent, rope, keys, spare, hidden, weight_dtype):
+def test_mla_decode_attention_matches_numpy(heads, latent, rope, keys, spare, hidden, batch, weight_dtype):
     """The absorbed MLA decode attention against float64 NumPy: the small model's widths; widths off the
     vector and tile sizes with a head group of eight and leftover heads; one key, and a full cache; two
     sequences, the second left-padded by ``hidden`` positions (260 of 400: more than one thread's share and
-    several blocks, so the running softmax starts on hidden positions and is rescaled); ``kv_b_proj``'s
-    weight read as stored, float32 or bfloat16."""
+    several blocks, so the running softmax starts on hidden positions and is rescaled); six sequences, which
+    the kernel expands four and two at a time; ``kv_b_proj``'s weight read as stored, float32 or bfloat16."""
     if not _vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: MLA decode attention runs on Paddle's ops")
     rng = np.random.default_rng(heads + keys)
-    nope, value, max_len, batch, scale = 24, 20, keys + spare, 2, (latent + rope) ** -0.5  # scores of unit spread
+    nope, value, max_len, scale = 24, 20, keys + spare, (latent + rope) ** -0.5  # scores of unit spread
     q_nope, q_pe = rng.standard_normal((batch, 1, heads, nope)), rng.standard_normal((batch, 1, heads, rope))
     k_pe, ckv = rng.standard_normal((batch, max_len, rope)), rng.standard_normal((batch, max_len, latent))
     # kv_b_proj's weight [heads * (nope + value), latent]: per head its W_UK rows, then its W_UV rows.

@@ -83,7 +83,7 @@ def test_linear_with_the_kernel_equals_the_matmul_path(monkeypatch, shape):
     np.testing.assert_allclose(fast.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
     assert fast.shape == shape[:-1] + [40]
     few_rows = np.prod(shape[:-1]) <= native.MAX_FEW_ROWS
-    assert calls == (["few_rows_linear"] if few_rows else ["linear"] if _vector_kernels_built() else [])
+    assert calls == (["few_rows_linear"] if few_rows else ["linear"] if native.vector_kernels_built() else [])
 
 
 def numpy_swiglu(x, gate, up, down):
@@ -97,7 +97,7 @@ def test_swiglu_mlps_equals_numpy(rows, weight_dtype):
     """MLPs of different widths, one over every row (a shared expert), the others over subsets with
     their own weights (routed experts): six rows take two passes of four, 29 rows the GEMM for the MLPs
     with more than eight, 400 rows two of the GEMM's 384-row chunks."""
-    if rows > native.MAX_FEW_ROWS and not _vector_kernels_built():
+    if rows > native.MAX_FEW_ROWS and not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: MLPs over more than eight rows use Paddle's "
                     "matmuls, which test_mlp_and_moe_with_the_kernels_equal_the_plain_path checks")
     rng = np.random.default_rng(rows)
@@ -129,7 +129,7 @@ def test_swiglu_mlps_equals_numpy(rows, weight_dtype):
 def test_gemm_equals_numpy(m, k, n, with_bias, weight_dtype):
     """Row counts that leave part of a 12-row sliver, reduction lengths across the 384 block and below the
     16-wide transpose, output counts that leave part of a 32-column panel and cross a 768-column chunk."""
-    if not _vector_kernels_built():
+    if not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: Linear layers over more than eight rows use "
                     "Paddle's matmul, which test_linear_with_the_kernel_equals_the_matmul_path checks")
     rng = np.random.default_rng(m * k + n)
@@ -305,7 +305,7 @@ def test_decode_kernels_refuse_weights_that_changed(change, source):
     from lm_golden import load_lm
     from paddlemix_vl2.models.deepseek_vl2.modeling_deepseek import DeepseekV2ForCausalLM
 
-    if not _vector_kernels_built():
+    if not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: decode steps run the modules")
     lm = DeepseekV2ForCausalLM(load_lm(source).config)
     lm.eval()
@@ -342,7 +342,7 @@ def test_decode_step_refuses_inputs_that_do_not_fit(source):
     buffer, and writes nothing then."""
     from lm_golden import load_lm
 
-    if not _vector_kernels_built():
+    if not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: decode steps run the modules")
     lm = load_lm(source)
     with paddle.no_grad():
@@ -378,7 +378,7 @@ def test_decode_structures_are_made_on_the_prompts_pass(source):
     from paddlemix_vl2.models.deepseek_vl2.modeling_deepseek import DeepseekV2ForCausalLM
     from paddlemix_vl2.models.deepseek_vl2.moe import DeepseekV2MoE
 
-    if not _vector_kernels_built():
+    if not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: layers decode through their modules")
     lm = DeepseekV2ForCausalLM(load_lm(source).config)
     lm.eval()
@@ -430,7 +430,7 @@ def test_decode_step_equals_the_module_path(monkeypatch, source, weight_dtype, b
     from paddlemix_vl2.generation import decode_one_token, prefill
     from paddlemix_vl2.models.deepseek_vl2 import modeling_deepseek
 
-    if not _vector_kernels_built():
+    if not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: decoder layers run their modules")
     name, *variant = source.split()
     lm = load_lm(name, weight_dtype)
@@ -482,7 +482,7 @@ def test_mla_decode_attention_matches_numpy(heads, latent, rope, keys, spare, hi
     sequences, the second left-padded by ``hidden`` positions (260 of 400: more than one thread's share and
     several blocks, so the running softmax starts on hidden positions and is rescaled); six sequences, which
     the kernel expands four and two at a time; ``kv_b_proj``'s weight read as stored, float32 or bfloat16."""
-    if not _vector_kernels_built():
+    if not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: MLA decode attention runs on Paddle's ops")
     rng = np.random.default_rng(heads + keys)
     nope, value, max_len, scale = 24, 20, keys + spare, (latent + rope) ** -0.5  # scores of unit spread
@@ -516,7 +516,7 @@ def test_mla_decode_attention_matches_numpy(heads, latent, rope, keys, spare, hi
 def test_mla_decode_attention_with_minus_infinity_in_the_mask():
     """-inf hides positions as finfo.min does (a padded row over several blocks and both threads' shares),
     and a row hidden by -inf everywhere gives zeros, not NaN."""
-    if not _vector_kernels_built():
+    if not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: MLA decode attention runs on Paddle's ops")
     rng = np.random.default_rng(7)
     heads, nope, rope, latent, value, keys = 3, 8, 8, 40, 6, 200
@@ -535,7 +535,7 @@ def test_mla_decode_attention_with_minus_infinity_in_the_mask():
 
 def test_mla_decode_attention_refuses_a_weight_of_the_wrong_shape():
     """kv_b_proj's weight must hold nope + value rows per head over the latent."""
-    if not _vector_kernels_built():
+    if not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: MLA decode attention runs on Paddle's ops")
     q_nope, q_pe = paddle.zeros([1, 1, 2, 4]), paddle.zeros([1, 1, 2, 8])
     k_pe, ckv, mask = paddle.zeros([1, 6, 8]), paddle.zeros([1, 6, 16]), paddle.zeros([1, 1, 1, 6])
@@ -555,7 +555,7 @@ def test_mla_decode_steps_with_the_kernel_equal_the_paddle_path(monkeypatch, nam
     from paddlemix_vl2.generation import decode_one_token, prefill
     from paddlemix_vl2.models.deepseek_vl2 import attention, modeling_deepseek
 
-    if not _vector_kernels_built():
+    if not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: MLA decode attention runs on Paddle's ops")
     lm = load_lm(name)
     ids = paddle.to_tensor(np.random.default_rng(0).integers(0, lm.config.vocab_size, size=(3, 6)))
@@ -632,7 +632,7 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, rebuilt_library
 @pytest.mark.parametrize("length", [1, 16, 729, 1037])
 def test_softmax_equals_numpy(length):
     """Rows of the ViT's and a prompt's attention lengths, with masked (-inf and dtype-minimum) entries."""
-    if not _vector_kernels_built():
+    if not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here (CPU without AVX-512, or no compiler): attention "
                     "uses Paddle's softmax, which test_masked_softmax_takes_the_kernel_only_without_gradient checks")
     rng = np.random.default_rng(length)
@@ -670,17 +670,12 @@ def test_masked_softmax_takes_the_kernel_only_without_gradient(monkeypatch, mask
     expected /= expected.sum(-1, keepdims=True)
     np.testing.assert_allclose(fast.numpy(), expected, rtol=2e-6, atol=1e-7)
     np.testing.assert_allclose(plain.numpy(), expected, rtol=2e-6, atol=1e-7)
-    assert len(calls) == (1 if _vector_kernels_built() else 0)
-
-
-def _vector_kernels_built():
-    library = native.kernel_library()
-    return library is not None and library.vector_lanes() == 16
+    assert len(calls) == (1 if native.vector_kernels_built() else 0)
 
 
 def test_gelu_tanh_equals_numpy_and_paddle():
     """Large and small values of both signs, and a length that is not a multiple of the vector width."""
-    if not _vector_kernels_built():
+    if not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here (CPU without AVX-512, or no compiler): the vision "
                     "tower uses Paddle's GELU, which the vision goldens check")
     x = np.concatenate([np.linspace(-12, 12, 4001), [-100.0, -30.0, 0.0, 30.0, 100.0]]).astype(np.float32)
@@ -713,7 +708,7 @@ def test_linear_bias_added_in_place_equals_the_broadcast_add(monkeypatch):
 def test_rope_store_prefill_equals_paddle_rope_and_the_cache_write():
     """q rotated in place, k rotated and v copied into the heads-first cache at start .. start + T - 1, and
     nothing else of the cache touched: two sequences, grouped keys/values, heads of 18 (half 9)."""
-    if not _vector_kernels_built():
+    if not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: a prompt's RoPE and cache write run on Paddle's "
                     "ops, which the goldens check")
     from paddlemix_vl2.models.deepseek_vl2.rotary import apply_rotary_pos_emb
@@ -759,7 +754,7 @@ def test_mha_decode_step_equals_the_plain_path(monkeypatch, kv_heads):
     RoPE, the cache write and attention over the written positions) of MHA through the kernels against the
     Paddle path: two sequences, one left-padded, heads of 18 (not a multiple of the vector width), and
     grouped keys/values; the logits and the cache must agree."""
-    if not _vector_kernels_built():
+    if not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: decode attention runs on Paddle's ops, which "
                     "the generation goldens check")
     import json
@@ -810,7 +805,7 @@ def test_mha_decode_step_equals_the_plain_path(monkeypatch, kv_heads):
 def test_attention_qkv_equals_numpy(tokens, heads, head_dim):
     """The vision tower's attention from the fused q/k/v projection, two sequences: head widths that leave
     part of a 32-column panel, a sequence length that leaves part of a 12-row sliver, and the real 729."""
-    if not _vector_kernels_built():
+    if not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: the vision tower's attention uses Paddle's "
                     "matmuls and softmax, which the vision goldens check")
     rng = np.random.default_rng(tokens)
@@ -855,7 +850,7 @@ def test_attention_prefill_with_other_key_and_value_widths_matches_numpy(heads, 
     still: the causal mask the model builds (the kernel skips the blocks past a query block's last row and
     leaves the rest to the mask), with the second key of the second sequence hidden too; keys and values
     heads first (the MHA cache) or tokens first (MLA's expansion)."""
-    if not _vector_kernels_built():
+    if not native.vector_kernels_built():
         pytest.skip("no AVX-512 build of the CPU kernels here: prefill attention runs on Paddle's ops")
     rng = np.random.default_rng(heads + start)
     batch, key_len, mask_len, scale = 2, start + q_len + 2, start + q_len + 4, key_dim ** -0.5

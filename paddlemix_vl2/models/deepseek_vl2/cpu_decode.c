@@ -482,6 +482,7 @@ int mla_decode_attention(const float *q_nope, const float *q_pe, const float *k_
     }
     return 0;
 }
+
 enum { Q_A, Q_B, KV_A, KV_B, MLA_O };
 
 /* One MLA decoder layer as native_decode.MLALayer lays it out (the small and full models'): the projections'

@@ -63,10 +63,10 @@ from paddle import _C_ops
 __all__ = [
     "NATIVE_VARIABLE", "AMX_VARIABLE", "amx_gemm_runs", "MAX_FEW_ROWS", "kernel_library", "few_rows_applies",
     "few_rows_linear", "gemm_applies", "linear", "mlp_kernels_apply", "swiglu_mlps", "MAX_DECODE_HEAD_DIM",
-    "mha_kernels_apply", "mha_decode", "rope_store_prefill",
-    "attention_qkv", "attention_prefill", "inference_kernels_apply", "add_bias_", "vector_kernels_apply",
-    "softmax_last_axis", "gelu_tanh_", "bf16_weights_supported", "rms_norm", "MLPTable", "weights_readable",
-    "check_status", "is_bf16", "output_tensor", "C_LONG", "check_step_mask", "PinnedTensors",
+    "mha_kernels_apply", "mha_decode", "rope_store_prefill", "attention_qkv", "attention_prefill",
+    "inference_kernels_apply", "add_bias_", "vector_kernels_apply", "vector_kernels_built", "softmax_last_axis",
+    "gelu_tanh_", "bf16_weights_supported", "rms_norm", "MLPTable", "weights_readable", "check_status", "is_bf16",
+    "output_tensor", "C_LONG", "check_step_mask", "PinnedTensors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ def mlp_kernels_apply(x: paddle.Tensor, weight: paddle.Tensor, rows: int) -> boo
     weights like ``weight``: ``few_rows_applies`` or ``gemm_applies``, checked once."""
     return (
         inference_kernels_apply(x) and weights_readable(weight)
-        and (rows <= MAX_FEW_ROWS or kernel_library().vector_lanes() == 16)
+        and (rows <= MAX_FEW_ROWS or vector_kernels_built())
     )
 
 
@@ -573,7 +573,14 @@ def vector_kernels_apply(x: paddle.Tensor) -> bool:
     """Whether the elementwise kernels (``softmax_last_axis``, ``gelu_tanh_``) serve ``x``:
     ``inference_kernels_apply(x)`` and the library built with AVX-512 (its exponential is written for
     that width)."""
-    return inference_kernels_apply(x) and kernel_library().vector_lanes() == 16
+    return inference_kernels_apply(x) and vector_kernels_built()
+
+
+def vector_kernels_built() -> bool:
+    """Whether the kernel library is built and with AVX-512 (16 float lanes): the GEMM, the attention and
+    elementwise kernels and the fused decode step are written for that width."""
+    library = kernel_library()
+    return library is not None and library.vector_lanes() == 16
 
 
 def softmax_last_axis(

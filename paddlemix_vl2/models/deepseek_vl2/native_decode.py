@@ -25,7 +25,7 @@ import paddle
 
 from .native import (
     C_LONG, MAX_DECODE_HEAD_DIM, MAX_FEW_ROWS, MLPTable, PinnedTensors, check_status, check_step_mask, module_owners,
-    inference_kernels_apply, is_bf16, kernel_library, output_tensor, weights_readable,
+    inference_kernels_apply, is_bf16, kernel_library, output_tensor, vector_kernels_built, weights_readable,
 )
 
 __all__ = ["RouterConfig", "MLPBlock", "MHALayer", "MLALayer", "DecodeStack", "route_rows", "mlp_block_decode",
@@ -196,7 +196,7 @@ def _served_layer_parts(attention, norms, cache, rotary_width: int):
     weights = attention.plain_projection_weights()
     present = [w for w in weights or () if w is not None]
     if (
-        not _decode_step_built() or cache.dtype != paddle.float32 or weights is None
+        not vector_kernels_built() or cache.dtype != paddle.float32 or weights is None
         or rotary_width > MAX_DECODE_HEAD_DIM or not all(weights_readable(w) for w in present)
         or any(n.weight.dtype != paddle.float32 or n.variance_epsilon != norms[0].variance_epsilon for n in norms)
     ):
@@ -312,13 +312,8 @@ def decode_step_applies(input_ids: paddle.Tensor) -> bool:
     return (
         input_ids.ndim == 2 and input_ids.shape[1] == 1 and input_ids.shape[0] <= MAX_FEW_ROWS
         and input_ids.dtype == paddle.int64
-        and not paddle.is_grad_enabled() and input_ids.place.is_cpu_place() and _decode_step_built()
+        and not paddle.is_grad_enabled() and input_ids.place.is_cpu_place() and vector_kernels_built()
     )
-
-
-def _decode_step_built() -> bool:
-    library = kernel_library()
-    return library is not None and library.vector_lanes() == 16
 
 
 def decode_rows_apply(x: paddle.Tensor) -> bool:
